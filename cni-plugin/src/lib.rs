@@ -1,0 +1,1 @@
+//! istio-cni: the chained CNI plugin.

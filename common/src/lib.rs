@@ -1,0 +1,173 @@
+//! What the eBPF probes, the installer and the CNI plugin must agree on.
+//!
+//! Everything here is `#[repr(C)]` and `no_std`: the same definitions are compiled into the
+//! probes (bpfel-unknown-none) and into both userspace binaries. A change to any layout here is
+//! a change to the pinned maps' ABI: bump [`MAP_ABI_VERSION`] so an upgraded installer migrates
+//! or recreates the maps instead of reusing them with the wrong layout.
+#![no_std]
+
+/// Bumped whenever a map key or value layout below changes.
+pub const MAP_ABI_VERSION: u32 = 1;
+
+/// Directory under the bpffs mount where fastpath pins its programs, links and maps.
+pub const PIN_DIR_NAME: &str = "fastpath";
+/// Where bpffs is expected to be mounted.
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+/// Map names, as declared in the probes and pinned (by name) under the pin directory.
+pub mod map_names {
+    /// Enrolled pods: netns cookie -> [`crate::PodInfo`].
+    pub const PODS: &str = "FP_PODS";
+    /// Pod IPs on this node: [`crate::IpKey`] -> netns cookie.
+    pub const POD_IPS: &str = "FP_POD_IPS";
+    /// The sockhash that sk_msg redirects into: [`crate::SockKey`] -> socket.
+    pub const SOCKS: &str = "FP_SOCKS";
+    /// Per-pod counters: netns cookie -> [`crate::PodStats`] (per CPU).
+    pub const STATS: &str = "FP_STATS";
+    /// Runtime switches written by the installer after its kernel self-test: index -> u32.
+    pub const CONFIG: &str = "FP_CONFIG";
+}
+
+/// Program names, as in the probes' ELF sections.
+pub mod prog_names {
+    pub const SOCK_OPS: &str = "fastpath_sockops";
+    pub const SK_MSG: &str = "fastpath_skmsg";
+}
+
+/// Address family values as the kernel reports them in `bpf_sock_ops.family`.
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+
+/// An IPv4 or IPv6 address as four 32-bit words in network byte order, as sock_ops exposes them.
+/// IPv4 (and IPv4-mapped IPv6) addresses use word 0 and leave words 1..3 zero, so the two
+/// families of one dual-stack connection produce the same key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ip {
+    pub words: [u32; 4],
+}
+
+impl Ip {
+    pub const fn v4(addr_be: u32) -> Self {
+        Self { words: [addr_be, 0, 0, 0] }
+    }
+
+    /// Normalises an IPv6 address in network-order words; IPv4-mapped (`::ffff:a.b.c.d`)
+    /// becomes the IPv4 form.
+    pub const fn v6(words_be: [u32; 4]) -> Self {
+        if words_be[0] == 0 && words_be[1] == 0 && words_be[2] == 0x0000_ffffu32.to_be() {
+            Self::v4(words_be[3])
+        } else {
+            Self { words: words_be }
+        }
+    }
+
+    /// True for 127.0.0.0/8 and ::1: such addresses exist in every network namespace.
+    pub const fn is_loopback(&self) -> bool {
+        let w = self.words;
+        let v4_loop = w[1] == 0 && w[2] == 0 && w[3] == 0 && (u32::from_be(w[0]) >> 24) == 127;
+        let v6_loop = w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == 1u32.to_be();
+        v4_loop || v6_loop
+    }
+}
+
+/// Key of a socket in the sockhash: its own tuple plus its network namespace's cookie, so that
+/// identical tuples in two pods (127.0.0.1 exists in each) never collide.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub local: Ip,
+    pub remote: Ip,
+    /// Host byte order.
+    pub local_port: u32,
+    /// Host byte order.
+    pub remote_port: u32,
+    pub netns: u64,
+}
+
+/// Key of a pod IP in [`map_names::POD_IPS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IpKey {
+    pub ip: Ip,
+}
+
+/// Pod flags in [`PodInfo::flags`].
+pub mod pod_flags {
+    /// The pod is enrolled for acceleration.
+    pub const ACCELERATE: u32 = 1 << 0;
+}
+
+/// Maximum number of per-pod excluded ports (the splice opt-out).
+pub const MAX_EXCLUDED_PORTS: usize = 8;
+
+/// Value of [`map_names::PODS`], written by the plugin on ADD and removed on DEL.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodInfo {
+    pub flags: u32,
+    /// Number of valid entries in `excluded_ports`.
+    pub excluded_port_count: u32,
+    /// Ports (host byte order) whose connections are never accelerated in this pod.
+    pub excluded_ports: [u16; MAX_EXCLUDED_PORTS],
+}
+
+/// Per-pod counters in [`map_names::STATS`], one copy per CPU, summed by the installer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodStats {
+    /// Sockets inserted into the sockhash.
+    pub sockets_enrolled: u64,
+    /// Sockhash inserts the kernel refused.
+    pub enroll_failures: u64,
+    /// Messages redirected socket to socket.
+    pub msgs_redirected: u64,
+    /// Bytes redirected socket to socket.
+    pub bytes_redirected: u64,
+    /// Messages of enrolled sockets that found no peer and took the TCP path.
+    pub peer_misses: u64,
+}
+
+/// Indexes into [`map_names::CONFIG`].
+pub mod config_index {
+    /// Non-zero: sk_msg may redirect. Zero: everything takes the TCP path (self-test failed
+    /// or acceleration disabled); sockets are not enrolled.
+    pub const ACCEL_ENABLED: u32 = 0;
+    pub const LEN: u32 = 4;
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all of these are repr(C) plain-old-data with no padding-dependent invariants.
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::IpKey {}
+    unsafe impl aya::Pod for super::PodInfo {}
+    unsafe impl aya::Pod for super::PodStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_mapped_v6_normalises_to_v4() {
+        let v4 = Ip::v4(u32::from_be_bytes([10, 1, 2, 3]).to_be());
+        let mapped = Ip::v6([0, 0, 0x0000_ffffu32.to_be(), u32::from_be_bytes([10, 1, 2, 3]).to_be()]);
+        assert_eq!(v4, mapped);
+    }
+
+    #[test]
+    fn loopback_detection() {
+        assert!(Ip::v4(u32::from_be_bytes([127, 0, 0, 6]).to_be()).is_loopback());
+        assert!(!Ip::v4(u32::from_be_bytes([10, 0, 0, 6]).to_be()).is_loopback());
+        assert!(Ip::v6([0, 0, 0, 1u32.to_be()]).is_loopback());
+    }
+
+    #[test]
+    fn layouts_are_stable() {
+        assert_eq!(core::mem::size_of::<Ip>(), 16);
+        assert_eq!(core::mem::size_of::<SockKey>(), 48);
+        assert_eq!(core::mem::size_of::<PodInfo>(), 24);
+        assert_eq!(core::mem::size_of::<PodStats>(), 40);
+    }
+}

@@ -1,0 +1,2 @@
+//! install-cni: the node agent of the istio-cni DaemonSet, and fastpath's accelerator loader.
+pub mod probes;

@@ -1,0 +1,4 @@
+fn main() {
+    env_logger::init();
+    log::info!("install-cni (fastpath): probes embedded: {}", fastpath_installer::probes::embedded());
+}
