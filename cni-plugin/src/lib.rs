@@ -1,1 +1,2 @@
 //! istio-cni: the chained CNI plugin.
+pub mod accel;

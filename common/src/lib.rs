@@ -49,7 +49,9 @@ pub struct Ip {
 
 impl Ip {
     pub const fn v4(addr_be: u32) -> Self {
-        Self { words: [addr_be, 0, 0, 0] }
+        Self {
+            words: [addr_be, 0, 0, 0],
+        }
     }
 
     /// Normalises an IPv6 address in network-order words; IPv4-mapped (`::ffff:a.b.c.d`)
@@ -152,7 +154,12 @@ mod tests {
     #[test]
     fn v4_mapped_v6_normalises_to_v4() {
         let v4 = Ip::v4(u32::from_be_bytes([10, 1, 2, 3]).to_be());
-        let mapped = Ip::v6([0, 0, 0x0000_ffffu32.to_be(), u32::from_be_bytes([10, 1, 2, 3]).to_be()]);
+        let mapped = Ip::v6([
+            0,
+            0,
+            0x0000_ffffu32.to_be(),
+            u32::from_be_bytes([10, 1, 2, 3]).to_be(),
+        ]);
         assert_eq!(v4, mapped);
     }
 

@@ -1,4 +1,7 @@
 fn main() {
     env_logger::init();
-    log::info!("install-cni (fastpath): probes embedded: {}", fastpath_installer::probes::embedded());
+    log::info!(
+        "install-cni (fastpath): probes embedded: {}",
+        fastpath_installer::probes::embedded()
+    );
 }

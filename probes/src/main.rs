@@ -8,14 +8,19 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action},
+    EbpfContext as _,
+    bindings::{
+        BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action,
+    },
     helpers::bpf_get_netns_cookie,
     macros::{map, sk_msg, sock_ops},
     maps::{Array, HashMap, PerCpuHashMap, SockHash},
     programs::{SkMsgContext, SockOpsContext},
-    EbpfContext as _,
 };
-use fastpath_common::{config_index, pod_flags, Ip, IpKey, PodInfo, PodStats, SockKey, AF_INET, AF_INET6};
+use fastpath_common::{
+    AF_INET, AF_INET6, Ip, IpKey, PodInfo, PodStats, SockKey, config_index, pod_flags,
+};
 
 #[map(name = "FP_PODS")]
 static FP_PODS: HashMap<u64, PodInfo> = HashMap::pinned(16384, 0);
@@ -67,12 +72,18 @@ pub fn fastpath_sockops(ctx: SockOpsContext) -> u32 {
         return 0;
     }
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(pod) = (unsafe { FP_PODS.get(&netns) }) else { return 0 };
+    let Some(pod) = (unsafe { FP_PODS.get(&netns) }) else {
+        return 0;
+    };
     if pod.flags & pod_flags::ACCELERATE == 0 || !accel_enabled() {
         return 0;
     }
-    let Some(mut key) = own_key(&ctx, netns) else { return 0 };
-    let ok = FP_SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64).is_ok();
+    let Some(mut key) = own_key(&ctx, netns) else {
+        return 0;
+    };
+    let ok = FP_SOCKS
+        .update(&mut key, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64)
+        .is_ok();
     if let Some(s) = stats(netns) {
         if ok {
             s.sockets_enrolled += 1;
@@ -103,7 +114,8 @@ pub fn fastpath_skmsg(ctx: SkMsgContext) -> u32 {
         netns,
     };
     let size = ctx.size() as u64;
-    let redirected = FP_SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64) == sk_action::SK_PASS as i64;
+    let redirected =
+        FP_SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64) == sk_action::SK_PASS as i64;
     if let Some(s) = stats(netns) {
         if redirected {
             s.msgs_redirected += 1;

@@ -2,6 +2,8 @@
 //!
 //! Privileged tests call [`require_privileges`] first. Outside CI a test that cannot run says so
 //! and returns; with `CI=true` it fails, so CI never passes by skipping.
+pub mod cni;
+pub mod netns;
 
 /// Returns `true` when the test may go on. Panics under `CI=true` when it may not.
 pub fn require_privileges(test: &str) -> bool {
@@ -31,7 +33,10 @@ fn missing_privilege() -> Option<String> {
 /// Mounts bpffs at /sys/fs/bpf when it is not mounted (as the installer does).
 pub fn ensure_bpffs() {
     let mounted = std::fs::read_to_string("/proc/self/mounts")
-        .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")))
+        .map(|m| {
+            m.lines()
+                .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+        })
         .unwrap_or(false);
     if !mounted {
         let st = std::process::Command::new("mount")
@@ -50,7 +55,10 @@ impl ScratchBpffsDir {
         let path = std::path::PathBuf::from(format!(
             "/sys/fs/bpf/fastpath-test-{tag}-{}-{}",
             std::process::id(),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
         ));
         std::fs::create_dir_all(&path).expect("create scratch bpffs dir");
         Self(path)
@@ -71,4 +79,47 @@ impl Drop for ScratchBpffsDir {
         }
         let _ = std::fs::remove_dir(&self.0);
     }
+}
+
+/// Serialises tests that share a node-wide resource (the root cgroup's sock_ops attachment,
+/// host iptables, a containerd instance) across test binaries, which cargo runs one after the
+/// other but whose tests run on parallel threads. Hold the guard for the test's duration.
+pub fn serial_guard(resource: &str) -> std::fs::File {
+    use std::os::fd::AsRawFd as _;
+    let path = format!("/tmp/fastpath-test-{resource}.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .expect("open lock file");
+    // SAFETY: flock on a file descriptor we own.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock {path}");
+    f
+}
+
+/// A name unique to this process and call, for netns, bridges, containers.
+pub fn unique_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}{}x{}",
+        std::process::id() % 100000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Path of a binary built by this workspace (`istio-cni`, `install-cni`, `cnirun`), next to the
+/// test executable's `deps/` directory. `cargo test` at the workspace root builds them all.
+pub fn bin_path(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.is_file(),
+        "{} is not built; run the tests from the workspace root with `cargo test`",
+        p.display()
+    );
+    p
 }

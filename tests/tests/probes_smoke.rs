@@ -9,7 +9,10 @@ use fastpath_installer::probes;
 
 #[test]
 fn probes_load_and_pass_the_verifier() {
-    assert!(probes::embedded(), "the installer was built without its probes (AYA_BUILD_SKIP?)");
+    assert!(
+        probes::embedded(),
+        "the installer was built without its probes (AYA_BUILD_SKIP?)"
+    );
     if !fastpath_tests::require_privileges("probes_load_and_pass_the_verifier") {
         return;
     }
@@ -21,10 +24,18 @@ fn probes_load_and_pass_the_verifier() {
         .load(probes::OBJECT)
         .expect("aya parses the embedded object and creates its maps");
 
-    let types: Vec<(String, ProgramType)> =
-        ebpf.programs().map(|(n, p)| (n.to_string(), p.prog_type())).collect();
-    assert!(types.contains(&(prog_names::SOCK_OPS.into(), ProgramType::SockOps)), "{types:?}");
-    assert!(types.contains(&(prog_names::SK_MSG.into(), ProgramType::SkMsg)), "{types:?}");
+    let types: Vec<(String, ProgramType)> = ebpf
+        .programs()
+        .map(|(n, p)| (n.to_string(), p.prog_type()))
+        .collect();
+    assert!(
+        types.contains(&(prog_names::SOCK_OPS.into(), ProgramType::SockOps)),
+        "{types:?}"
+    );
+    assert!(
+        types.contains(&(prog_names::SK_MSG.into(), ProgramType::SkMsg)),
+        "{types:?}"
+    );
 
     for (name, prog) in ebpf.programs_mut() {
         let loaded = match prog {

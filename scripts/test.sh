@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs every test: unit tests (no root) and the privileged end-to-end tests (root, netns, bpffs,
+# iptables, containerd). Does its own set-up first. Extra arguments go to `cargo test`.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+bash scripts/setup.sh
+# Privileged tests share node-wide state (root cgroup attachment, containerd); they serialise
+# themselves with file locks, so the default parallelism is safe.
+cargo test --workspace --exclude fastpath-probes "$@"
