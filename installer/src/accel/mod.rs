@@ -41,9 +41,23 @@ pub fn start(settings: &AccelSettings) -> AccelState {
     AccelState::Unavailable { reason: "accelerator not built yet".into() }
 }
 
-/// Per-pod counters: (netns cookie, summed counters). Stub until the accelerator lands.
-pub fn pod_counters(_settings: &AccelSettings) -> anyhow::Result<Vec<(u64, fastpath_common::PodStats)>> {
+/// One enrolled pod's counters, summed over CPUs, with the pod's identity when known.
+#[derive(Clone, Debug, Default)]
+pub struct PodCounters {
+    pub netns_cookie: u64,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub stats: fastpath_common::PodStats,
+}
+
+/// Per-pod counters for /metrics. Stub until the accelerator lands.
+pub fn pod_counters(_settings: &AccelSettings) -> anyhow::Result<Vec<PodCounters>> {
     Ok(Vec::new())
+}
+
+/// Human-readable state of the pins, for `install-cni accel-status`. Stub.
+pub fn status_report(settings: &AccelSettings) -> anyhow::Result<String> {
+    Ok(format!("no accelerator pins under {}", settings.pin_dir.display()))
 }
 
 /// Removes every pin and detaches everything. Stub until the accelerator lands.
