@@ -1,0 +1,373 @@
+#!/usr/bin/env python3
+"""Renders BENCHMARKS.md and the plots from a bench run's results.json.
+
+    python3 bench/report.py [--results bench/results/results.json] [--out BENCHMARKS.md]
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import plan  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fmt(v, digits=1):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def fx(r):
+    return "–" if r is None else f"**{r:.2f}×**"
+
+
+def spread(runs, key, metric):
+    vals = [r["metrics"][metric] for r in runs if not r.get("error") and (r["test"], r["size"], r["placement"], r["mode"]) == key and r["metrics"].get(metric) is not None]
+    return (min(vals), max(vals)) if vals else None
+
+
+def cell(summary, runs, key, metric, digits=1, show_range=True):
+    s = summary.get(key)
+    if not s or s.get(metric) is None:
+        return "–"
+    rng = spread(runs, key, metric) if show_range else None
+    if rng and len([r for r in runs if (r["test"], r["size"], r["placement"], r["mode"]) == key]) > 1:
+        return f"{fmt(s[metric], digits)} <sub>({fmt(rng[0], digits)}–{fmt(rng[1], digits)})</sub>"
+    return fmt(s[metric], digits)
+
+
+# ------------------------------------------------------------------ plots
+def plot(results, out_dir):
+    """Latency distributions (CDF per mode, pooled over repetitions) and a bar summary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in results["runs"] if not r.get("error")]
+    modes = results["config"]["modes"]
+    colors = {"plain": "#7f7f7f", "mesh": "#d62728", "accel": "#2ca02c"}
+    files = []
+
+    fig, axes = plt.subplots(len(plan.PLACEMENTS), len(plan.SOCKPERF_SIZES), figsize=(15, 8), squeeze=False)
+    for i, placement in enumerate(plan.PLACEMENTS):
+        for j, size in enumerate(plan.SOCKPERF_SIZES):
+            ax = axes[i][j]
+            for mode in modes:
+                pooled = sorted(q for r in runs if (r["test"], r["size"], r["placement"], r["mode"]) == ("sockperf", size, placement, mode) for q in r.get("quantiles_us", []))
+                if not pooled:
+                    continue
+                ys = [k / (len(pooled) - 1) * 100 for k in range(len(pooled))]
+                ax.plot(pooled, ys, label=plan.MODE_TITLES[mode], color=colors[mode], lw=1.6)
+            ax.set_xscale("log")
+            ax.set_title(f"{size} B, {placement}")
+            ax.set_xlabel("round trip (µs, log)")
+            ax.set_ylabel("percentile")
+            ax.set_ylim(0, 100)
+            ax.axhline(50, color="#ccc", lw=0.6, zorder=0)
+            ax.axhline(99, color="#ccc", lw=0.6, zorder=0)
+            ax.grid(True, which="both", axis="x", color="#eee")
+            ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("sockperf ping-pong round trip (--full-rtt), app → sidecar → sidecar → app; CDF pooled over repetitions")
+    fig.tight_layout()
+    p = out_dir / "latency-cdf.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    files.append(p)
+
+    # Tail view: latency at each percentile, percentile axis stretched towards 99.9.
+    fig, axes = plt.subplots(1, len(plan.PLACEMENTS), figsize=(13, 4.8), squeeze=False)
+    import math
+
+    for i, placement in enumerate(plan.PLACEMENTS):
+        ax = axes[0][i]
+        for mode in modes:
+            for size, style in zip(plan.SOCKPERF_SIZES, ("-", "--", ":")):
+                pooled = sorted(q for r in runs if (r["test"], r["size"], r["placement"], r["mode"]) == ("sockperf", size, placement, mode) for q in r.get("quantiles_us", []))
+                if len(pooled) < 10:
+                    continue
+                n = len(pooled)
+                xs, ys = [], []
+                for k in range(n - 1):
+                    pct = k / (n - 1)
+                    xs.append(-math.log10(1 - pct))
+                    ys.append(pooled[k])
+                ax.plot(xs, ys, style, color=colors[mode], lw=1.3, label=f"{mode} {size} B")
+        ax.set_xticks([0, 1, 2, 3])
+        ax.set_xticklabels(["p0", "p90", "p99", "p99.9"])
+        ax.set_yscale("log")
+        ax.set_ylabel("round trip (µs, log)")
+        ax.set_title(f"tail latency, {placement}")
+        ax.grid(True, which="both", color="#eee")
+        ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    p = out_dir / "latency-tail.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    files.append(p)
+
+    summary = plan.summarise(runs)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    groups = [(f"{s} B\n{pl}", ("sockperf", s, pl)) for pl in plan.PLACEMENTS for s in plan.SOCKPERF_SIZES]
+    width = 0.8 / max(1, len(modes))
+    for k, mode in enumerate(modes):
+        vals = [(summary.get((*g, mode)) or {}).get("p50_us") for _, g in groups]
+        axes[0].bar([x + k * width for x in range(len(groups))], [v or 0 for v in vals], width, label=plan.MODE_TITLES[mode], color=colors[mode])
+    axes[0].set_xticks([x + width * (len(modes) - 1) / 2 for x in range(len(groups))])
+    axes[0].set_xticklabels([g[0] for g in groups], fontsize=8)
+    axes[0].set_ylabel("p50 round trip (µs)")
+    axes[0].set_title("latency (lower is better)")
+    axes[0].legend(fontsize=8)
+    for ax, test, metric, label in ((axes[1], "iperf3", "gbit_per_sec", "stream (Gbit/s)"), (axes[2], "wrk", "requests_per_sec", "HTTP keep-alive (req/s)")):
+        for k, mode in enumerate(modes):
+            vals = [(summary.get((test, 0, pl, mode)) or {}).get(metric) for pl in plan.PLACEMENTS]
+            ax.bar([x + k * width for x in range(len(plan.PLACEMENTS))], [v or 0 for v in vals], width, label=plan.MODE_TITLES[mode], color=colors[mode])
+        ax.set_xticks([x + width * (len(modes) - 1) / 2 for x in range(len(plan.PLACEMENTS))])
+        ax.set_xticklabels(plan.PLACEMENTS)
+        ax.set_title(f"{label} (higher is better)")
+    fig.suptitle(f"medians of {results['config']['reps']} interleaved repetitions")
+    fig.tight_layout()
+    p = out_dir / "summary.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    files.append(p)
+    return files
+
+
+# ------------------------------------------------------------------ markdown
+def flatten(obj, prefix=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, list) and all(not isinstance(x, (dict, list)) for x in obj):
+        yield prefix, ", ".join(map(str, obj))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from flatten(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, obj
+
+
+OTHER_TITLES = {
+    "bench_plugin_add": "CNI plugin ADD latency (`tests/src/bin/bench_plugin_add.rs`)",
+    "bench_installer": "Installer: start → ready, repair latency, memory (`tests/src/bin/bench_installer.rs`)",
+    "bench_onehop": "One hop on loopback: plain TCP vs sockmap vs unix socket (`tests/src/bin/bench_onehop.rs`)",
+}
+
+
+def render_other(other):
+    lines = []
+    for name, title in OTHER_TITLES.items():
+        r = other.get(name)
+        lines.append(f"### {title}\n")
+        if r is None:
+            lines.append("Not run (`--no-other`).\n")
+            continue
+        if "missing" in r:
+            lines.append(f"Not available: {r['missing']}.\n")
+            continue
+        if "error" in r:
+            lines.append(f"**Failed** ({r.get('secs', '?')} s): `{r['error'][:600]}`\n")
+            continue
+        lines.append(f"Ran in {r.get('secs', '?')} s. Its JSON summary, as printed:\n")
+        lines.append("| figure | value |\n|---|---|")
+        for k, v in flatten(r["summary"]):
+            if isinstance(v, float):
+                v = f"{v:.4g}"
+            lines.append(f"| `{k}` | {v} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render(results, plots_rel):
+    runs = results["runs"]
+    ok_runs = [r for r in runs if not r.get("error")]
+    failed = [r for r in runs if r.get("error")]
+    summary = plan.summarise(runs)
+    modes = results["config"]["modes"]
+    reps = results["config"]["reps"]
+    m = results["machine"]
+    L = []
+    L.append("# Benchmarks\n")
+    L.append(
+        "<!-- Generated by bench/report.py from bench/results/results.json; `bash scripts/bench.sh` rewrites this file. -->\n"
+    )
+    L.append("How much faster are the sidecars? Two pods on one node, each with a real L4 proxy as its sidecar, "
+             "measured three ways, side by side, interleaved, in one run.\n")  # fmt: skip
+    if results["config"].get("quick"):
+        L.append("> **Quick run** (`--quick`: 1 repetition of short runs). A smoke test of the pipeline, not numbers to quote.\n")
+    L.append("## Reproduce\n")
+    L.append("```sh\nbash scripts/bench.sh          # full run, ~15 min: setup, release build, all benches, this file + plots\n"
+             "bash scripts/bench.sh --quick  # ~2 min smoke run of the same pipeline\n```\n")  # fmt: skip
+    L.append(f"Last run: {results['started']}, took {results.get('duration_secs', '?')} s, tree `{m.get('git', '?')}`.\n")
+    L.append("## Machine\n")
+    L.append("| | |\n|---|---|")
+    L.append(f"| kernel | Linux {m['kernel']} |")
+    L.append(f"| CPU | {m['cpu']}, {m['cpus']} vCPUs |")
+    L.append(f"| memory | {m['mem_gib']} GiB |")
+    L.append(f"| load average at start | {' '.join(m['loadavg_at_start'])} |")
+    L.append(f"| sidecar | {m['haproxy']} |")
+    L.append(f"| load | {m['sockperf']}; {m['iperf3']}; {m['wrk']}; {m['nginx']} |")
+    L.append("")
+
+    L.append("## The mesh path: app → own sidecar → peer sidecar → peer app\n")
+    L.append("- **Pods**: network namespaces made through the real CNI chain (reference `bridge` + `host-local` "
+             "in 10.246.0.0/24, `loopback`), one client pod and one server pod per column.")  # fmt: skip
+    L.append(f"- **Redirection**: {results['redirection']}.")
+    L.append("- **Sidecars**: HAProxy in TCP mode as uid 1337 in every meshed pod, one thread, no splice: "
+             "15001 outbound connects to the original destination (`server 0.0.0.0:0`, read with `SO_ORIGINAL_DST`), "
+             "15006 inbound connects to the app from 127.0.0.6, as Envoy's passthrough does. "
+             "Every run checks both sidecars' session counters went up, and the set-up checks the server app sees "
+             "127.0.0.6 (meshed) or the client pod IP (plain).")  # fmt: skip
+    L.append("- **Load**: `sockperf ping-pong --tcp --mps=max --full-rtt` (round trip, one connection) at 64 B, 1 KiB, 16 KiB; "
+             "`iperf3` one stream; `wrk -t1 -c{c} --latency` against nginx (HTTP/1.1 keep-alive, small body).".replace("{c}", str(results["config"]["wrk_connections"])))  # fmt: skip
+    L.append("- **Columns**: " + "; ".join(f"*{plan.MODE_TITLES[x]}*" for x in modes) + ".")
+    L.append(f"- **Placement**: *pinned* = every process of the path (apps, sidecars, load generator) on CPU {results['config']['pinned_cpu']}; "
+             "*unpinned* = the scheduler decides.")  # fmt: skip
+    L.append(f"- **Repetition**: {reps} repetitions of {results['config']['secs']} s runs; inside each repetition every test runs in every "
+             "column back to back, with the columns' order rotating. Tables show **medians over repetitions**, "
+             "with <sub>(min–max)</sub> when there is more than one.")  # fmt: skip
+    if failed:
+        L.append(f"- **{len(failed)} run(s) failed** and are left out: " + "; ".join(f"{r['test']} {r['size'] or ''} {r['placement']} {r['mode']}: {r['error'][:160]}" for r in failed[:5]))
+    L.append("")
+
+    if "accel" in modes:
+        L.append("### Against the goal (issue 6): redirection + fastpath vs redirection only\n")
+        L.append("| what | measured | goal | |\n|---|---|---|---|")
+        for what, r, goal, met in plan.goal_checks(summary):
+            L.append(f"| {what} | {fx(r)} | ≥ {goal}× | {'met' if met else '**not met**'} |")
+        L.append("")
+    else:
+        L.append("### Against the goal (issue 6)\n")
+        L.append("Not measurable in this run: there is no accelerated column (see the notes below).\n")
+
+    L.append("### Latency: sockperf ping-pong round trip (µs)\n")
+    hdr = "| placement | size | " + " | ".join(f"{x} p50" for x in modes) + " | " + " | ".join(f"{x} p99" for x in modes) + " | mesh cost vs plain (p50) |"
+    if "accel" in modes:
+        hdr += " **mesh → accel p50** | **mesh → accel p99** |"
+    L.append(hdr)
+    L.append("|" + "---|" * (hdr.count("|") - 1))
+    for placement in plan.PLACEMENTS:
+        for size in plan.SOCKPERF_SIZES:
+            k = lambda mode: ("sockperf", size, placement, mode)  # noqa: E731
+            row = f"| {placement} | {size} B | " + " | ".join(cell(summary, runs, k(x), "p50_us") for x in modes)
+            row += " | " + " | ".join(cell(summary, runs, k(x), "p99_us") for x in modes)
+            plain, meshv = summary.get(k("plain")), summary.get(k("mesh"))
+            cost = (meshv["p50_us"] - plain["p50_us"]) if plain and meshv else None
+            row += f" | +{fmt(cost)} µs |"
+            if "accel" in modes:
+                acc = summary.get(k("accel"))
+                row += f" {fx(plan.ratio(meshv and meshv['p50_us'], acc and acc['p50_us']))} | {fx(plan.ratio(meshv and meshv['p99_us'], acc and acc['p99_us']))} |"
+            L.append(row)
+    L.append("")
+
+    L.append("### Throughput\n")
+    hdr = "| test | placement | " + " | ".join(modes) + " | mesh / plain |"
+    if "accel" in modes:
+        hdr += " **accel / mesh** |"
+    L.append(hdr)
+    L.append("|" + "---|" * (hdr.count("|") - 1))
+    for test, metric, unit, digits in (("iperf3", "gbit_per_sec", "Gbit/s", 2), ("wrk", "requests_per_sec", "req/s", 0)):
+        for placement in plan.PLACEMENTS:
+            k = lambda mode: (test, 0, placement, mode)  # noqa: E731
+            row = f"| {'iperf3 stream (Gbit/s)' if test == 'iperf3' else 'wrk HTTP keep-alive (req/s)'} | {placement} | "
+            row += " | ".join(cell(summary, runs, k(x), metric, digits) for x in modes)
+            plain, meshv = summary.get(k("plain")), summary.get(k("mesh"))
+            r = plan.ratio(plain and plain[metric], meshv and meshv[metric], higher_is_better=True)
+            row += f" | {fmt(r, 2)}× |"
+            if "accel" in modes:
+                acc = summary.get(k("accel"))
+                row += f" {fx(plan.ratio(meshv and meshv[metric], acc and acc[metric], higher_is_better=True))} |"
+            L.append(row)
+    L.append("")
+    L.append("wrk latency (µs, p50 / p99):\n")
+    L.append("| placement | " + " | ".join(modes) + " |\n|" + "---|" * (len(modes) + 1))
+    for placement in plan.PLACEMENTS:
+        row = f"| {placement} | "
+        for x in modes:
+            s = summary.get(("wrk", 0, placement, x))
+            row += (f"{fmt(s.get('p50_us'), 0)} / {fmt(s.get('p99_us'), 0)}" if s else "–") + " | "
+        L.append(row)
+    L.append("")
+
+    L.append("### CPU time per request\n")
+    L.append("CPU time (user + system) of the load generator (its rusage), the server app and both sidecars "
+             "(`/proc/<pid>/task/*/schedstat`), divided by the round trips or requests of the whole run. "
+             "Softirq work done on another task's time is not attributed; pinned runs are the cleanest.\n")  # fmt: skip
+    L.append("| test | placement | " + " | ".join(f"{x} total" for x in modes) + " | " + " | ".join(f"{x} sidecars" for x in modes if x != "plain") + " |")
+    L.append("|" + "---|" * (2 + len(modes) + len([x for x in modes if x != "plain"])))
+    for test, size, unit, metric in [("sockperf", s, "µs/round trip", "cpu_us_per_req") for s in plan.SOCKPERF_SIZES] + [("wrk", 0, "µs/request", "cpu_us_per_req"), ("iperf3", 0, "ms/GiB", "cpu_ms_per_gib")]:
+        for placement in plan.PLACEMENTS:
+            name = f"{test} {size} B ({unit})" if test == "sockperf" else f"{test} ({unit})"
+            row = f"| {name} | {placement} | " + " | ".join(fmt((summary.get((test, size, placement, x)) or {}).get(metric)) for x in modes)
+            per = "cpu_proxies_us_per_req" if metric == "cpu_us_per_req" else None
+            if per:
+                row += " | " + " | ".join(fmt((summary.get((test, size, placement, x)) or {}).get(per)) for x in modes if x != "plain")
+            else:
+                row += " | " + " | ".join("–" for x in modes if x != "plain")
+            L.append(row + " |")
+    L.append("")
+
+    L.append("### Plots\n")
+    for p in plots_rel:
+        L.append(f"![{Path(p).stem}]({p})\n")
+
+    accel_runs = [r for r in ok_runs if r.get("accel_counters") is not None]
+    if accel_runs:
+        L.append("### Was every hop redirected? (fastpath per-pod counters, summed over the accelerated runs)\n")
+        totals = {}
+        for r in accel_runs:
+            for pod, cs in r["accel_counters"].items():
+                t = totals.setdefault(pod, {})
+                for k, v in cs.items():
+                    if isinstance(v, (int, float)):
+                        t[k] = t.get(k, 0) + v
+        keys = sorted({k for cs in totals.values() for k in cs})
+        L.append("| pod | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 1))
+        for pod, cs in sorted(totals.items()):
+            L.append(f"| {pod} | " + " | ".join(str(cs.get(k, 0)) for k in keys) + " |")
+        L.append("")
+    if results.get("accelerator"):
+        L.append("Accelerator: " + ", ".join(f"{k}: {v}" for k, v in results["accelerator"].items()) + "\n")
+
+    if results.get("notes") or results.get("analysis"):
+        L.append("### Notes\n")
+        for n in results.get("notes", []):
+            L.append(f"- {n}")
+        for n in results.get("analysis", []):
+            L.append(f"- {n}")
+        L.append("")
+
+    L.append("## The other benchmarks\n")
+    L.append("Run by the same command after the mesh runs (release builds of the `tests` crate's bench binaries).\n")
+    L.append(render_other(results.get("other", {})))
+    extra = ROOT / "bench/ANALYSIS.md"
+    if extra.exists():
+        L.append(extra.read_text())
+    return "\n".join(L).rstrip() + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--results", default=str(ROOT / "bench/results/results.json"))
+    ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args()
+    results = json.loads(Path(args.results).read_text())
+    res_dir = Path(args.results).parent
+    out = Path(args.out)
+    plots = [] if args.no_plots else plot(results, res_dir)
+    rel = [str(Path(p).resolve().relative_to(out.resolve().parent)) if Path(p).resolve().is_relative_to(out.resolve().parent) else str(p) for p in plots]
+    out.write_text(render(results, rel))
+    print(f"wrote {out} and {len(plots)} plots in {res_dir}")
+
+
+if __name__ == "__main__":
+    main()
