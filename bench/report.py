@@ -186,6 +186,31 @@ def render_other(other):
     return "\n".join(lines)
 
 
+def render_profile(prof):
+    """The perf breakdown: CPU µs per round trip by category, per column."""
+    if not prof:
+        return []
+    L = ["### Where the time goes (pinned, 64 B ping-pong, perf)\n"]
+    if "unavailable" in prof:
+        return L + [f"Not measured: {prof['unavailable']}.\n"]
+    modes = [m for m in prof["modes"] if "us_per_rt" in prof["modes"][m]]
+    L.append(f"`perf record -C <pinned CPU> -F {prof['freq_hz']}` (cpu-clock sampling: this VM exposes no hardware counters) "
+             "during one pinned 64 B sockperf run per column; samples of the path's processes (sockperf, HAProxy, softirq "
+             "threads, idle-time softirqs), idle left out, in **CPU µs per round trip** by kernel/user area.\n")  # fmt: skip
+    cats = sorted({c for m in modes for c in prof["modes"][m]["us_per_rt"]}, key=lambda c: -max(prof["modes"][m]["us_per_rt"].get(c, 0) for m in modes))
+    L.append("| area | " + " | ".join(modes) + " |\n|" + "---|" * (len(modes) + 1))
+    for c in cats:
+        L.append(f"| {c} | " + " | ".join(fmt(prof["modes"][m]["us_per_rt"].get(c), 2) for m in modes) + " |")
+    L.append("| **total** | " + " | ".join(f"**{fmt(sum(prof['modes'][m]['us_per_rt'].values()), 2)}**" for m in modes) + " |")
+    L.append("| p50 round trip in that run | " + " | ".join(fmt(prof["modes"][m]["p50_us"], 1) for m in modes) + " |")
+    L.append("")
+    for m in modes:
+        top = prof["modes"][m].get("top", [])[:8]
+        if top:
+            L.append(f"<details><summary>top symbols, {m}</summary>\n\n" + "\n".join(f"- {pct:.1f}% `{sym}`" for sym, pct in top) + "\n</details>\n")
+    return L
+
+
 def render(results, plots_rel):
     runs = results["runs"]
     ok_runs = [r for r in runs if not r.get("error")]
@@ -318,6 +343,8 @@ def render(results, plots_rel):
     L.append("### Plots\n")
     for p in plots_rel:
         L.append(f"![{Path(p).stem}]({p})\n")
+
+    L.extend(render_profile(results.get("profile")))
 
     accel_runs = [r for r in ok_runs if r.get("accel_counters") is not None]
     if accel_runs:

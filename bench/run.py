@@ -24,6 +24,7 @@ import accel as accel_mod  # noqa: E402
 import loadgen  # noqa: E402
 import mesh  # noqa: E402
 import plan  # noqa: E402
+import perfprofile as perf_profile  # noqa: E402
 from fake_kube import FakeKube  # noqa: E402
 from mesh import log  # noqa: E402
 
@@ -301,6 +302,43 @@ class Bench:
             log(f"[{i + 1}/{len(cells)}] rep {cell.rep} {cell.placement:8} {cell.test:8} {cell.size or '':>5} {cell.mode:5}: {brief}")
         return runs
 
+    # ------------------------------------------------------------ where the time goes
+    PATH_COMMS = ("haproxy", "sockperf", "ksoftirqd", "swapper")
+
+    def profile_path(self, size=64):
+        """perf cpu-clock samples of the pinned CPU during a pinned ping-pong, per column."""
+        probe = subprocess.run(["perf", "record", "-F", "99", "-o", "/dev/null", "--", "true"], capture_output=True, text=True)
+        if probe.returncode != 0:
+            return {"unavailable": f"perf record does not work here: {probe.stderr.strip()[-200:]}"}
+        cpus = self.place("pinned")
+        (cpu,) = self.pin_cpu
+        out = {"freq_hz": self.args.perf_freq, "size": size, "modes": {}}
+        for mode in self.modes:
+            client, server = self.pairs[mode]
+            data = self.state / f"perf-{mode}.data"
+            full_log = self.state / f"perf-{mode}.csv"
+            argv = ["perf", "record", "-q", "-C", str(cpu), "-F", str(self.args.perf_freq), "-o", str(data), "--",
+                    *mesh.in_netns(client.netns, loadgen.sockperf_client(server.ip, mesh.SOCKPERF_PORT, size, self.args.secs, full_log))]  # fmt: skip
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=self.args.secs + 60,
+                               preexec_fn=lambda: os.sched_setaffinity(0, cpus))  # fmt: skip
+            if p.returncode != 0:
+                out["modes"][mode] = {"error": p.stderr.strip()[-300:]}
+                continue
+            m = loadgen.parse_sockperf(p.stdout)
+            rep = subprocess.run(["perf", "report", "-i", str(data), "-n", "--stdio", "--no-children", "-s", "comm,dso,sym",
+                                  "-g", "none", "-t", ";"], capture_output=True, text=True, timeout=120)  # fmt: skip
+            rows = perf_profile.parse_perf_report(rep.stdout)
+            out["modes"][mode] = {
+                "p50_us": m["p50_us"],
+                "round_trips": m["round_trips_total"],
+                "us_per_rt": perf_profile.breakdown(rows, self.args.perf_freq, m["round_trips_total"], self.PATH_COMMS),
+                "top": perf_profile.top_symbols(rows, only_comms=self.PATH_COMMS),
+            }
+            data.unlink(missing_ok=True)
+            full_log.unlink(missing_ok=True)
+            log(f"profile {mode}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(out["modes"][mode]["us_per_rt"].items(), key=lambda kv: -kv[1])))
+        return out
+
     # ------------------------------------------------------------ other benches
     def other_benches(self):
         results = {}
@@ -343,6 +381,8 @@ def main():
     ap.add_argument("--no-accel", action="store_true", help="skip the accelerated column")
     ap.add_argument("--no-other", action="store_true", help="skip the plugin/installer/one-hop benches")
     ap.add_argument("--other-timeout", type=int, default=300)
+    ap.add_argument("--no-profile", action="store_true", help="skip the perf profile of the pinned 64 B path")
+    ap.add_argument("--perf-freq", type=int, default=4999)
     ap.add_argument("--out", default=str(ROOT / "bench/results"))
     ap.add_argument("--state-dir", default="/tmp/fastpath-bench")
     ap.add_argument("--cleanup-only", action="store_true", help="remove what a killed run left behind, then exit")
@@ -371,6 +411,8 @@ def main():
         results["config"] = {"reps": args.reps, "secs": args.secs, "wrk_connections": args.wrk_connections, "modes": bench.modes,
                              "pinned_cpu": sorted(bench.pin_cpu), "quick": args.quick}  # fmt: skip
         results["runs"] = bench.run_all()
+        if not args.no_profile:
+            results["profile"] = bench.profile_path()
     finally:
         bench.cleanup()
     results["other"] = {} if args.no_other else bench.other_benches()

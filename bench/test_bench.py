@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import accel  # noqa: E402
 import loadgen  # noqa: E402
+import perfprofile  # noqa: E402
 import plan  # noqa: E402
 from mesh import parse_haproxy_frontend_sessions  # noqa: E402
 
@@ -96,6 +97,29 @@ class Parsers(unittest.TestCase):
         self.assertEqual(parse_haproxy_frontend_sessions(csv), {"outbound": 7, "inbound": 3})
         with self.assertRaises(ValueError):
             parse_haproxy_frontend_sessions("Unknown command")
+
+
+class Profile(unittest.TestCase):
+    def test_categories(self):
+        c = perfprofile.categorize
+        self.assertEqual(c("haproxy", "[kernel.kallsyms]", "[k] tcp_sendmsg_locked"), "TCP/IP stack, veth, bridge, loopback")
+        self.assertEqual(c("haproxy", "[kernel.kallsyms]", "[k] tcp_bpf_sendmsg"), "sockmap / BPF")
+        self.assertEqual(c("sockperf", "[kernel.kallsyms]", "[k] nf_nat_ipv4_out"), "netfilter (iptables, conntrack, NAT)")
+        self.assertEqual(c("swapper", "[kernel.kallsyms]", "[k] default_idle"), "idle")
+        self.assertEqual(c("haproxy", "haproxy", "[.] process_stream"), "user space: sidecars (HAProxy)")
+
+    def test_breakdown_per_round_trip(self):
+        report = (
+            "# comment\n"
+            " 50.00%;1000;haproxy;[kernel.kallsyms];[k] tcp_sendmsg\n"
+            " 25.00%;500;swapper;[kernel.kallsyms];[k] default_idle\n"
+            " 25.00%;500;rustc;rustc;[.] main\n"
+        )
+        rows = perfprofile.parse_perf_report(report)
+        self.assertEqual(len(rows), 3)
+        b = perfprofile.breakdown(rows, freq_hz=1000, round_trips=1000, only_comms=("haproxy", "swapper"))
+        # 1000 samples at 1 kHz = 1 s of CPU over 1000 round trips = 1000 µs each; idle and rustc left out.
+        self.assertEqual(b, {"TCP/IP stack, veth, bridge, loopback": 1000.0})
 
 
 class Plan(unittest.TestCase):
