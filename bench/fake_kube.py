@@ -49,7 +49,17 @@ class FakeKube:
         self.requests = []
         self.server = None
 
+    token = TOKEN
+
+    @property
+    def ca_file(self):
+        return self.dir / "ca.crt"
+
     def add_pod(self, namespace, name, sidecar, accelerate=True, annotations=None):
+        annotations = dict(annotations or {})
+        if sidecar and not accelerate:
+            # fastpath's per-pod opt-out: the iptables-only column runs next to the accelerated one.
+            annotations["fastpath.io/accelerate"] = "false"
         self.pods[(namespace, name)] = sidecar_pod(namespace, name, sidecar, annotations)
 
     def _make_certs(self):

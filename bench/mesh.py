@@ -122,9 +122,13 @@ class Node:
         self.procs = []
         self.bin_dir = self.state / "cni-bin"
         self.run_dir = self.state / "istio-cni-run"
+        # The node's CNI config dir; its one conflist is what pods are added with (install-cni,
+        # when it runs, inserts istio-cni into it as it does on a real node).
+        self.net_dir = self.state / "net.d"
+        self.conflist_path = self.net_dir / "10-fpbench.conflist"
 
     # ---------------------------------------------------------------- CNI
-    def conflist(self):
+    def conflist(self, with_plugin):
         plugins = [
             {
                 "type": "bridge",
@@ -139,7 +143,7 @@ class Node:
                 },
             },
         ]
-        if self.cni_plugin:
+        if with_plugin:
             plugins.append(
                 {
                     "type": "istio-cni",
@@ -157,32 +161,37 @@ class Node:
             )
         return {"cniVersion": "1.0.0", "name": NETWORK_NAME, "plugins": plugins}
 
-    def write_cni_config(self):
-        """Writes the conflists and the CNI bin dir (reference plugins + istio-cni)."""
+    def write_cni_config(self, with_plugin):
+        """Writes the conflists and the CNI bin dir: the reference plugins, plus istio-cni
+        chained by the bench itself when `with_plugin` (else install-cni chains it, or the
+        fallback rules stand in for it)."""
         self.bin_dir.mkdir(parents=True, exist_ok=True)
         for p in Path("/usr/lib/cni").iterdir():
             dst = self.bin_dir / p.name
             if not dst.exists():
                 dst.symlink_to(p)
-        if self.cni_plugin:
+        if with_plugin:
             dst = self.bin_dir / "istio-cni"
             if dst.exists() or dst.is_symlink():
                 dst.unlink()
             dst.symlink_to(self.cni_plugin)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.state / "net.conflist").write_text(json.dumps(self.conflist(), indent=2))
+        self.net_dir.mkdir(parents=True, exist_ok=True)
+        self.conflist_path.write_text(json.dumps(self.conflist(with_plugin), indent=2))
         # The runtime sets up the pod's loopback as its own network (as containerd does).
         lo = {"cniVersion": "1.0.0", "name": "fpbench-lo", "plugins": [{"type": "loopback"}]}
         (self.state / "lo.conflist").write_text(json.dumps(lo))
 
-    def _cni(self, cmd, conflist, pod):
+    def _cni(self, cmd, network, pod):
+        """Runs CNI `cmd` for `pod` on the "lo" (loopback) or "net" (pod network) conflist."""
+        conflist = self.state / "lo.conflist" if network == "lo" else self.conflist_path
         env = dict(os.environ, CNI_PATH=str(self.bin_dir), CNI_CACHE_DIR=str(self.state / "cni-cache"))
         args = f"IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={pod.name};K8S_POD_INFRA_CONTAINER_ID={pod.name}"
-        argv = [str(self.cnirun), cmd, str(self.state / conflist), pod.name, f"/var/run/netns/{pod.netns}", "--args", args]
+        argv = [str(self.cnirun), cmd, str(conflist), pod.name, f"/var/run/netns/{pod.netns}", "--args", args]
         t0 = time.monotonic()
         p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
         if p.returncode != 0:
-            raise RuntimeError(f"CNI {cmd} {pod.name} ({conflist}) failed: {p.stderr.strip()} {p.stdout.strip()}")
+            raise RuntimeError(f"CNI {cmd} {pod.name} ({conflist.name}) failed: {p.stderr.strip()} {p.stdout.strip()}")
         return p.stdout, time.monotonic() - t0
 
     # ---------------------------------------------------------------- pods
@@ -194,15 +203,21 @@ class Node:
         self.pods.append(pod)
         if self.kube:
             self.kube.add_pod("bench", name, sidecar=meshed, accelerate=accelerated)
-        self._cni("ADD", "lo.conflist", pod)
-        out, secs = self._cni("ADD", "net.conflist", pod)
+        self._cni("ADD", "lo", pod)
+        out, secs = self._cni("ADD", "net", pod)
         result = json.loads(out)
         pod.ip = result["ips"][0]["address"].split("/")[0]
-        if meshed and not self.cni_plugin:
+        if meshed and not self.plugin_chained():
             # Fallback until the plugin is chained: the exact rules Istio's plugin applies.
             run(in_netns(ns, ["iptables-restore", "--noflush"]), input=SIDECAR_RULES)
         log(f"pod {name}: netns {ns}, ip {pod.ip}, mesh={'yes' if meshed else 'no'} (CNI ADD {secs * 1000:.0f} ms)")
         return pod
+
+    def plugin_chained(self):
+        try:
+            return any(p.get("type") == "istio-cni" for p in json.loads(self.conflist_path.read_text())["plugins"])
+        except (FileNotFoundError, KeyError, ValueError):
+            return False
 
     def nat_rules(self, pod):
         return run(in_netns(pod.netns, ["iptables-save", "-t", "nat"])).stdout
@@ -311,13 +326,12 @@ class Node:
     def cleanup(self):
         self.stop_procs()
         for pod in reversed(self.pods):
-            for conf in ("net.conflist", "lo.conflist"):
+            for conf in ("net", "lo"):
                 try:
                     self._cni("DEL", conf, pod)
                 except Exception as e:  # keep cleaning; report
                     log(f"cleanup: CNI DEL {pod.name} ({conf}): {e}")
         self.pods.clear()
-        remove_leftovers()
 
 
 def parse_haproxy_frontend_sessions(csv_text):
@@ -357,14 +371,27 @@ class NodeLock:
     """The cgroup sock_ops attachment is node-wide: hold the same lock the tests use
     (fastpath_tests::serial_guard("cgroup-sockops")) while the accelerator is attached."""
 
-    def __init__(self, resource):
+    def __init__(self, resource, timeout=600):
         self.path = f"/tmp/fastpath-test-{resource}.lock"
+        self.timeout = timeout
         self.f = None
 
     def __enter__(self):
         self.f = open(self.path, "a")
-        fcntl.flock(self.f, fcntl.LOCK_EX)
-        return self
+        deadline = time.monotonic() + self.timeout
+        said = False
+        while True:
+            try:
+                fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    self.f.close()
+                    raise RuntimeError(f"{self.path} stayed locked for {self.timeout}s (a test holds it)")
+                if not said:
+                    log(f"waiting for {self.path} (a test is using the root cgroup's sock_ops)")
+                    said = True
+                time.sleep(0.5)
 
     def __exit__(self, *exc):
         fcntl.flock(self.f, fcntl.LOCK_UN)

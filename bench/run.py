@@ -113,13 +113,13 @@ class Bench:
         """The real istio-cni plugin, chained with a fake API server for its pod lookup, when it
         is built and really applies Istio's rules; else the clearly named fallback that applies
         the same rules with iptables-restore."""
-        plugin = ROOT / "target/release/istio-cni"
+        plugin = Path(self.args.plugin) if self.args.plugin else ROOT / "target/release/istio-cni"
         if not plugin.is_file():
             return None, "istio-cni is not built"
         self.kube = FakeKube(self.state).start()
         probe = mesh.Node(ROOT, self.state / "probe", cni_plugin=plugin, kube=self.kube)
         self.kube.write_kubeconfig(probe.run_dir)
-        probe.write_cni_config()
+        probe.write_cni_config(with_plugin=True)
         try:
             pod = probe.add_pod("probe-meshed", meshed=True, accelerated=False)
             probe.assert_redirected(pod)
@@ -131,28 +131,41 @@ class Bench:
 
     def setup(self):
         mesh.remove_leftovers()
-        plugin, why = self.choose_redirection()
-        if plugin:
-            self.redirection = "istio-cni plugin (chained after bridge + host-local; fake API server for the pod lookup)"
-        else:
-            self.redirection = "fallback: Istio's default sidecar rules (istio-cni.md §5.7) applied with iptables-restore --noflush"
-            self.notes.append(f"Redirection by the fallback, because {why}.")
-        log(f"redirection: {self.redirection}")
+        plugin, why_no_plugin = self.choose_redirection()
         self.node = mesh.Node(ROOT, self.state / "node", cni_plugin=plugin, kube=self.kube)
-        if self.kube:
-            self.kube.write_kubeconfig(self.node.run_dir)
-        self.node.write_cni_config()
-
         modes = ["plain", "mesh"]
-        if not self.args.no_accel:
-            self.accel = accel_mod.Accelerator(ROOT, self.state / "accel")
-            ok, why = self.accel.start()
-            if ok:
+        installed = False
+        if plugin and not self.args.no_accel:
+            self.accel = accel_mod.Accelerator(ROOT, self.state / "accel", installer=self.args.installer)
+            self.node.write_cni_config(with_plugin=False)
+            ready, active, why = self.accel.start(self.node, self.kube, plugin)
+            installed = ready and self.node.plugin_chained()
+            if ready and not installed:
+                why = f"install-cni became ready but did not chain istio-cni into {self.node.conflist_path}"
+                active = False
+            if active:
                 modes.append("accel")
             else:
                 self.notes.append(f"No accelerated column: {why}.")
                 log(f"accelerator unavailable: {why}")
+            if not installed:
+                self.accel.stop()
                 self.accel = None
+        elif not self.args.no_accel:
+            self.notes.append(f"No accelerated column: {why_no_plugin}, so nothing would enroll pods.")
+        if not installed:
+            self.node.write_cni_config(with_plugin=bool(plugin))
+            if self.kube:
+                self.kube.write_kubeconfig(self.node.run_dir)
+        if installed:
+            self.redirection = ("istio-cni, installed by install-cni into the node's primary conflist (after bridge + host-local), "
+                                "pod lookup answered by a fake API server")  # fmt: skip
+        elif plugin:
+            self.redirection = "istio-cni chained by the bench after bridge + host-local, pod lookup answered by a fake API server"
+        else:
+            self.redirection = "fallback: Istio's default sidecar rules (istio-cni.md §5.7) applied with iptables-restore --noflush"
+            self.notes.append(f"Redirection by the fallback, because {why_no_plugin}.")
+        log(f"redirection: {self.redirection}")
         self.modes = modes
 
         for mode in modes:
@@ -162,16 +175,12 @@ class Bench:
             if meshed:
                 self.node.assert_redirected(client)
                 self.node.assert_redirected(server)
-                if mode == "accel":
-                    self.accel.enroll(self.node, client)
-                    self.accel.enroll(self.node, server)
-                else:
-                    self.accel and self.accel.unenroll(self.node, client)
-                    self.accel and self.accel.unenroll(self.node, server)
                 self.node.start_sidecar(client)
                 self.node.start_sidecar(server)
             self.node.start_apps(server)
             self.pairs[mode] = (client, server)
+        if self.accel:
+            self.check_enrollment()
         for mode, (client, server) in self.pairs.items():
             for port in (mesh.SOCKPERF_PORT, mesh.IPERF_PORT, mesh.HTTP_PORT):
                 self.node.wait_listening(server, port)
@@ -180,6 +189,19 @@ class Bench:
                 self.node.wait_listening(server, 15006)
         for mode in modes:
             self.check_path(mode)
+
+    def check_enrollment(self):
+        """The accelerated pods are enrolled; the other columns' pods are not."""
+        for mode, pair in self.pairs.items():
+            for pod in pair:
+                enrolled = self.accel.enrolled(pod)
+                want = mode == "accel"
+                if enrolled is None:
+                    self.notes.append("Could not read the enrolled pods map (FP_PODS) with bpftool.")
+                    return
+                if enrolled != want:
+                    raise RuntimeError(f"pod {pod.name} is {'' if enrolled else 'not '}enrolled in the accelerator; expected the opposite")
+        log("enrollment: accel pods enrolled, the others not")
 
     def check_path(self, mode):
         """Proves the path: the server app sees 127.0.0.6 (through both sidecars) in a mesh
@@ -365,6 +387,7 @@ class Bench:
     def cleanup(self):
         if self.node:
             self.node.cleanup()
+            self.node = None
         if self.accel:
             self.accel.stop()
         if self.kube:
@@ -383,6 +406,8 @@ def main():
     ap.add_argument("--other-timeout", type=int, default=300)
     ap.add_argument("--no-profile", action="store_true", help="skip the perf profile of the pinned 64 B path")
     ap.add_argument("--perf-freq", type=int, default=4999)
+    ap.add_argument("--plugin", help="istio-cni binary to use (default: target/release/istio-cni)")
+    ap.add_argument("--installer", help="install-cni binary to use (default: target/release/install-cni)")
     ap.add_argument("--out", default=str(ROOT / "bench/results"))
     ap.add_argument("--state-dir", default="/tmp/fastpath-bench")
     ap.add_argument("--cleanup-only", action="store_true", help="remove what a killed run left behind, then exit")
