@@ -10,6 +10,7 @@ on the machine; the programs it attaches to the root cgroup see every pod.
 
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -22,8 +23,18 @@ from mesh import log, run
 PIN_DIR = Path("/sys/fs/bpf/fastpath")
 SO_NETNS_COOKIE = 71
 HEALTH_PORT = 8000
-# FP_STATS value: per CPU, `PodStats` of fastpath-common (u64 fields in this order).
-POD_STATS_FIELDS = ("sockets_enrolled", "enroll_failures", "msgs_redirected", "bytes_redirected", "peer_misses")
+
+
+def pod_stats_fields(common_src):
+    """The u64 fields of `PodStats` in fastpath-common's source, in layout order: the FP_STATS
+    value (per CPU) as the probes write it. Read from the source so the bench follows the ABI."""
+    m = re.search(r"pub struct PodStats \{(.*?)\n\}", common_src, re.S)
+    if not m:
+        raise ValueError("no `pub struct PodStats` in fastpath-common")
+    fields = re.findall(r"^\s*pub (\w+): u64,", m.group(1), re.M)
+    if not fields:
+        raise ValueError("`PodStats` has no u64 fields")
+    return tuple(fields)
 
 
 def counter_delta(before, after):
@@ -35,7 +46,7 @@ def counter_delta(before, after):
     return out
 
 
-def parse_bpftool_percpu_dump(doc, fields=POD_STATS_FIELDS):
+def parse_bpftool_percpu_dump(doc, fields):
     """`bpftool -j map dump` of a per-CPU hash of u64 key -> u64 fields: {key: {field: sum}}."""
     out = {}
     for entry in doc:
@@ -67,6 +78,7 @@ class Accelerator:
         self.pins_existed = PIN_DIR.exists()
         self.status = None
         self.cookies = {}
+        self.env = None
         # Present while pins this bench made may exist: a later --cleanup-only removes them.
         self.marker = self.state / "created-pins"
 
@@ -89,7 +101,7 @@ class Accelerator:
         (sa / "namespace").write_text("istio-system")
         run(["ip", "netns", "add", self.netns])
         run(mesh.in_netns(self.netns, ["ip", "link", "set", "lo", "up"]))
-        env = dict(
+        self.env = env = dict(
             os.environ,
             MOUNTED_CNI_NET_DIR=str(node.net_dir),
             CNI_AGENT_RUN_DIR=str(node.run_dir),
@@ -115,7 +127,9 @@ class Accelerator:
         logf = self.state / "install-cni.log"
         with open(logf, "wb") as out:
             self.proc = subprocess.Popen(
-                mesh.in_netns(self.netns, [str(self.installer)]), env=env, stdout=out, stderr=subprocess.STDOUT,
+                # nsenter, not `ip netns exec`: that one remounts /sys, which hides the cgroup v2
+                # mount and bpffs from the agent.
+                ["nsenter", f"--net=/var/run/netns/{self.netns}", str(self.installer)], env=env, stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + 60
@@ -142,7 +156,7 @@ class Accelerator:
         return p.returncode == 0 and p.stdout.strip() == "200"
 
     def status_report(self):
-        p = subprocess.run([str(self.installer), "accel-status"], capture_output=True, text=True, timeout=30)
+        p = subprocess.run([str(self.installer), "accel-status"], capture_output=True, text=True, timeout=30, env=self.env)
         return (p.stdout + p.stderr).strip()
 
     def describe(self):
@@ -159,7 +173,8 @@ class Accelerator:
         p = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(PIN_DIR / "FP_STATS")], capture_output=True, text=True)
         if p.returncode != 0:
             return {}
-        stats = parse_bpftool_percpu_dump(json.loads(p.stdout or "[]"))
+        fields = pod_stats_fields((self.root / "common/src/lib.rs").read_text())
+        stats = parse_bpftool_percpu_dump(json.loads(p.stdout or "[]"), fields)
         return {pod.name: stats.get(self.pod_cookie(pod), {}) for pod in pair}
 
     def enrolled(self, pod):
@@ -178,8 +193,10 @@ class Accelerator:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait()
         if self.marker.exists() and PIN_DIR.exists():
-            p = subprocess.run([str(self.installer), "uninstall"], capture_output=True, text=True, timeout=60,
-                               env=dict(os.environ, FASTPATH_BPF_PIN_DIR=str(PIN_DIR)))  # fmt: skip
+            # With the agent's environment, so it removes what that agent installed, nothing else.
+            env = self.env or dict(os.environ, MOUNTED_CNI_NET_DIR=str(self.state / "none"), CNI_AGENT_RUN_DIR=str(self.state / "none"),
+                                   FASTPATH_HOST_CNI_BIN_DIR=str(self.state / "none"))  # fmt: skip
+            p = subprocess.run([str(self.installer), "uninstall"], capture_output=True, text=True, timeout=60, env=env)
             if p.returncode != 0 or PIN_DIR.exists():
                 log(f"install-cni uninstall left {PIN_DIR} ({p.returncode}): {(p.stdout + p.stderr).strip()[-300:]}")
         self.marker.unlink(missing_ok=True)

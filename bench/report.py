@@ -286,7 +286,7 @@ def render(results, plots_rel):
             row += " | " + " | ".join(cell(summary, runs, k(x), "p99_us") for x in modes)
             plain, meshv = summary.get(k("plain")), summary.get(k("mesh"))
             cost = (meshv["p50_us"] - plain["p50_us"]) if plain and meshv else None
-            row += f" | +{fmt(cost)} µs |"
+            row += f" | {'+' if cost is not None and cost >= 0 else ''}{fmt(cost)} µs |"
             if "accel" in modes:
                 acc = summary.get(k("accel"))
                 row += f" {fx(plan.ratio(meshv and meshv['p50_us'], acc and acc['p50_us']))} | {fx(plan.ratio(meshv and meshv['p99_us'], acc and acc['p99_us']))} |"
@@ -361,8 +361,10 @@ def render(results, plots_rel):
         for pod, cs in sorted(totals.items()):
             L.append(f"| {pod} | " + " | ".join(str(cs.get(k, 0)) for k in keys) + " |")
         L.append("")
-    if results.get("accelerator"):
-        L.append("Accelerator: " + ", ".join(f"{k}: {v}" for k, v in results["accelerator"].items()) + "\n")
+    acc = results.get("accelerator")
+    if acc:
+        L.append(f"Accelerator: `{acc.get('installer')}` with pins under `{acc.get('pins')}`; its `install-cni accel-status` once the agent was ready:\n")
+        L.append("```text\n" + acc.get("status", "").strip() + "\n```\n")
 
     if results.get("notes") or results.get("analysis"):
         L.append("### Notes\n")

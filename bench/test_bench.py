@@ -159,6 +159,19 @@ class Plan(unittest.TestCase):
         self.assertIsNone(plan.ratio(None, 1.0))
         self.assertIsNone(plan.ratio(0.0, 1.0))
 
+    def test_pod_stats_fields_follow_the_common_crate(self):
+        src = (Path(__file__).resolve().parent.parent / "common/src/lib.rs").read_text()
+        fields = accel.pod_stats_fields(src)
+        self.assertIn("msgs_redirected", fields)
+        self.assertEqual(fields[0], "sockets_enrolled")
+
+    def test_bpftool_percpu_dump_sums_cpus(self):
+        def le(n):
+            return [f"0x{b:02x}" for b in n.to_bytes(8, "little")]
+
+        doc = [{"key": le(4097), "values": [{"cpu": 0, "value": le(3) + le(10)}, {"cpu": 1, "value": le(4) + le(20)}]}]
+        self.assertEqual(accel.parse_bpftool_percpu_dump(doc, ("a", "b")), {4097: {"a": 7, "b": 30}})
+
     def test_counter_delta(self):
         d = accel.counter_delta({"a": {"msgs": 5}}, {"a": {"msgs": 9}, "b": {"msgs": 2}})
         self.assertEqual(d, {"a": {"msgs": 4}, "b": {"msgs": 2}})
