@@ -155,6 +155,28 @@ def flatten(obj, prefix=""):
         yield prefix, obj
 
 
+def summary_tables(summary):
+    """A JSON summary as markdown tables: each object whose values are plain becomes a row
+    (named by its path), rows with the same fields share a table."""
+    rows = {}
+    for path, v in flatten(summary):
+        parent, _, leaf = path.rpartition(".")
+        rows.setdefault(parent or "(top)", {})[leaf] = v
+    tables = {}
+    for name, fields in rows.items():
+        tables.setdefault(tuple(fields), []).append((name, fields))
+    out = []
+    for cols, members in tables.items():
+        if len(members) == 1 and len(cols) <= 3 and members[0][0] == "(top)":
+            out.append(", ".join(f"{c}: `{members[0][1][c]}`" for c in cols) + "\n")
+            continue
+        out.append("| | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 1))
+        for name, fields in members:
+            out.append(f"| {name} | " + " | ".join(f"{fields[c]:.4g}" if isinstance(fields[c], float) else str(fields[c]) for c in cols) + " |")
+        out.append("")
+    return out
+
+
 OTHER_TITLES = {
     "bench_plugin_add": "CNI plugin ADD latency (`tests/src/bin/bench_plugin_add.rs`)",
     "bench_installer": "Installer: start → ready, repair latency, memory (`tests/src/bin/bench_installer.rs`)",
@@ -176,14 +198,47 @@ def render_other(other):
         if "error" in r:
             lines.append(f"**Failed** ({r.get('secs', '?')} s): `{r['error'][:600]}`\n")
             continue
-        lines.append(f"Ran in {r.get('secs', '?')} s. Its JSON summary, as printed:\n")
-        lines.append("| figure | value |\n|---|---|")
-        for k, v in flatten(r["summary"]):
-            if isinstance(v, float):
-                v = f"{v:.4g}"
-            lines.append(f"| `{k}` | {v} |")
-        lines.append("")
+        lines.append(f"Ran in {r.get('secs', '?')} s. Its JSON summary, as printed, one row per object:\n")
+        lines.extend(summary_tables(r["summary"]))
     return "\n".join(lines)
+
+
+def hop_check(run):
+    """(connections, hops expected, hops paired) of one accelerated run. Each connection of the
+    path makes three hops, each paired on its server side: app -> sidecar in the client pod,
+    sidecar -> sidecar and sidecar -> app in the server pod."""
+    conns = run.get("sidecar_sessions", {}).get("client_outbound", 0)
+    c = run["accel_counters"]
+    client = next((v for k, v in c.items() if k.endswith("-client")), {})
+    server = next((v for k, v in c.items() if k.endswith("-server")), {})
+    if "connections_paired" not in client:
+        # Older counters: both sockets of a hop are enrolled only once it is paired.
+        if "sockets_enrolled" in client:
+            return conns, 3 * conns, (client.get("sockets_enrolled", 0) + server.get("sockets_enrolled", 0)) // 2
+        return conns, 3 * conns, None
+    return conns, 3 * conns, client.get("connections_paired", 0) + server.get("connections_paired", 0)
+
+
+def render_hops(accel_runs):
+    L = ["### Was every hop redirected? (fastpath's per-pod counters, per accelerated run)\n"]
+    L.append("Each connection of the path makes three hops (app → sidecar in the client pod; sidecar → sidecar and "
+             "sidecar → app in the server pod), each counted as paired on its server side.\n")  # fmt: skip
+    keys = sorted({k for r in accel_runs for cs in r["accel_counters"].values() for k in cs})
+    L.append("| test | placement | rep | connections | hops paired | " + " | ".join(keys) + " |")
+    L.append("|" + "---|" * (5 + len(keys)))
+    all_paired = True
+    for r in accel_runs:
+        conns, want, paired = hop_check(r)
+        if paired is None or paired < want:
+            all_paired = False
+        sums = {k: sum(cs.get(k, 0) for cs in r["accel_counters"].values()) for k in keys}
+        name = f"{r['test']} {r['size']} B" if r["test"] == "sockperf" else r["test"]
+        L.append(f"| {name} | {r['placement']} | {r['rep']} | {conns} | {'?' if paired is None else paired} of {want} | "
+                 + " | ".join(str(sums[k]) for k in keys) + " |")  # fmt: skip
+    L.append("")
+    L.append(("Every hop of every accelerated run was paired." if all_paired else
+              "**Not every hop was paired** in every run (see the table): those hops took the TCP path.") + "\n")  # fmt: skip
+    return L
 
 
 def render_profile(prof):
@@ -348,19 +403,7 @@ def render(results, plots_rel):
 
     accel_runs = [r for r in ok_runs if r.get("accel_counters") is not None]
     if accel_runs:
-        L.append("### Was every hop redirected? (fastpath per-pod counters, summed over the accelerated runs)\n")
-        totals = {}
-        for r in accel_runs:
-            for pod, cs in r["accel_counters"].items():
-                t = totals.setdefault(pod, {})
-                for k, v in cs.items():
-                    if isinstance(v, (int, float)):
-                        t[k] = t.get(k, 0) + v
-        keys = sorted({k for cs in totals.values() for k in cs})
-        L.append("| pod | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 1))
-        for pod, cs in sorted(totals.items()):
-            L.append(f"| {pod} | " + " | ".join(str(cs.get(k, 0)) for k in keys) + " |")
-        L.append("")
+        L.extend(render_hops(accel_runs))
     acc = results.get("accelerator")
     if acc:
         L.append(f"Accelerator: `{acc.get('installer')}` with pins under `{acc.get('pins')}`; its `install-cni accel-status` once the agent was ready:\n")

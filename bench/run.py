@@ -113,7 +113,7 @@ class Bench:
         """The real istio-cni plugin, chained with a fake API server for its pod lookup, when it
         is built and really applies Istio's rules; else the clearly named fallback that applies
         the same rules with iptables-restore."""
-        plugin = Path(self.args.plugin) if self.args.plugin else ROOT / "target/release/istio-cni"
+        plugin = Path(self.args.bin_dir) / "istio-cni"
         if not plugin.is_file():
             return None, "istio-cni is not built"
         self.kube = FakeKube(self.state).start()
@@ -136,7 +136,7 @@ class Bench:
         modes = ["plain", "mesh"]
         installed = False
         if plugin and not self.args.no_accel:
-            self.accel = accel_mod.Accelerator(ROOT, self.state / "accel", installer=self.args.installer)
+            self.accel = accel_mod.Accelerator(ROOT, self.state / "accel", installer=Path(self.args.bin_dir) / "install-cni")
             self.node.write_cni_config(with_plugin=False)
             ready, active, why = self.accel.start(self.node, self.kube, plugin)
             installed = ready and self.node.plugin_chained()
@@ -365,9 +365,9 @@ class Bench:
     def other_benches(self):
         results = {}
         for name in OTHER_BENCHES:
-            exe = ROOT / "target/release" / name
+            exe = Path(self.args.bin_dir) / name
             if not exe.is_file():
-                results[name] = {"missing": f"target/release/{name} is not built (not in this tree yet)"}
+                results[name] = {"missing": f"{name} is not built (not in this tree yet)"}
                 continue
             log(f"running {name}")
             t0 = time.monotonic()
@@ -399,15 +399,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 repetition of 2 s runs (a smoke run, not for publishing)")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--secs", type=int, default=4)
+    ap.add_argument("--secs", type=int, default=3)
     ap.add_argument("--wrk-connections", type=int, default=8)
     ap.add_argument("--no-accel", action="store_true", help="skip the accelerated column")
     ap.add_argument("--no-other", action="store_true", help="skip the plugin/installer/one-hop benches")
     ap.add_argument("--other-timeout", type=int, default=300)
     ap.add_argument("--no-profile", action="store_true", help="skip the perf profile of the pinned 64 B path")
     ap.add_argument("--perf-freq", type=int, default=4999)
-    ap.add_argument("--plugin", help="istio-cni binary to use (default: target/release/istio-cni)")
-    ap.add_argument("--installer", help="install-cni binary to use (default: target/release/install-cni)")
+    ap.add_argument("--bin-dir", default=str(ROOT / "target/release"), help="where istio-cni, install-cni and the bench_* binaries are")
     ap.add_argument("--out", default=str(ROOT / "bench/results"))
     ap.add_argument("--state-dir", default="/tmp/fastpath-bench")
     ap.add_argument("--cleanup-only", action="store_true", help="remove what a killed run left behind, then exit")
