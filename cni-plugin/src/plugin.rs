@@ -307,6 +307,13 @@ impl Commands for IstioCni {
             .borrow_mut()
             .set_level(Level::from_config(conf.plugin_log_level.as_deref()));
         *self.log_socket.borrow_mut() = Some(conf.log_socket_path());
+        self.log.borrow_mut().debug(
+            "DEL: nothing to undo in the pod netns",
+            &[
+                ("containerID", json!(args.container_id)),
+                ("netns", json!(args.netns)),
+            ],
+        );
         if let Err(e) = accel::unenroll(&args.netns, &args.container_id, conf.run_dir()) {
             self.log.borrow_mut().warn(
                 "accelerator unenroll failed",

@@ -425,3 +425,92 @@ pub fn plain_pod(ns: &str, name: &str) -> Value {
         "status": {"phase": "Pending"}
     })
 }
+
+/// The installer's side of the plugin's log socket (`<run dir>/log.sock`, `POST /log` with a
+/// JSON array of JSON log lines): collects every line it receives.
+pub struct LogSink {
+    path: PathBuf,
+    lines: Arc<Mutex<Vec<Value>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl LogSink {
+    pub fn start(path: &Path) -> Result<Self> {
+        let _ = std::fs::remove_file(path);
+        let listener = std::os::unix::net::UnixListener::bind(path)?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (lines, stop) = (lines.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(mut conn) = conn else { continue };
+                    if let Ok(body) = read_log_post(&mut conn) {
+                        let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+                        let batch: Vec<String> = serde_json::from_slice(&body).unwrap_or_default();
+                        let mut l = lines.lock().unwrap();
+                        l.extend(batch.iter().filter_map(|s| serde_json::from_str(s).ok()));
+                    }
+                }
+            });
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            lines,
+            stop,
+        })
+    }
+
+    pub fn lines(&self) -> Vec<Value> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits up to `timeout` for a line with this `msg`.
+    pub fn wait_for_msg(&self, msg: &str, timeout: Duration) -> Option<Value> {
+        let until = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.lines().into_iter().find(|l| l["msg"] == msg) {
+                return Some(l);
+            }
+            if std::time::Instant::now() > until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for LogSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = std::os::unix::net::UnixStream::connect(&self.path);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn read_log_post(conn: &mut std::os::unix::net::UnixStream) -> Result<Vec<u8>> {
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(conn);
+    let mut len = 0usize;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            bail!("connection closed before the body");
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            len = v.trim().parse()?;
+        }
+    }
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body)?;
+    Ok(body)
+}
