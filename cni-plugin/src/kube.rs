@@ -6,7 +6,8 @@ use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Per-request time limit (connect + TLS + response).
+/// Time limits of one request: TCP connect, then each of send and receive.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default, Deserialize)]
@@ -235,7 +236,12 @@ fn agent(access: &KubeAccess) -> Result<ureq::Agent, FetchError> {
     }
     Ok(ureq::Agent::config_builder()
         .tls_config(tls.build())
-        .timeout_global(Some(REQUEST_TIMEOUT))
+        // Per phase rather than global: a global limit makes ureq resolve on a helper thread
+        // even for the IP literal the installer writes (KUBERNETES_SERVICE_HOST).
+        .timeout_connect(Some(CONNECT_TIMEOUT))
+        .timeout_send_request(Some(REQUEST_TIMEOUT))
+        .timeout_recv_response(Some(REQUEST_TIMEOUT))
+        .timeout_recv_body(Some(REQUEST_TIMEOUT))
         .http_status_as_error(false)
         .user_agent("istio-cni (fastpath)")
         .build()

@@ -36,7 +36,8 @@ impl Default for IstioCni {
 
 /// What happened to a pod on ADD.
 enum Outcome {
-    PassThrough(String),
+    /// Why, and how long the API lookup took (zero when there was none).
+    PassThrough(String, Duration),
     Redirected,
 }
 
@@ -149,16 +150,19 @@ impl IstioCni {
     }
 
     fn redirect_for(pod: &Pod) -> Result<Redirect, CniError> {
-        redirect::from_pod(pod).map_err(|e| {
-            CniError::new(
-                code::INTERNAL,
-                format!(
-                    "istio-cni: pod {}/{} has an invalid redirect setting: {e}",
-                    pod.metadata.namespace, pod.metadata.name
-                ),
-                "",
-            )
-        })
+        let getenv = |k: &str| std::env::var(k).ok();
+        redirect::from_pod(pod)
+            .and_then(|mut r| redirect::apply_runtime_env(&mut r, &getenv).map(|()| r))
+            .map_err(|e| {
+                CniError::new(
+                    code::INTERNAL,
+                    format!(
+                        "istio-cni: pod {}/{} has an invalid redirect setting: {e}",
+                        pod.metadata.namespace, pod.metadata.name
+                    ),
+                    "",
+                )
+            })
     }
 
     /// Istio enables IPv6 rules when the pod's first address is IPv6, or with `ISTIO_DUAL_STACK`.
@@ -240,7 +244,7 @@ impl IstioCni {
         let out = result::output(conf.prev_result.as_ref(), args.cni_version)?;
         let mut api_time = Duration::ZERO;
         let pod = match self.mesh_pod(&conf, &k8s, &mut api_time)? {
-            Err(why) => return Ok((out, Outcome::PassThrough(why))),
+            Err(why) => return Ok((out, Outcome::PassThrough(why, api_time))),
             Ok(p) => p,
         };
         let r = Self::redirect_for(&pod)?;
@@ -281,11 +285,15 @@ impl Commands for IstioCni {
     fn add(&self, args: &CmdArgs, stdout: &mut dyn Write) -> Result<(), CniError> {
         match self.add_inner(args) {
             Ok((out, outcome)) => {
-                if let Outcome::PassThrough(why) = outcome {
+                if let Outcome::PassThrough(why, api_time) = outcome {
                     let total = ms(self.started.elapsed());
                     self.log.borrow_mut().info(
                         "no redirection for pod",
-                        &[("reason", json!(why)), ("total_ms", total)],
+                        &[
+                            ("reason", json!(why)),
+                            ("api_ms", ms(api_time)),
+                            ("total_ms", total),
+                        ],
                     );
                 }
                 Self::write_result(stdout, &out)

@@ -104,6 +104,86 @@ pub struct Redirect {
     pub dns_capture: bool,
     pub dual_stack: bool,
     pub drop_invalid: bool,
+    /// From the runtime's environment (see [`apply_runtime_env`]).
+    pub owner_groups: OwnerGroups,
+    /// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`, default `127.0.0.1/32`.
+    pub ipv4_loopback: Cidr,
+}
+
+/// Which outbound traffic is captured by the sending process's group
+/// (`ISTIO_OUTBOUND_OWNER_GROUPS` / `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OwnerGroups {
+    /// All groups except these (the default, with none excluded).
+    AllExcept(Vec<GroupName>),
+    /// Only these groups.
+    Only(Vec<GroupName>),
+}
+
+/// A group name or id as given to `-m owner --gid-owner`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupName(String);
+
+impl GroupName {
+    pub fn parse(s: &str) -> Option<Self> {
+        let ok = !s.is_empty()
+            && s.len() <= 32
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        ok.then(|| Self(s.to_string()))
+    }
+}
+
+impl fmt::Display for GroupName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub const ENV_OWNER_GROUPS: &str = "ISTIO_OUTBOUND_OWNER_GROUPS";
+pub const ENV_OWNER_GROUPS_EXCLUDE: &str = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE";
+pub const ENV_IPV4_LOOPBACK_CIDR: &str = "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR";
+
+fn parse_groups(key: &str, value: &str) -> Result<Vec<GroupName>, InvalidValue> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|g| !g.is_empty())
+        .map(|g| {
+            GroupName::parse(g)
+                .ok_or_else(|| invalid(key, value, format!("{g:?} is not a group name or id")))
+        })
+        .collect()
+}
+
+/// Applies the settings Istio's plugin reads from the runtime's environment (rarely set).
+pub fn apply_runtime_env(
+    r: &mut Redirect,
+    getenv: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), InvalidValue> {
+    let include = getenv(ENV_OWNER_GROUPS).filter(|v| !v.trim().is_empty());
+    let exclude = getenv(ENV_OWNER_GROUPS_EXCLUDE).unwrap_or_default();
+    r.owner_groups = match include.as_deref().map(str::trim) {
+        None | Some("*") => {
+            OwnerGroups::AllExcept(parse_groups(ENV_OWNER_GROUPS_EXCLUDE, &exclude)?)
+        }
+        Some(list) => {
+            if !exclude.trim().is_empty() {
+                return Err(invalid(
+                    ENV_OWNER_GROUPS_EXCLUDE,
+                    &exclude,
+                    format!("cannot be combined with {ENV_OWNER_GROUPS}={list:?}"),
+                ));
+            }
+            OwnerGroups::Only(parse_groups(ENV_OWNER_GROUPS, list)?)
+        }
+    };
+    if let Some(v) = getenv(ENV_IPV4_LOOPBACK_CIDR).filter(|v| !v.is_empty()) {
+        r.ipv4_loopback = Cidr::parse(&v)
+            .filter(|c| c.addr.is_ipv4())
+            .ok_or_else(|| invalid(ENV_IPV4_LOOPBACK_CIDR, &v, "not an IPv4 CIDR"))?;
+    }
+    Ok(())
 }
 
 /// A bad annotation (or proxy field) value: names the key and the value.
@@ -295,6 +375,11 @@ pub fn from_pod(pod: &Pod) -> Result<Redirect, InvalidValue> {
         dns_capture: env_bool("ISTIO_META_DNS_CAPTURE"),
         dual_stack: env_bool("ISTIO_DUAL_STACK"),
         drop_invalid: env_bool("INVALID_DROP"),
+        owner_groups: OwnerGroups::AllExcept(Vec::new()),
+        ipv4_loopback: Cidr {
+            addr: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            len: 32,
+        },
     })
 }
 
@@ -426,6 +511,56 @@ mod tests {
         v["spec"]["containers"][1]["securityContext"] = json!({"runAsUser": -5});
         let e = from_pod(&Pod::from_json(v.to_string().as_bytes()).unwrap()).unwrap_err();
         assert!(e.key.contains("runAsUser"));
+    }
+
+    #[test]
+    fn runtime_env_settings() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let mut r = redirect_with(&[]).unwrap();
+        apply_runtime_env(&mut r, &env(&[])).unwrap();
+        assert_eq!(r.owner_groups, OwnerGroups::AllExcept(vec![]));
+        apply_runtime_env(&mut r, &env(&[(ENV_OWNER_GROUPS_EXCLUDE, "root, 999")])).unwrap();
+        assert_eq!(
+            r.owner_groups,
+            OwnerGroups::AllExcept(vec![
+                GroupName::parse("root").unwrap(),
+                GroupName::parse("999").unwrap()
+            ])
+        );
+        apply_runtime_env(
+            &mut r,
+            &env(&[
+                (ENV_OWNER_GROUPS, "java,1001"),
+                (ENV_IPV4_LOOPBACK_CIDR, "127.0.0.0/8"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            r.owner_groups,
+            OwnerGroups::Only(vec![
+                GroupName::parse("java").unwrap(),
+                GroupName::parse("1001").unwrap()
+            ])
+        );
+        assert_eq!(r.ipv4_loopback.to_string(), "127.0.0.0/8");
+        let e = apply_runtime_env(
+            &mut r,
+            &env(&[(ENV_OWNER_GROUPS, "a"), (ENV_OWNER_GROUPS_EXCLUDE, "b")]),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, ENV_OWNER_GROUPS_EXCLUDE);
+        let e = apply_runtime_env(&mut r, &env(&[(ENV_OWNER_GROUPS, "a b")])).unwrap_err();
+        assert_eq!(e.value, "a b");
+        let e =
+            apply_runtime_env(&mut r, &env(&[(ENV_IPV4_LOOPBACK_CIDR, "::1/128")])).unwrap_err();
+        assert_eq!(e.key, ENV_IPV4_LOOPBACK_CIDR);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Istio's sidecar iptables rules as `iptables-restore` text
 //! (`tools/istio-iptables/pkg/capture/run.go` `Run` with the plugin's config, laid out as
 //! `builder/iptables_builder_impl.go` `buildRestore`). Every token comes from typed values.
-use crate::redirect::{InterceptionMode, Redirect, Selection};
+use crate::redirect::{InterceptionMode, OwnerGroups, Redirect, Selection};
 
 pub const PROXY_PORT: u16 = 15001;
 pub const INBOUND_CAPTURE_PORT: u16 = 15006;
@@ -27,6 +27,7 @@ pub enum Family {
 }
 
 impl Family {
+    /// IPv6 loopback; the IPv4 one is configurable (`Redirect::ipv4_loopback`).
     fn loopback(self) -> &'static str {
         match self {
             Family::V4 => "127.0.0.1/32",
@@ -168,7 +169,11 @@ pub fn expected_rule_counts(text: &str) -> Vec<(String, String, usize)> {
 fn build(r: &Redirect, b: &mut Builder) {
     let fam = b.family;
     let tproxy = r.mode == InterceptionMode::Tproxy;
-    let lo = fam.loopback();
+    let lo_v4 = r.ipv4_loopback.to_string();
+    let lo = match fam {
+        Family::V4 => lo_v4.as_str(),
+        Family::V6 => fam.loopback(),
+    };
     let uid = r.proxy_uid.to_string();
     let gid = r.proxy_gid.to_string();
     let tunnel = INBOUND_TUNNEL_PORT.to_string();
@@ -431,6 +436,25 @@ fn build(r: &Redirect, b: &mut Builder) {
             ISTIO_OUTPUT,
             p!["-m", "owner", flag, id, "-j", "RETURN"],
         );
+    }
+    match &r.owner_groups {
+        OwnerGroups::AllExcept(groups) => {
+            for g in groups {
+                b.append(
+                    "nat",
+                    ISTIO_OUTPUT,
+                    p!["-m", "owner", "--gid-owner", g, "-j", "RETURN"],
+                );
+            }
+        }
+        OwnerGroups::Only(groups) => {
+            let mut params = Vec::new();
+            for g in groups {
+                params.extend(p!["-m", "owner", "!", "--gid-owner", g]);
+            }
+            params.extend(p!["-j", "RETURN"]);
+            b.append("nat", ISTIO_OUTPUT, params);
+        }
     }
     if r.dns_capture {
         dns_rules(r, b, &uid, &gid);
@@ -868,6 +892,26 @@ COMMIT
         assert!(t.starts_with("* mangle\n-N ISTIO_DROP\n-A PREROUTING -m conntrack --ctstate INVALID -j ISTIO_DROP\n-A ISTIO_DROP -j DROP\nCOMMIT\n* nat\n"), "{t}");
         assert!(t.contains("-A PREROUTING -i net1 -j RETURN\n-A OUTPUT -o net1 -j RETURN\n-I PREROUTING 1 -i k6t-eth0 -j RETURN\n"));
         assert!(t.contains("-A ISTIO_OUTPUT -j ISTIO_REDIRECT\n-I PREROUTING 1 -i k6t-eth0 -j ISTIO_REDIRECT\nCOMMIT"));
+    }
+
+    #[test]
+    fn owner_groups_and_loopback_cidr() {
+        let mut r = redirect(&[], None);
+        redirect::apply_runtime_env(&mut r, &|k: &str| match k {
+            "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE" => Some("root,999".into()),
+            "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR" => Some("127.0.0.0/8".into()),
+            _ => None,
+        })
+        .unwrap();
+        let t = restore_text(&r, Family::V4);
+        assert!(t.contains("-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN\n-A ISTIO_OUTPUT -m owner --gid-owner root -j RETURN\n-A ISTIO_OUTPUT -m owner --gid-owner 999 -j RETURN\n-A ISTIO_OUTPUT -d 127.0.0.0/8 -j RETURN\n"), "{t}");
+        assert!(t.contains("-o lo ! -d 127.0.0.0/8 -p tcp"));
+        redirect::apply_runtime_env(&mut r, &|k: &str| {
+            (k == "ISTIO_OUTBOUND_OWNER_GROUPS").then(|| "java,1001".to_string())
+        })
+        .unwrap();
+        let t = restore_text(&r, Family::V4);
+        assert!(t.contains("-A ISTIO_OUTPUT -m owner ! --gid-owner java -m owner ! --gid-owner 1001 -j RETURN\n"), "{t}");
     }
 
     #[test]

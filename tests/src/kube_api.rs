@@ -269,6 +269,7 @@ fn serve(
     token: &str,
 ) -> Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.set_nodelay(true)?;
     let tls = rustls::ServerConnection::new(config)?;
     let mut stream = rustls::StreamOwned::new(tls, conn);
     loop {
@@ -310,11 +311,12 @@ fn serve(
         };
         let body = answer.to_string();
         let reason = if status == 200 { "OK" } else { "Error" };
-        write!(
-            stream,
+        // One write: a response split over TLS records waits on Nagle + delayed ACK (40 ms).
+        let response = format!(
             "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
-        )?;
+        );
+        stream.write_all(response.as_bytes())?;
         stream.flush()?;
         if headers
             .get("connection")
