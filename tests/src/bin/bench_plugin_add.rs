@@ -197,7 +197,7 @@ fn main() -> Result<()> {
         let mut api_ms = Vec::new();
         for _ in 0..runs {
             let inv = invoke(&bin, &conf("auto"), &ns.path(), &args(pod_ns, name))?;
-            if inv.stdout.trim() != prev.to_string() {
+            if serde_json::from_str::<Value>(inv.stdout.trim())? != prev {
                 bail!("{case}: prevResult not passed through: {}", inv.stdout);
             }
             wall.push(inv.wall_ms);
