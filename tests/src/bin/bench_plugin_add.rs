@@ -195,19 +195,24 @@ fn main() -> Result<()> {
     ] {
         let mut wall = Vec::new();
         let mut api_ms = Vec::new();
+        let mut own = Vec::new();
         for _ in 0..runs {
             let inv = invoke(&bin, &conf("auto"), &ns.path(), &args(pod_ns, name))?;
             if serde_json::from_str::<Value>(inv.stdout.trim())? != prev {
                 bail!("{case}: prevResult not passed through: {}", inv.stdout);
             }
             wall.push(inv.wall_ms);
-            if let Some(a) = inv.log.as_ref().and_then(|l| l["api_ms"].as_f64()) {
-                api_ms.push(a);
-            }
+            let a = inv
+                .log
+                .as_ref()
+                .and_then(|l| l["api_ms"].as_f64())
+                .context("pass-through ADD printed no api_ms")?;
+            api_ms.push(a);
+            own.push(inv.wall_ms - a);
         }
         summary.insert(
             case.into(),
-            json!({"total": stats_json(&wall), "api_call": stats_json(&api_ms)}),
+            json!({"total": stats_json(&wall), "api_call": stats_json(&api_ms), "plugin_own": stats_json(&own)}),
         );
     }
     drop(ns);
@@ -256,6 +261,24 @@ fn main() -> Result<()> {
     }
     summary.insert(
         "tuning_reference".into(),
+        json!({"total": stats_json(&wall)}),
+    );
+
+    // Floor: spawning a process that does nothing (`/bin/true`), with the same stdin/pipes.
+    let mut wall = Vec::new();
+    for _ in 0..runs {
+        let start = Instant::now();
+        let mut child = Command::new("/bin/true")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        drop(child.stdin.take());
+        child.wait_with_output()?;
+        wall.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    summary.insert(
+        "spawn_floor_bin_true".into(),
         json!({"total": stats_json(&wall)}),
     );
 
