@@ -345,6 +345,22 @@ fn plugin_chain_mesh_pod_traffic_is_redirected() {
         "DEL without netns: {}",
         run.stderr
     );
+    // DEL after the netns is gone (the runtime may call it after the sandbox died).
+    Command::new("ip")
+        .args(["netns", "del", &mesh.netns.name])
+        .status()
+        .unwrap();
+    assert!(!std::path::Path::new(&mesh.att.netns).exists());
+    let run = node
+        .rt
+        .exec_plugin("DEL", &plugin_conf(&mesh.list, 1, Some(&result)), &mesh.att)
+        .unwrap();
+    assert_eq!(
+        (run.status, run.stdout.as_str()),
+        (0, ""),
+        "DEL with the netns gone: {}",
+        run.stderr
+    );
     node.rt.del(&server.list, &server.att).expect("server DEL");
 }
 
