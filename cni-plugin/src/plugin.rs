@@ -72,6 +72,12 @@ impl IstioCni {
                 &[],
             );
         }
+        if conf.native_nftables {
+            self.log.borrow_mut().warn(
+                "native_nftables is set, but this istio-cni (fastpath) applies Istio's rules with iptables-restore (iptables-nft on nftables hosts)",
+                &[],
+            );
+        }
         if pod::is_agent_pod(&k8s.pod_name, &k8s.pod_namespace, &conf.pod_namespace) {
             return Ok(Err("the istio-cni agent's own pod".into()));
         }
@@ -200,6 +206,13 @@ impl IstioCni {
         let t4 = iptables::restore(&netns, b4, false, &text4).map_err(fail)?;
         timings.push(("backend", json!(b4.name())));
         timings.push(("restore_v4_ms", ms(t4)));
+        if self.log.borrow().enabled(Level::Debug) {
+            // Istio logs the final state; it costs one more child, so only at debug.
+            let state = iptables::save(&netns, b4, false).unwrap_or_else(|e| e);
+            self.log
+                .borrow_mut()
+                .debug("final iptables state (IPv4)", &[("state", json!(state))]);
+        }
         if v6 {
             // Envoy's inbound passthrough source on IPv6 (Istio's configureIPv6Addresses).
             iptables::ip(&netns, &["-6", "addr", "add", "::6/128", "dev", "lo"]).map_err(fail)?;

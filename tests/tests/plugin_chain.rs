@@ -649,6 +649,17 @@ fn plugin_chain_logs_go_to_the_socket_never_stdout() {
         .find(|l| l["msg"] == "sidecar redirection applied")
         .expect("an info line for the redirected pod");
     assert_eq!(applied["pod"], "shop/web");
+    let state = parsed
+        .iter()
+        .find(|l| l["msg"] == "final iptables state (IPv4)")
+        .expect("at debug, the final iptables state is logged");
+    assert!(state["state"].as_str().unwrap().contains(":ISTIO_OUTPUT"));
+    assert!(
+        parsed
+            .iter()
+            .any(|l| l["level"] == "debug" && l["msg"] == "iptables-restore input (IPv4)"),
+        "plugin_log_level debug lets debug lines through"
+    );
     assert!(applied["total_ms"].is_number());
     drop(netns);
 }
