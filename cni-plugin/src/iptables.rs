@@ -58,13 +58,29 @@ pub fn find_in_path(name: &str) -> Option<PathBuf> {
 pub struct Netns {
     pub path: String,
     file: File,
+    /// The user namespace owning the netns, when it is not ours (pods with `hostUsers: false`).
+    /// `-m owner` rules may only be written from inside it (the kernel's xt_owner refuses a
+    /// writer from another user namespace), so children enter it too, as Istio does with
+    /// `nsenter --user`.
+    owner_userns: Option<File>,
+}
+
+/// `ioctl(NS_GET_USERNS)`: the user namespace that owns a namespace.
+const NS_GET_USERNS: libc::c_ulong = 0xb701;
+
+fn ns_identity(f: &File) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = f.metadata()?;
+    Ok((m.dev(), m.ino()))
 }
 
 impl Netns {
     pub fn open(path: &str) -> std::io::Result<Self> {
+        let file = File::open(path)?;
         Ok(Self {
             path: path.to_string(),
-            file: File::open(path)?,
+            owner_userns: foreign_owner_userns(&file),
+            file,
         })
     }
 
@@ -91,14 +107,28 @@ impl Netns {
     /// Runs a host binary inside the netns (sandboxed), feeding `stdin`.
     pub fn exec(&self, mut cmd: Command, stdin: Option<&[u8]>) -> std::io::Result<ExecOutput> {
         let fd = self.fd();
+        let userns_fd = self.owner_userns.as_ref().map(|f| f.as_raw_fd());
         let sandbox = Sandbox::new();
         // SAFETY: only async-signal-safe syscalls run between fork and exec; the CStrings were
         // allocated before the fork.
         unsafe {
             cmd.pre_exec(move || {
                 sandbox.enter();
+                if let Some(u) = userns_fd
+                    && libc::setns(u, libc::CLONE_NEWUSER) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
                 if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if userns_fd.is_some() {
+                    // Become root of the pod's user namespace (as `nsenter --user` does), or
+                    // exec would drop the capabilities gained there.
+                    libc::setgroups(0, std::ptr::null());
+                    if libc::setresgid(0, 0, 0) != 0 || libc::setresuid(0, 0, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -132,6 +162,20 @@ pub struct ExecOutput {
     pub stdout: String,
     pub stderr: String,
     pub elapsed: Duration,
+}
+
+/// The netns' owning user namespace if it differs from the plugin's own.
+fn foreign_owner_userns(netns: &File) -> Option<File> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: NS_GET_USERNS on a namespace fd returns a new fd (or -1), which we then own.
+    let fd = unsafe { libc::ioctl(netns.as_raw_fd(), NS_GET_USERNS as _) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fd is a fresh descriptor returned by the kernel.
+    let owner = unsafe { File::from_raw_fd(fd) };
+    let ours = File::open("/proc/self/ns/user").ok()?;
+    (ns_identity(&owner).ok()? != ns_identity(&ours).ok()?).then_some(owner)
 }
 
 /// Paths for the sandbox, prepared before fork.

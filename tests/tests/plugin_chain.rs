@@ -486,17 +486,89 @@ fn add_alone(
     extra: &Value,
 ) -> (NetNs, fastpath_tests::cni::PluginRun) {
     let netns = NetNs::new(&fastpath_tests::unique_name("fpca")).unwrap();
+    let run = add_alone_in(node, &netns.path(), ns, name, extra);
+    (netns, run)
+}
+
+fn add_alone_in(
+    node: &Node,
+    netns: &str,
+    ns: &str,
+    name: &str,
+    extra: &Value,
+) -> fastpath_tests::cni::PluginRun {
     let att = Attachment {
         container_id: "cid-alone".into(),
-        netns: netns.path(),
+        netns: netns.to_string(),
         ifname: "eth0".into(),
         args: format!("K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name}"),
     };
     let mut conf = node.istio_entry(extra);
     conf["name"] = json!("k8s-pod-network");
     conf["cniVersion"] = json!("0.3.1");
-    let run = node.rt.exec_plugin("ADD", &conf, &att).unwrap();
-    (netns, run)
+    node.rt.exec_plugin("ADD", &conf, &att).unwrap()
+}
+
+#[test]
+fn plugin_chain_pod_with_its_own_user_namespace() {
+    if !fastpath_tests::require_privileges("plugin_chain_pod_with_its_own_user_namespace") {
+        return;
+    }
+    // A pod with `hostUsers: false`: its netns belongs to a child user namespace.
+    let node = Node::new(9).unwrap();
+    struct Holder(std::process::Child);
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    for (backend, mode) in [("nft", "REDIRECT"), ("legacy", "TPROXY")] {
+        let holder = Holder(
+            Command::new("unshare")
+                .args(["--user", "--net", "sleep", "60"])
+                .spawn()
+                .expect("unshare"),
+        );
+        let pid = holder.0.id();
+        let netns = format!("/proc/{pid}/ns/net");
+        let host_userns = std::fs::read_link("/proc/self/ns/user").unwrap();
+        let until = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_link(format!("/proc/{pid}/ns/user")).ok() == Some(host_userns.clone()) {
+            assert!(
+                Instant::now() < until,
+                "unshare did not enter its user namespace"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // As kubelet does: the pod's ids 0-65535 are a high range of host ids.
+        for map in ["uid_map", "gid_map"] {
+            std::fs::write(format!("/proc/{pid}/{map}"), "0 1500000 65536\n").unwrap();
+        }
+        let name = format!("userns-{backend}");
+        node.api.set_pod(sidecar_pod(
+            "shop",
+            &name,
+            &[("sidecar.istio.io/interceptionMode", mode)],
+            &[],
+        ));
+        let run = add_alone_in(
+            &node,
+            &netns,
+            "shop",
+            &name,
+            &json!({"fastpath_iptables_backend": backend}),
+        );
+        assert_eq!(run.status, 0, "{backend}: {} {}", run.stdout, run.stderr);
+        let out = Command::new("nsenter")
+            .arg(format!("--net={netns}"))
+            .arg(format!("iptables-{backend}-save"))
+            .output()
+            .unwrap();
+        let saved = String::from_utf8_lossy(&out.stdout);
+        assert!(saved.contains("--uid-owner 1337"), "{backend}: {saved}");
+        drop(holder);
+    }
 }
 
 #[test]
