@@ -322,29 +322,8 @@ pub fn ip(netns: &Netns, args: &[&str]) -> Result<(), String> {
     }
 }
 
-/// Rules counted per (table, chain) in `iptables-save` output.
-pub fn saved_rule_counts(saved: &str) -> Vec<(String, String, usize)> {
-    let mut table = String::new();
-    let mut counts: Vec<(String, String, usize)> = Vec::new();
-    for line in saved.lines() {
-        if let Some(t) = line.strip_prefix('*') {
-            table = t.trim().to_string();
-        } else if let Some(rest) = line.strip_prefix("-A ") {
-            let chain = rest.split(' ').next().unwrap_or_default().to_string();
-            match counts
-                .iter_mut()
-                .find(|(t, c, _)| *t == table && *c == chain)
-            {
-                Some(e) => e.2 += 1,
-                None => counts.push((table.clone(), chain, 1)),
-            }
-        }
-    }
-    counts
-}
-
 /// What is missing from `saved` compared with the rules ADD applies (`expected`, from
-/// `rules::expected_rule_counts`). Istio chains must hold exactly their rules; built-in chains
+/// `rules::rule_counts`). Istio chains must hold exactly their rules; built-in chains
 /// at least the jumps ADD appended.
 pub fn missing_rules(
     expected: &[(String, String, usize)],
@@ -403,7 +382,7 @@ mod tests {
 -A ISTIO_INBOUND -p tcp -m tcp --dport 15008 -j RETURN
 COMMIT
 ";
-        let got = saved_rule_counts(saved);
+        let got = crate::rules::rule_counts(saved);
         let want = vec![
             ("nat".to_string(), "PREROUTING".to_string(), 1),
             ("nat".to_string(), "ISTIO_INBOUND".to_string(), 1),

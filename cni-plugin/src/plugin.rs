@@ -379,11 +379,8 @@ impl Commands for IstioCni {
             let backend =
                 iptables::choose_backend(&netns, choice, v6).map_err(CniError::internal)?;
             let saved = iptables::save(&netns, backend, v6).map_err(CniError::internal)?;
-            let want = rules::expected_rule_counts(&rules::restore_text(&r, fam));
-            problems.extend(iptables::missing_rules(
-                &want,
-                &iptables::saved_rule_counts(&saved),
-            ));
+            let want = rules::rule_counts(&rules::restore_text(&r, fam));
+            problems.extend(iptables::missing_rules(&want, &rules::rule_counts(&saved)));
         }
         if problems.is_empty() {
             Ok(())

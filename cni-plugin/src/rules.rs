@@ -142,13 +142,14 @@ pub fn restore_text(r: &Redirect, family: Family) -> String {
     b.restore_text()
 }
 
-/// Per chain of each table: how many rules the text appends/inserts (for CHECK).
-pub fn expected_rule_counts(text: &str) -> Vec<(String, String, usize)> {
+/// Per chain of each table, how many rules a text holds: the `-A`/`-I` lines of
+/// `iptables-restore` input (`* nat`) or of `iptables-save` output (`*nat`). Used by CHECK.
+pub fn rule_counts(text: &str) -> Vec<(String, String, usize)> {
     let mut table = String::new();
     let mut counts: Vec<(String, String, usize)> = Vec::new();
     for line in text.lines() {
-        if let Some(t) = line.strip_prefix("* ") {
-            table = t.to_string();
+        if let Some(t) = line.strip_prefix('*') {
+            table = t.trim().to_string();
         } else if let Some(rest) = line
             .strip_prefix("-A ")
             .or_else(|| line.strip_prefix("-I "))
@@ -916,7 +917,7 @@ COMMIT
 
     #[test]
     fn counts_for_check() {
-        let c = expected_rule_counts(BASIC_GOLDEN);
+        let c = rule_counts(BASIC_GOLDEN);
         assert!(c.contains(&("nat".into(), "ISTIO_OUTPUT".into(), 11)));
         assert!(c.contains(&("nat".into(), "PREROUTING".into(), 1)));
         assert!(c.contains(&("nat".into(), "ISTIO_INBOUND".into(), 5)));
