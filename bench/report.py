@@ -285,7 +285,7 @@ def render(results, plots_rel):
         L.append("> **Quick run** (`--quick`: 1 repetition of short runs). A smoke test of the pipeline, not numbers to quote.\n")
     L.append("## Reproduce\n")
     L.append("```sh\nbash scripts/bench.sh          # full run, ~15 min: setup, release build, all benches, this file + plots\n"
-             "bash scripts/bench.sh --quick  # ~2 min smoke run of the same pipeline\n```\n")  # fmt: skip
+             "bash scripts/bench.sh --quick  # ~3 min smoke run of the same pipeline, written to bench-out/\n```\n")  # fmt: skip
     L.append(f"Last run: {results['started']}, took {results.get('duration_secs', '?')} s, tree `{m.get('git', '?')}`.\n")
     L.append("## Machine\n")
     L.append("| | |\n|---|---|")
