@@ -79,3 +79,14 @@ def top_symbols(rows, n=12, only_comms=None):
         agg[key] = agg.get(key, 0) + samples
     total = sum(agg.values()) or 1
     return [(k, v / total * 100) for k, v in sorted(agg.items(), key=lambda kv: -kv[1])[:n]]
+
+
+def top_in_category(rows, category, n=15, only_comms=None):
+    """The heaviest symbols of one category (to see what "kernel, other" holds)."""
+    agg = {}
+    for samples, comm, dso, sym in rows:
+        if only_comms is not None and not any(comm.startswith(c) for c in only_comms):
+            continue
+        if categorize(comm, dso, sym) == category:
+            agg[sym] = agg.get(sym, 0) + samples
+    return sorted(agg.items(), key=lambda kv: -kv[1])[:n]

@@ -97,3 +97,25 @@ def goal_checks(summary):
         r = ratio(mesh and mesh["gbit_per_sec"], accel and accel["gbit_per_sec"], higher_is_better=True)
         checks.append((f"stream throughput, {placement}", r, GOALS["stream"], r is not None and r >= GOALS["stream"]))
     return checks
+
+
+# An unpinned run whose p50 is within this factor of the pinned median of its column and size
+# ran with the whole chain on one vCPU; above it the scheduler spread the chain over both.
+COLOCATED_FACTOR = 1.5
+
+
+def unpinned_by_placement(runs):
+    """Unpinned sockperf runs split by where the scheduler put the chain, judged from each run's
+    p50 against the pinned median of the same column and size: {(size, mode, "one vCPU" |
+    "spread")): [p50, ...]}."""
+    summary = summarise(runs)
+    out = {}
+    for r in runs:
+        if r.get("error") or r["test"] != "sockperf" or r["placement"] != "unpinned":
+            continue
+        pinned = summary.get(("sockperf", r["size"], "pinned", r["mode"]))
+        if not pinned:
+            continue
+        where = "one vCPU" if r["metrics"]["p50_us"] <= COLOCATED_FACTOR * pinned["p50_us"] else "spread"
+        out.setdefault((r["size"], r["mode"], where), []).append(r["metrics"]["p50_us"])
+    return out

@@ -355,6 +355,7 @@ class Bench:
                 "round_trips": m["round_trips_total"],
                 "us_per_rt": perf_profile.breakdown(rows, self.args.perf_freq, m["round_trips_total"], self.PATH_COMMS),
                 "top": perf_profile.top_symbols(rows, only_comms=self.PATH_COMMS),
+                "kernel_other": perf_profile.top_in_category(rows, "kernel, other", only_comms=self.PATH_COMMS),
             }
             data.unlink(missing_ok=True)
             full_log.unlink(missing_ok=True)

@@ -153,6 +153,15 @@ class Plan(unittest.TestCase):
         self.assertIsNone(checks["stream throughput, pinned"][1])
         self.assertFalse(checks["stream throughput, pinned"][3])
 
+    def test_unpinned_runs_split_by_placement(self):
+        def run(placement, mode, p50):
+            return {"test": "sockperf", "size": 64, "placement": placement, "mode": mode, "metrics": {"p50_us": p50, "p99_us": p50}}
+
+        runs = [run("pinned", "mesh", 28.0), run("unpinned", "mesh", 29.0), run("unpinned", "mesh", 80.0), run("unpinned", "mesh", 30.0)]
+        split = plan.unpinned_by_placement(runs)
+        self.assertEqual(sorted(split[(64, "mesh", "one vCPU")]), [29.0, 30.0])
+        self.assertEqual(split[(64, "mesh", "spread")], [80.0])
+
     def test_ratio_direction(self):
         self.assertEqual(plan.ratio(10.0, 5.0), 2.0)
         self.assertEqual(plan.ratio(5.0, 10.0, higher_is_better=True), 2.0)
