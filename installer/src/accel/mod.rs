@@ -38,7 +38,9 @@ pub fn start(settings: &AccelSettings) -> AccelState {
     if !settings.enabled {
         return AccelState::Disabled;
     }
-    AccelState::Unavailable { reason: "accelerator not built yet".into() }
+    AccelState::Unavailable {
+        reason: "accelerator not built yet".into(),
+    }
 }
 
 /// One enrolled pod's counters, summed over CPUs, with the pod's identity when known.
@@ -57,7 +59,10 @@ pub fn pod_counters(_settings: &AccelSettings) -> anyhow::Result<Vec<PodCounters
 
 /// Human-readable state of the pins, for `install-cni accel-status`. Stub.
 pub fn status_report(settings: &AccelSettings) -> anyhow::Result<String> {
-    Ok(format!("no accelerator pins under {}", settings.pin_dir.display()))
+    Ok(format!(
+        "no accelerator pins under {}",
+        settings.pin_dir.display()
+    ))
 }
 
 /// Removes every pin and detaches everything. Stub until the accelerator lands.

@@ -1,0 +1,171 @@
+//! Fight detection: another agent (Cilium with `cni.exclusive=true`, a CNI daemon that
+//! regenerates its file on a loop) keeps dropping our entry from the primary config. Repairing
+//! at full speed would loop forever (Istio does, and never becomes ready). Instead: after
+//! [`THRESHOLD`] removals within [`WINDOW`], back off exponentially, stay not ready, and say
+//! so once; when our entry has survived [`CALM`] since the last removal, the fight is over.
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+pub const WINDOW: Duration = Duration::from_secs(10);
+pub const THRESHOLD: usize = 5;
+pub const CALM: Duration = Duration::from_secs(5);
+pub const BACKOFF_START: Duration = Duration::from_secs(1);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Default)]
+pub struct FightTracker {
+    removals: VecDeque<Instant>,
+    fighting: Option<Fight>,
+}
+
+#[derive(Debug)]
+struct Fight {
+    next_attempt: Instant,
+    backoff: Duration,
+    last_removal: Instant,
+}
+
+/// What a removal meant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Removal {
+    /// An isolated rewrite: repair now.
+    Drift,
+    /// This removal started a fight (log it, count it).
+    FightStarted { removals: usize },
+    /// Still fighting.
+    Fighting,
+}
+
+impl FightTracker {
+    /// Our entry was found removed from a file we had written.
+    pub fn record_removal(&mut self, now: Instant) -> Removal {
+        if let Some(f) = &mut self.fighting {
+            f.last_removal = now;
+            return Removal::Fighting;
+        }
+        self.removals.push_back(now);
+        while self
+            .removals
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > WINDOW)
+        {
+            self.removals.pop_front();
+        }
+        if self.removals.len() >= THRESHOLD {
+            let removals = self.removals.len();
+            self.removals.clear();
+            self.fighting = Some(Fight {
+                next_attempt: now + BACKOFF_START,
+                backoff: BACKOFF_START,
+                last_removal: now,
+            });
+            return Removal::FightStarted { removals };
+        }
+        Removal::Drift
+    }
+
+    pub fn is_fighting(&self) -> bool {
+        self.fighting.is_some()
+    }
+
+    /// Whether a repair may be written now.
+    pub fn may_write(&self, now: Instant) -> bool {
+        self.fighting.as_ref().is_none_or(|f| now >= f.next_attempt)
+    }
+
+    /// A repair was written: while fighting, the next one waits twice as long.
+    pub fn wrote(&mut self, now: Instant) {
+        if let Some(f) = &mut self.fighting {
+            f.backoff = (f.backoff * 2).min(BACKOFF_MAX);
+            f.next_attempt = now + f.backoff;
+        }
+    }
+
+    /// Our entry is in place: ends the fight once it has held for [`CALM`]. Returns true when
+    /// the fight just ended.
+    pub fn entry_present(&mut self, now: Instant) -> bool {
+        if self
+            .fighting
+            .as_ref()
+            .is_some_and(|f| now.duration_since(f.last_removal) >= CALM)
+        {
+            self.fighting = None;
+            return true;
+        }
+        false
+    }
+
+    /// When the loop should look again without a file event.
+    pub fn wake_at(&self) -> Option<Instant> {
+        self.fighting
+            .as_ref()
+            .map(|f| f.next_attempt.max(f.last_removal + CALM))
+    }
+}
+
+/// The likely cause, from the name of the file being rewritten.
+pub fn likely_cause(file_name: &str) -> &'static str {
+    let n = file_name.to_ascii_lowercase();
+    if n.contains("cilium") {
+        "Cilium with cni.exclusive=true rewrites its config and removes other plugins; set cni.exclusive=false \
+         (Helm: --set cni.exclusive=false) in the Cilium configuration"
+    } else if n.contains("calico") || n.contains("k8s-pod-network") {
+        "calico-node regenerating its CNI config on a loop; check its CNI_NETWORK_CONFIG and install-cni settings"
+    } else if n.contains("multus") {
+        "Multus regenerating its config (multus auto-config); chain istio-cni through the Multus delegate instead"
+    } else {
+        "another CNI agent owns this directory exclusively and rewrites the file; configure it to keep chained plugins"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn isolated_removals_are_drift() {
+        let mut f = FightTracker::default();
+        let t0 = Instant::now();
+        for i in 0..10 {
+            assert_eq!(
+                f.record_removal(t0 + WINDOW * i + Duration::from_millis(1) * i),
+                Removal::Drift
+            );
+        }
+        assert!(!f.is_fighting());
+    }
+
+    #[test]
+    fn rapid_removals_start_a_fight_with_backoff_then_calm() {
+        let mut f = FightTracker::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        for i in 0..THRESHOLD as u32 - 1 {
+            assert_eq!(f.record_removal(t0 + ms(100) * i), Removal::Drift);
+        }
+        let t = t0 + ms(500);
+        assert_eq!(
+            f.record_removal(t),
+            Removal::FightStarted {
+                removals: THRESHOLD
+            }
+        );
+        assert!(f.is_fighting());
+        assert!(!f.may_write(t));
+        assert!(f.may_write(t + BACKOFF_START));
+        f.wrote(t + BACKOFF_START);
+        assert!(!f.may_write(t + BACKOFF_START * 2));
+        assert!(f.may_write(t + BACKOFF_START * 3));
+        assert_eq!(f.record_removal(t + ms(1100)), Removal::Fighting);
+        assert!(!f.entry_present(t + ms(1200)));
+        assert!(f.entry_present(t + ms(1100) + CALM));
+        assert!(!f.is_fighting());
+        assert!(f.may_write(t + ms(1100) + CALM));
+    }
+
+    #[test]
+    fn cause_names_cilium() {
+        assert!(likely_cause("05-cilium.conflist").contains("cni.exclusive=false"));
+        assert!(likely_cause("10-other.conflist").contains("another CNI agent"));
+    }
+}
