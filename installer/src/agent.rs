@@ -10,7 +10,7 @@ use notify::Watcher as _;
 use crate::accel::{self, AccelState};
 use crate::config::Config;
 use crate::http::{self, Response};
-use crate::install::{self, Installer};
+use crate::install::Installer;
 use crate::metrics::{self, Metrics};
 use crate::readiness::Readiness;
 
@@ -31,8 +31,8 @@ enum Msg {
     Shutdown(i32),
 }
 
-/// Runs until SIGTERM/SIGINT. Returns the process exit code.
-pub fn run(cfg: Config) -> i32 {
+/// Runs until SIGTERM/SIGINT, keeping `entry` (the rendered plugin entry) installed. Returns the process exit code.
+pub fn run(cfg: Config, entry: serde_json::Map<String, serde_json::Value>) -> i32 {
     log::info!(target: SCOPE, "install-cni (fastpath {}) starting", env!("CARGO_PKG_VERSION"));
     log::info!(target: SCOPE, "{}", describe(&cfg));
     for s in cfg.log.unknown_scopes() {
@@ -41,13 +41,6 @@ pub fn run(cfg: Config) -> i32 {
     if cfg.repair_enabled {
         log::info!(target: SCOPE, "REPAIR_ENABLED=true: fastpath has no repair controller; pods started before the plugin was installed are not repaired (see docs/troubleshooting.md)");
     }
-    let entry = match install::plugin_entry(&cfg) {
-        Ok(e) => e,
-        Err(e) => {
-            log::error!(target: SCOPE, "{e}");
-            return 1;
-        }
-    };
 
     let readiness = Arc::new(Readiness::default());
     for (name, why) in [
