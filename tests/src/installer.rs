@@ -371,7 +371,7 @@ pub fn unix_post(sock: &Path, path: &str, body: &[u8]) -> std::io::Result<u16> {
 pub struct XorShift(pub u64);
 
 impl XorShift {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x << 13;
         x ^= x >> 7;
@@ -381,6 +381,6 @@ impl XorShift {
     }
 
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
 }
