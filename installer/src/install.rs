@@ -125,21 +125,32 @@ impl Installer {
         self.said.remove(key);
     }
 
+    /// Logs a part's error when it first appears or changes; forgets it once the part is fine.
+    fn report(&mut self, part: &'static str, error: Option<&String>) {
+        let prefix = format!("error:{part}:");
+        let key = error.map(|e| format!("{prefix}{e}"));
+        self.said
+            .retain(|k| !k.starts_with(&prefix) || Some(k) == key.as_ref());
+        if let (Some(key), Some(e)) = (key, error) {
+            self.say_once(&key, log::Level::Error, e);
+        }
+    }
+
     /// One pass: binary, then kubeconfig, then CNI config (the config last, so it never names
     /// a binary or kubeconfig that is not there yet).
     pub fn reconcile(&mut self, now: Instant) -> Pass {
         self.metrics.reconcile();
         let mut wrote = false;
         let binary = self.ensure_binaries(&mut wrote);
-        if let Err(e) = &binary {
+        if binary.is_err() {
             self.metrics.install(InstallResult::CopyBinariesFailure);
-            self.say_once(&format!("bin:{e}"), log::Level::Error, e);
         }
+        self.report("binary", binary.as_ref().err());
         let kubeconfig = self.ensure_kubeconfig(&mut wrote);
-        if let Err(e) = &kubeconfig {
+        if kubeconfig.is_err() {
             self.metrics.install(InstallResult::CreateKubeconfigFailure);
-            self.say_once(&format!("kc:{e}"), log::Level::Error, e);
         }
+        self.report("kubeconfig", kubeconfig.as_ref().err());
         let cni_config = if binary.is_ok() && kubeconfig.is_ok() {
             let r = if self.cfg.chained {
                 self.ensure_chained(now, &mut wrote)
@@ -151,6 +162,8 @@ impl Installer {
             {
                 self.metrics.install(InstallResult::CreateCniConfigFailure);
             }
+            let loud = r.as_ref().err().filter(|e| !e.quiet).map(|e| &e.reason);
+            self.report("cni-config", loud);
             r.map_err(|e| e.reason)
         } else {
             Err("waiting for the plugin binary and kubeconfig".into())
@@ -343,7 +356,6 @@ impl Installer {
                 path.display(),
                 target
             );
-            self.say_once(&msg, log::Level::Error, &msg);
             return Err(CniError::failed(msg));
         }
         // A different primary than before: take our entry out of the old one.
@@ -364,7 +376,7 @@ impl Installer {
                 self.unsay("fight");
             }
             return match self.fight.is_fighting() {
-                true => Err(CniError::failed(format!(
+                true => Err(CniError::backoff(format!(
                     "backing off: another agent keeps rewriting {}",
                     path.display()
                 ))),
@@ -407,7 +419,7 @@ impl Installer {
             }
         }
         if !self.fight.may_write(now) {
-            return Err(CniError::failed(format!(
+            return Err(CniError::backoff(format!(
                 "backing off: another agent keeps rewriting {}",
                 path.display()
             )));
@@ -440,7 +452,7 @@ impl Installer {
         });
         self.pinned = Some(target);
         match self.fight.is_fighting() {
-            true => Err(CniError::failed(format!(
+            true => Err(CniError::backoff(format!(
                 "backing off: another agent keeps rewriting {}",
                 path.display()
             ))),
@@ -498,6 +510,8 @@ struct CniError {
     reason: String,
     /// Waiting for a primary: not an install failure.
     waiting: bool,
+    /// Already explained in the log (the fight line).
+    quiet: bool,
 }
 
 impl CniError {
@@ -505,12 +519,23 @@ impl CniError {
         CniError {
             reason,
             waiting: false,
+            quiet: false,
         }
     }
+    /// Waiting for a primary (logged by the caller in Istio's words).
     fn waiting(reason: String) -> Self {
         CniError {
             reason,
             waiting: true,
+            quiet: true,
+        }
+    }
+    /// Backing off in a fight (logged once by the fight line).
+    fn backoff(reason: String) -> Self {
+        CniError {
+            reason,
+            waiting: false,
+            quiet: true,
         }
     }
 }
