@@ -1,8 +1,9 @@
 //! Fight detection: another agent (Cilium with `cni.exclusive=true`, a CNI daemon that
 //! regenerates its file on a loop) keeps dropping our entry from the primary config. Repairing
 //! at full speed would loop forever (Istio does, and never becomes ready). Instead: after
-//! [`THRESHOLD`] removals within [`WINDOW`], back off exponentially, stay not ready, and say
-//! so once; when our entry has survived [`CALM`] since the last removal, the fight is over.
+//! `threshold` removals (default [`THRESHOLD`]) within `window` (default [`WINDOW`]), back off
+//! exponentially, stay not ready, and say so once; when our entry has survived [`CALM`] since
+//! the last removal, the fight is over. A threshold of 0 turns detection off.
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -12,10 +13,18 @@ pub const CALM: Duration = Duration::from_secs(5);
 pub const BACKOFF_START: Duration = Duration::from_secs(1);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FightTracker {
+    threshold: usize,
+    window: Duration,
     removals: VecDeque<Instant>,
     fighting: Option<Fight>,
+}
+
+impl Default for FightTracker {
+    fn default() -> Self {
+        FightTracker::new(THRESHOLD, WINDOW)
+    }
 }
 
 #[derive(Debug)]
@@ -37,21 +46,37 @@ pub enum Removal {
 }
 
 impl FightTracker {
+    pub fn new(threshold: usize, window: Duration) -> Self {
+        FightTracker {
+            threshold,
+            window,
+            removals: VecDeque::new(),
+            fighting: None,
+        }
+    }
+
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
     /// Our entry was found removed from a file we had written.
     pub fn record_removal(&mut self, now: Instant) -> Removal {
         if let Some(f) = &mut self.fighting {
             f.last_removal = now;
             return Removal::Fighting;
         }
+        if self.threshold == 0 {
+            return Removal::Drift;
+        }
         self.removals.push_back(now);
         while self
             .removals
             .front()
-            .is_some_and(|t| now.duration_since(*t) > WINDOW)
+            .is_some_and(|t| now.duration_since(*t) > self.window)
         {
             self.removals.pop_front();
         }
-        if self.removals.len() >= THRESHOLD {
+        if self.removals.len() >= self.threshold {
             let removals = self.removals.len();
             self.removals.clear();
             self.fighting = Some(Fight {
@@ -161,6 +186,15 @@ mod tests {
         assert!(f.entry_present(t + ms(1100) + CALM));
         assert!(!f.is_fighting());
         assert!(f.may_write(t + ms(1100) + CALM));
+    }
+
+    #[test]
+    fn threshold_zero_disables() {
+        let mut f = FightTracker::new(0, WINDOW);
+        let t0 = Instant::now();
+        for _ in 0..100 {
+            assert_eq!(f.record_removal(t0), Removal::Drift);
+        }
     }
 
     #[test]

@@ -95,6 +95,7 @@ pub fn plugin_entry(cfg: &Config) -> Result<Map<String, Value>, String> {
 
 impl Installer {
     pub fn new(cfg: Config, entry: Map<String, Value>, metrics: Arc<Metrics>) -> Self {
+        let fight = FightTracker::new(cfg.fight_threshold, cfg.fight_window);
         Installer {
             cfg,
             entry,
@@ -104,7 +105,7 @@ impl Installer {
             kubeconfig_written: false,
             pinned: None,
             written: None,
-            fight: FightTracker::default(),
+            fight,
             said: BTreeSet::new(),
             first_pass: true,
         }
@@ -410,7 +411,7 @@ impl Installer {
                             "another agent keeps rewriting {} and dropping the istio-cni entry ({removals} times within {}s): \
                              backing off and staying not ready until it stops. Likely cause: {}",
                             path.display(),
-                            fight::WINDOW.as_secs(),
+                            self.fight.window().as_secs(),
                             fight::likely_cause(&primary.name)
                         ),
                     );
