@@ -288,10 +288,17 @@ fn start_log_socket(cfg: &Config, metrics: &Arc<Metrics>, readiness: &Readiness)
     }
 }
 
-/// The directory watches, re-established when a directory appears later.
+/// The directory watches, re-established when a directory appears later or is replaced (a
+/// watch follows the inode, not the path).
 struct Watches {
     watcher: Option<notify::RecommendedWatcher>,
-    dirs: Vec<(PathBuf, bool)>,
+    /// Each directory and the inode it had when the watch was added.
+    dirs: Vec<(PathBuf, Option<u64>)>,
+}
+
+fn inode(p: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(p).ok().map(|m| m.ino())
 }
 
 impl Watches {
@@ -333,18 +340,22 @@ impl Watches {
         }
         Watches {
             watcher,
-            dirs: dirs.into_iter().map(|d| (d, false)).collect(),
+            dirs: dirs.into_iter().map(|d| (d, None)).collect(),
         }
     }
 
     fn ensure(&mut self) {
         let Some(w) = &mut self.watcher else { return };
-        for (dir, watching) in &mut self.dirs {
-            if *watching {
+        for (dir, watched) in &mut self.dirs {
+            let now = inode(dir);
+            if now.is_some() && now == *watched {
                 continue;
             }
+            if watched.take().is_some() {
+                let _ = w.unwatch(dir);
+            }
             match w.watch(dir, notify::RecursiveMode::NonRecursive) {
-                Ok(()) => *watching = true,
+                Ok(()) => *watched = now,
                 Err(e) => log::debug!(target: SCOPE, "cannot watch {} yet: {e}", dir.display()),
             }
         }
