@@ -703,6 +703,18 @@ mod tests {
     }
 
     #[test]
+    fn every_parameter_is_documented() {
+        let doc = include_str!("../../docs/configuration.md");
+        for p in PARAMS {
+            assert!(
+                doc.contains(&format!("`--{}` | `{}` |", p.flag, p.env)),
+                "{} missing from docs/configuration.md",
+                p.env
+            );
+        }
+    }
+
+    #[test]
     fn exclude_namespaces_split() {
         assert_eq!(split_exclude_namespaces(" a, b,,c "), vec!["a", "b", "c"]);
         assert!(split_exclude_namespaces("").is_empty());
