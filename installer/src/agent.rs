@@ -1,8 +1,8 @@
 //! The running agent: servers, watches, the reconcile loop and shutdown. Decisions live in
 //! [`crate::install`]; this module only connects them to files, sockets, timers and signals.
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use notify::Watcher as _;
@@ -53,19 +53,35 @@ pub fn run(cfg: Config, entry: serde_json::Map<String, serde_json::Value>) -> i3
     let metrics = Arc::new(Metrics::default());
 
     // Acceleration: never fatal, never a readiness condition (redirection works without it).
-    let accel_state = accel::start(&cfg.accel);
-    match &accel_state {
-        AccelState::Active => {
-            log::info!(target: SCOPE, "acceleration: active (same-node sidecar traffic bypasses the TCP stack)")
-        }
-        AccelState::Disabled => {
-            log::info!(target: SCOPE, "acceleration: disabled (FASTPATH_ACCELERATION=false)")
-        }
-        AccelState::Unavailable { reason } => {
-            log::warn!(target: SCOPE, "acceleration: unavailable ({reason}); traffic redirection works without it")
+    // Loaded on its own thread so that installing the plugin does not wait for it.
+    let accel_state: Arc<OnceLock<AccelState>> = Arc::new(OnceLock::new());
+    readiness.detail("acceleration", "starting".into());
+    {
+        let (settings, state, readiness) =
+            (cfg.accel.clone(), accel_state.clone(), readiness.clone());
+        let spawned = std::thread::Builder::new().name("accel-start".into()).spawn(move || {
+            let s = accel::start(&settings);
+            match &s {
+                AccelState::Active => {
+                    log::info!(target: SCOPE, "acceleration: active (same-node sidecar traffic bypasses the TCP stack)")
+                }
+                AccelState::Disabled => {
+                    log::info!(target: SCOPE, "acceleration: disabled (FASTPATH_ACCELERATION=false)")
+                }
+                AccelState::Unavailable { reason } => {
+                    log::warn!(target: SCOPE, "acceleration: unavailable ({reason}); traffic redirection works without it")
+                }
+            }
+            readiness.detail("acceleration", describe_accel(&s));
+            let _ = state.set(s);
+        });
+        if let Err(e) = spawned {
+            log::warn!(target: SCOPE, "acceleration: unavailable (cannot start its thread: {e}); traffic redirection works without it");
+            let _ = accel_state.set(AccelState::Unavailable {
+                reason: e.to_string(),
+            });
         }
     }
-    readiness.detail("acceleration", describe_accel(&accel_state));
 
     let (tx, rx) = mpsc::channel::<Msg>();
     if let Err(e) = start_servers(&cfg, &readiness, &metrics, &accel_state) {
@@ -224,7 +240,7 @@ fn start_servers(
     cfg: &Config,
     readiness: &Arc<Readiness>,
     metrics: &Arc<Metrics>,
-    accel_state: &AccelState,
+    accel_state: &Arc<OnceLock<AccelState>>,
 ) -> Result<(), String> {
     let health = http::bind_all(cfg.health_port).map_err(|e| {
         format!(
@@ -251,17 +267,20 @@ fn start_servers(
         );
         http::serve_tcp("metrics", l, move |req| match req.path.as_str() {
             "/metrics" => {
-                let pods = match a {
-                    AccelState::Active => accel::pod_counters(&settings).unwrap_or_else(|e| {
-                        log::debug!(target: SCOPE, "reading per-pod counters: {e}");
-                        Vec::new()
-                    }),
+                let state = a.get();
+                let pods = match state {
+                    Some(AccelState::Active) => {
+                        accel::pod_counters(&settings).unwrap_or_else(|e| {
+                            log::debug!(target: SCOPE, "reading per-pod counters: {e}");
+                            Vec::new()
+                        })
+                    }
                     _ => Vec::new(),
                 };
                 Response {
                     status: 200,
                     content_type: "text/plain; version=0.0.4; charset=utf-8",
-                    body: m.render(r.is_ready(), &a, &pods).into_bytes(),
+                    body: m.render(r.is_ready(), state, &pods).into_bytes(),
                 }
             }
             _ => Response::text(404, "not found\n"),

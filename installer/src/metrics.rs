@@ -65,7 +65,8 @@ impl Metrics {
     }
 
     /// The `/metrics` body.
-    pub fn render(&self, ready: bool, accel: &AccelState, pods: &[PodCounters]) -> String {
+    /// `accel` is `None` while the accelerator is still starting.
+    pub fn render(&self, ready: bool, accel: Option<&AccelState>, pods: &[PodCounters]) -> String {
         let mut s = String::new();
         header(
             &mut s,
@@ -153,19 +154,19 @@ impl Metrics {
         let _ = writeln!(
             s,
             "fastpath_accel_enabled {}",
-            u8::from(*accel == AccelState::Active)
+            u8::from(accel == Some(&AccelState::Active))
         );
         header(
             &mut s,
             "fastpath_accel_state",
             "gauge",
-            "The accelerator's state: active, disabled or unavailable (the series with value 1).",
+            "The accelerator's state: active, disabled or unavailable (the series with value 1; all 0 while it starts).",
         );
         for st in ["active", "disabled", "unavailable"] {
             let _ = writeln!(
                 s,
                 "fastpath_accel_state{{state=\"{st}\"}} {}",
-                u8::from(accel_state_name(accel) == st)
+                u8::from(accel.map(accel_state_name) == Some(st))
             );
         }
         type Field = (
@@ -255,7 +256,11 @@ mod tests {
                 ..Default::default()
             },
         }];
-        let t = m.render(true, &AccelState::Unavailable { reason: "x".into() }, &pods);
+        let t = m.render(
+            true,
+            Some(&AccelState::Unavailable { reason: "x".into() }),
+            &pods,
+        );
         assert!(t.contains("\nistio_cni_install_ready 1\n"));
         assert!(t.contains("istio_cni_installs_total{result=\"SUCCESS\"} 1\n"));
         assert!(t.contains("istio_cni_installs_total{result=\"CREATE_CNI_CONFIG_FAILURE\"} 1\n"));

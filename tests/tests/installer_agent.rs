@@ -400,10 +400,7 @@ fn fight_is_detected_backed_off_and_recovers() {
     assert_eq!(status, 503, "must not be ready while fighting: {body}");
     assert!(body.contains("another agent keeps rewriting"), "{body}");
     let log = a.log();
-    let fight_lines: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("Likely cause"))
-        .collect();
+    let fight_lines: Vec<&str> = log.lines().filter(|l| l.contains("Likely cause")).collect();
     assert_eq!(fight_lines.len(), 1, "one clear line expected:\n{log}");
     assert!(
         fight_lines[0].contains("05-cilium.conflist")
