@@ -81,6 +81,14 @@ fn chained_install_writes_entry_kubeconfig_and_binary() {
             .unwrap()
             >= 1.0
     );
+    // Acceleration state (off in these tests) is exported, and does not affect readiness.
+    a.wait_until("accel state exported", |a| {
+        a.metric("fastpath_accel_state{state=\"disabled\"}") == Some(1.0)
+    });
+    assert_eq!(a.metric("fastpath_accel_enabled"), Some(0.0));
+    let (status, body) = a.readyz().unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("acceleration: disabled"), "{body}");
     // No temp files left anywhere.
     for d in [&h.net, &h.bin, &h.run] {
         for e in std::fs::read_dir(d).unwrap().flatten() {
