@@ -289,6 +289,9 @@ impl Installer {
         let inputs = self.kubeconfig_inputs()?;
         let text = kubeconfig::render(&inputs);
         let path = self.cfg.kubeconfig_path();
+        if !self.kubeconfig_written {
+            fsutil::remove_stale_temps(&path);
+        }
         let mode = self.cfg.kubeconfig_mode;
         let current = match fsutil::read_regular(&path) {
             ReadOutcome::Data(d) => Some(d),
@@ -369,6 +372,11 @@ impl Installer {
             self.written = None;
         }
         let conf = &primary.conf;
+        if self.pinned.is_none() {
+            // Left by a write that was interrupted (kill -9) in an earlier life.
+            fsutil::remove_stale_temps(&path);
+            fsutil::remove_stale_temps(&path.with_extension("conflist"));
+        }
         let state = conflist::entry_state(conf, &self.entry);
         if state == EntryState::Current {
             self.pinned = Some(path.clone());

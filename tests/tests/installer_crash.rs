@@ -84,6 +84,15 @@ fn kill_9_at_random_moments_never_leaves_a_broken_config() {
             "10-dbnet.conflist"
         };
         let v = h.json(name);
+        for d in [&h.net, &h.bin, &h.run] {
+            for e in std::fs::read_dir(d).unwrap().flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                assert!(
+                    !n.contains(".tmp."),
+                    "{context}: stale temp file {n} left after restart"
+                );
+            }
+        }
         assert_eq!(
             plugin_types(&v)
                 .iter()
