@@ -295,6 +295,12 @@ impl Agent {
         }
     }
 
+    /// Waits until `/readyz` answers something `cond` accepts, and returns it.
+    pub fn wait_readyz(&mut self, what: &str, cond: impl Fn(u16, &str) -> bool) -> (u16, String) {
+        self.wait_until(what, |a| a.readyz().is_some_and(|(s, b)| cond(s, &b)));
+        self.readyz().expect("readyz")
+    }
+
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, sig) };

@@ -239,11 +239,11 @@ fn token_rotation_rewrites_kubeconfig_and_readiness_does_not_flap() {
         not_ready.is_empty(),
         "readiness flapped during token rotation: {not_ready:?}"
     );
-    assert!(
+    a.wait_until("kubeconfig rewrites counted", |a| {
         a.metric("fastpath_cni_repairs_total{kind=\"kubeconfig\"}")
-            .unwrap()
+            .unwrap_or(0.0)
             >= 5.0
-    );
+    });
 }
 
 #[test]
@@ -323,7 +323,7 @@ fn waits_not_ready_until_a_primary_appears() {
     a.wait_until("waiting reported", |a| {
         a.log().contains("cannot find existing CNI network config")
     });
-    let (status, body) = a.readyz().unwrap();
+    let (status, body) = a.wait_readyz("readyz reason", |_, b| b.contains("no primary CNI config"));
     assert_eq!(status, 503);
     assert!(body.contains("no primary CNI config"), "{body}");
     assert_eq!(a.metric("istio_cni_install_ready"), Some(0.0));
@@ -404,7 +404,9 @@ fn fight_is_detected_backed_off_and_recovers() {
         a.metric("fastpath_cni_config_fights_total").unwrap_or(0.0) >= 1.0
     });
     a.wait_until("fight logged", |a| a.log().contains("Likely cause"));
-    let (status, body) = a.readyz().unwrap();
+    let (status, body) = a.wait_readyz("readyz reason", |_, b| {
+        b.contains("another agent keeps rewriting")
+    });
     assert_eq!(status, 503, "must not be ready while fighting: {body}");
     assert!(body.contains("another agent keeps rewriting"), "{body}");
     let log = a.log();
@@ -495,7 +497,7 @@ fn symlinked_primary_is_reported_not_replaced() {
     std::os::unix::fs::symlink(&real, h.net_file("10-dbnet.conflist")).unwrap();
     let mut a = Agent::start(&h, &[]);
     a.wait_until("symlink reported", |a| a.log().contains("is a symlink"));
-    let (status, body) = a.readyz().unwrap();
+    let (status, body) = a.wait_readyz("readyz reason", |_, b| b.contains("symlink"));
     assert_eq!(status, 503);
     assert!(body.contains("symlink"), "{body}");
     assert!(
@@ -688,4 +690,83 @@ fn uninstall_and_accel_status_commands() {
     );
     assert!(!h.plugin().exists());
     assert!(!h.kubeconfig().exists());
+}
+
+#[test]
+fn own_writes_cause_no_further_writes() {
+    use std::os::unix::fs::MetadataExt as _;
+    let h = Host::new("ownwrites");
+    h.write("10-dbnet.conflist", PRIMARY);
+    let mut a = Agent::start(&h, &[]);
+    a.wait_ready();
+    let stamp = |p: &std::path::Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.ino(), m.mtime_nsec())
+    };
+    let before = [
+        stamp(&h.net_file("10-dbnet.conflist")),
+        stamp(&h.kubeconfig()),
+        stamp(&h.plugin()),
+    ];
+    let passes = a.metric("fastpath_cni_reconciles_total").unwrap();
+    // Let every event of the agent's own writes (and reads) arrive and be handled.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let after = [
+        stamp(&h.net_file("10-dbnet.conflist")),
+        stamp(&h.kubeconfig()),
+        stamp(&h.plugin()),
+    ];
+    assert_eq!(
+        before, after,
+        "the agent rewrote a file nobody else touched"
+    );
+    let passes_after = a.metric("fastpath_cni_reconciles_total").unwrap();
+    assert!(
+        passes_after - passes <= 1.0,
+        "the agent keeps reacting to itself: {passes} -> {passes_after} passes"
+    );
+    // An unrelated file in the conf dir: a pass, but no write.
+    h.write("README", "unrelated");
+    a.wait_until("the unrelated event handled", |a| {
+        a.metric("fastpath_cni_reconciles_total").unwrap() > passes_after
+    });
+    assert_eq!(stamp(&h.net_file("10-dbnet.conflist")), before[0]);
+    assert!(a.is_ready());
+}
+
+#[test]
+fn entry_follows_a_new_higher_priority_primary() {
+    let h = Host::new("moves");
+    h.write("20-second.conflist", &PRIMARY.replace("dbnet", "second"));
+    let mut a = Agent::start(&h, &[]);
+    a.wait_ready();
+    assert!(has_entry(&h, "20-second.conflist"));
+    h.write_by_rename("10-first.conflist", &PRIMARY.replace("dbnet", "first"));
+    a.wait_until("entry moved to the new primary", |_| {
+        has_entry(&h, "10-first.conflist") && !has_entry(&h, "20-second.conflist")
+    });
+    assert_eq!(
+        plugin_types(&h.json("20-second.conflist")),
+        ["bridge", "tuning"]
+    );
+    assert!(a.is_ready());
+}
+
+#[test]
+fn cni_conf_name_pins_the_file() {
+    let h = Host::new("confname");
+    h.write("10-first.conflist", &PRIMARY.replace("dbnet", "first"));
+    h.write(
+        "20-chosen.conf",
+        r#"{"cniVersion": "0.3.1", "name": "chosen", "type": "bridge"}"#,
+    );
+    // Named as .conflist while only the .conf exists: the sibling is used (as Istio does).
+    let mut a = Agent::start(&h, &[("CNI_CONF_NAME", "20-chosen.conflist")]);
+    a.wait_ready();
+    assert!(has_entry(&h, "20-chosen.conflist"));
+    assert!(!h.net_file("20-chosen.conf").exists());
+    assert_eq!(
+        std::fs::read_to_string(h.net_file("10-first.conflist")).unwrap(),
+        PRIMARY.replace("dbnet", "first")
+    );
 }

@@ -168,7 +168,7 @@ fn read_only_conf_dir_is_a_clear_error_not_a_crash_loop() {
     a.wait_until("read-only reported", |a| {
         a.log().contains("read-only file system")
     });
-    let (status, body) = a.readyz().unwrap();
+    let (status, body) = a.wait_readyz("readyz reason", |_, b| b.contains("read-only"));
     assert_eq!(status, 503);
     assert!(body.contains("read-only"), "{body}");
     assert!(a.is_running(), "the agent must stay up (no crash loop)");
@@ -220,7 +220,9 @@ fn read_only_bin_dir_is_reported_and_retried() {
             .unwrap_or(0.0)
             >= 1.0
     });
-    let (status, body) = a.readyz().unwrap();
+    let (status, body) = a.wait_readyz("readyz reason", |_, b| {
+        b.contains("binary") && b.contains("read-only")
+    });
     assert_eq!(status, 503);
     assert!(
         body.contains("binary") && body.contains("read-only"),
