@@ -2,7 +2,7 @@
 //! rename), stale temp cleanup, bounded reads of regular files only, and errors that say what
 //! to do about them.
 use std::fs;
-use std::io::{Read as _, Write as _};
+use std::io::Read as _;
 use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
@@ -40,6 +40,15 @@ fn temp_path(target: &Path) -> PathBuf {
 /// Writes `data` to `target` atomically with `mode`: readers see the old or the new file,
 /// never a partial one, even if this process is killed.
 pub fn atomic_write(target: &Path, data: &[u8], mode: u32) -> Result<(), String> {
+    atomic_write_from(target, &mut &data[..], mode)
+}
+
+/// [`atomic_write`] from a reader (streams: a large binary is never held in memory).
+pub fn atomic_write_from(
+    target: &Path,
+    data: &mut dyn std::io::Read,
+    mode: u32,
+) -> Result<(), String> {
     let tmp = temp_path(target);
     let result = (|| {
         let mut f = fs::OpenOptions::new()
@@ -49,7 +58,7 @@ pub fn atomic_write(target: &Path, data: &[u8], mode: u32) -> Result<(), String>
             .open(&tmp)?;
         // The umask may have cleared bits of `mode`.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.write_all(data)?;
+        std::io::copy(data, &mut f)?;
         f.sync_all()?;
         drop(f);
         fs::rename(&tmp, target)?;
@@ -64,13 +73,50 @@ pub fn atomic_write(target: &Path, data: &[u8], mode: u32) -> Result<(), String>
 
 /// Copies `src` to `target` atomically, with the source's mode.
 pub fn atomic_copy(src: &Path, target: &Path) -> Result<(), String> {
-    let mode = fs::metadata(src)
+    let mut f = fs::File::open(src).map_err(|e| format!("cannot read {}: {e}", src.display()))?;
+    let mode = f
+        .metadata()
         .map_err(|e| format!("cannot read {}: {e}", src.display()))?
         .permissions()
         .mode()
         & 0o7777;
-    let data = fs::read(src).map_err(|e| format!("cannot read {}: {e}", src.display()))?;
-    atomic_write(target, &data, mode)
+    atomic_write_from(target, &mut f, mode)
+}
+
+/// Whether two files have the same bytes, compared in chunks.
+pub fn same_content(a: &Path, b: &Path) -> bool {
+    let (Ok(fa), Ok(fb)) = (fs::File::open(a), fs::File::open(b)) else {
+        return false;
+    };
+    let (mut ra, mut rb) = (std::io::BufReader::new(fa), std::io::BufReader::new(fb));
+    let (mut ba, mut bb) = ([0u8; 8192], [0u8; 8192]);
+    loop {
+        let na = match read_full(&mut ra, &mut ba) {
+            Ok(n) => n,
+            Err(_) => return false,
+        };
+        let nb = match read_full(&mut rb, &mut bb) {
+            Ok(n) => n,
+            Err(_) => return false,
+        };
+        if na != nb || ba[..na] != bb[..nb] {
+            return false;
+        }
+        if na == 0 {
+            return true;
+        }
+    }
+}
+
+fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
 }
 
 fn sync_dir(target: &Path) {
@@ -231,6 +277,13 @@ mod tests {
         assert_eq!(fs::read(&f).unwrap(), b"{}");
         assert_eq!(mode_of(&f), Some(0o640));
         assert_eq!(fs::read_dir(&d).unwrap().count(), 1);
+        let g = d.join("b");
+        fs::write(&g, vec![7u8; 20000]).unwrap();
+        atomic_copy(&g, &d.join("c")).unwrap();
+        assert!(same_content(&g, &d.join("c")));
+        assert!(!same_content(&g, &f));
+        fs::remove_file(d.join("c")).unwrap();
+        fs::remove_file(&g).unwrap();
         fs::write(d.join("a.conflist.tmp.123"), b"x").unwrap();
         assert_eq!(remove_stale_temps(&f), 1);
         assert!(f.exists());

@@ -583,10 +583,7 @@ fn same_file_content(a: &Path, b: &Path) -> bool {
     if !mb.is_file() || ma.len() != mb.len() || ma.permissions().mode() != mb.permissions().mode() {
         return false;
     }
-    match (std::fs::read(a), std::fs::read(b)) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
+    fsutil::same_content(a, b)
 }
 
 /// The conf dir as libcni sees it.
