@@ -120,11 +120,14 @@ impl FightTracker {
         false
     }
 
-    /// When the loop should look again without a file event.
-    pub fn wake_at(&self) -> Option<Instant> {
-        self.fighting
-            .as_ref()
-            .map(|f| f.next_attempt.max(f.last_removal + CALM))
+    /// When the loop should look again without a file event: the next repair attempt or the
+    /// end of the calm period, whichever comes first after `now`.
+    pub fn wake_at(&self, now: Instant) -> Option<Instant> {
+        let f = self.fighting.as_ref()?;
+        [f.next_attempt, f.last_removal + CALM]
+            .into_iter()
+            .filter(|t| *t > now)
+            .min()
     }
 }
 
@@ -183,7 +186,12 @@ mod tests {
         assert!(f.may_write(t + BACKOFF_START * 3));
         assert_eq!(f.record_removal(t + ms(1100)), Removal::Fighting);
         assert!(!f.entry_present(t + ms(1200)));
+        // Next attempt (t + 3 s) comes before the end of the calm period (t + 1.1 s + CALM);
+        // once it has passed, the calm check is next; never a time in the past.
+        assert_eq!(f.wake_at(t + ms(1200)), Some(t + BACKOFF_START * 3));
+        assert_eq!(f.wake_at(t + ms(3500)), Some(t + ms(1100) + CALM));
         assert!(f.entry_present(t + ms(1100) + CALM));
+        assert_eq!(f.wake_at(t + ms(1100) + CALM), None);
         assert!(!f.is_fighting());
         assert!(f.may_write(t + ms(1100) + CALM));
     }

@@ -174,7 +174,7 @@ impl Installer {
             kubeconfig,
             cni_config,
             wrote,
-            wake_at: self.fight.wake_at(),
+            wake_at: self.fight.wake_at(now),
         };
         if pass.all_ok() && (wrote || self.first_pass) {
             self.metrics.install(InstallResult::Success);

@@ -1,7 +1,8 @@
 //! Istio-style logging: scopes (`cni-agent`, `cni-plugin`, `default`), per-scope levels from
 //! `--log_output_level scope:level,...`, text or JSON lines (`--log_as_json`).
 //!
-//! Text: `<RFC3339 time>\t<level>\t<scope>\t<msg>[\tkey=value...]`, as Istio prints.
+//! Text: `<RFC3339 time>\t<level>\t<scope>\t<msg>[\tkey=value...]`, as Istio prints (the
+//! `default` scope is not named, as in Istio).
 //! JSON: `{"level":..,"time":..,"scope":..,"msg":..,<fields>}`.
 //! The agent logs with `log::info!(target: SCOPE_AGENT, ...)`; the plugin's lines received on
 //! the log socket go through [`emit`] under the `cni-plugin` scope with their fields.
@@ -241,7 +242,10 @@ pub fn format_line(
         let mut m = serde_json::Map::new();
         m.insert("level".into(), level.as_str().into());
         m.insert("time".into(), time.into());
-        m.insert("scope".into(), scope.into());
+        // Istio names every scope but the default one.
+        if scope != SCOPE_DEFAULT {
+            m.insert("scope".into(), scope.into());
+        }
         m.insert("msg".into(), msg.into());
         for (k, v) in fields {
             m.entry(k.clone()).or_insert_with(|| v.clone());
@@ -250,7 +254,10 @@ pub fn format_line(
         s.push('\n');
         s
     } else {
-        let mut s = format!("{time}\t{}\t{scope}\t{msg}", level.as_str());
+        let mut s = match scope {
+            SCOPE_DEFAULT => format!("{time}\t{}\t{msg}", level.as_str()),
+            _ => format!("{time}\t{}\t{scope}\t{msg}", level.as_str()),
+        };
         for (k, v) in fields {
             match v {
                 serde_json::Value::String(v) => s.push_str(&format!("\t{k}={v}")),
@@ -327,6 +334,10 @@ mod tests {
         assert_eq!(j["level"], "warn");
         assert_eq!(j["scope"], "cni-agent");
         assert_eq!(j["pod"], "default/web-1");
+        assert_eq!(
+            format_line(false, Level::Info, "T", "default", "m", &[]),
+            "T\tinfo\tm\n"
+        );
     }
 
     #[test]
