@@ -41,7 +41,7 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Reads one request. `None` on a malformed or oversized request.
+/// Reads one request; on a malformed or oversized one, the status to answer.
 pub fn read_request(stream: &mut impl Read) -> Result<Request, u16> {
     let mut r = BufReader::new(stream);
     let mut line = String::new();
@@ -142,7 +142,8 @@ pub fn serve_tcp(
     Ok(())
 }
 
-/// Serves a unix-socket listener on a background thread.
+/// Serves a unix-socket listener on a background thread. Connections are handled one at a
+/// time (so the plugin's log batches never interleave) with a 1 s timeout, the plugin's own.
 pub fn serve_unix(
     name: &str,
     listener: std::os::unix::net::UnixListener,
@@ -153,8 +154,8 @@ pub fn serve_unix(
         .stack_size(256 << 10)
         .spawn(move || {
             for s in listener.incoming().flatten() {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+                let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
                 handle(s, &handler);
             }
         })?;
