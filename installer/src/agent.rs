@@ -74,6 +74,12 @@ pub fn run(cfg: Config, entry: serde_json::Map<String, serde_json::Value>) -> i3
             }
             readiness.detail("acceleration", describe_accel(&s));
             let _ = state.set(s);
+            // Loading the eBPF object takes ~20 MiB of heap for a moment; give it back.
+            #[cfg(target_env = "gnu")]
+            // SAFETY: malloc_trim has no preconditions.
+            unsafe {
+                libc::malloc_trim(0);
+            }
         });
         if let Err(e) = spawned {
             log::warn!(target: SCOPE, "acceleration: unavailable (cannot start its thread: {e}); traffic redirection works without it");

@@ -5,7 +5,8 @@
 //! then run `target/release/bench_installer [--starts N] [--rewrites N]`. The `install-cni`
 //! binary is taken from next to this one, or from `FASTPATH_INSTALL_CNI_BIN`.
 //! Acceleration is off (FASTPATH_ACCELERATION=false) so the benchmark never touches the node's
-//! cgroup; pass `--with-accel` to measure RSS with the accelerator loaded.
+//! cgroup; pass `--with-accel` to measure with the accelerator loaded (root: it attaches to the
+//! root cgroup under the `cgroup-sockops` lock, pins in a scratch bpffs dir, and removes them).
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -50,6 +51,11 @@ fn use_real_plugin(bin: &std::path::Path, h: &Host) -> Option<u64> {
     Some(len)
 }
 
+/// With acceleration: pins in a scratch bpffs directory (removed by the accelerator's uninstall).
+fn accel_pin_dir(accel: bool) -> Option<PathBuf> {
+    accel.then(|| PathBuf::from(format!("/sys/fs/bpf/fastpath-bench-{}", std::process::id())))
+}
+
 fn spawn(bin: &PathBuf, h: &Host, accel: bool) -> Running {
     let health_port = free_port();
     let child = Command::new(bin)
@@ -58,6 +64,7 @@ fn spawn(bin: &PathBuf, h: &Host, accel: bool) -> Running {
         .env("FASTPATH_HEALTH_PORT", health_port.to_string())
         .env("MONITORING_PORT", free_port().to_string())
         .env("FASTPATH_ACCELERATION", accel.to_string())
+        .envs(accel_pin_dir(accel).map(|d| ("FASTPATH_BPF_PIN_DIR", d.display().to_string())))
         // Rewrites at benchmark speed would otherwise (rightly) be treated as a fight.
         .env("FASTPATH_FIGHT_THRESHOLD", "0")
         .env("FASTPATH_KEEP_INSTALL_ON_SHUTDOWN", "true")
@@ -120,6 +127,10 @@ fn main() {
     let starts = arg("--starts", 30);
     let rewrites = arg("--rewrites", 200).max(100);
     let accel = args.iter().any(|a| a == "--with-accel");
+    let _lock = accel.then(|| {
+        fastpath_tests::ensure_bpffs();
+        fastpath_tests::serial_guard("cgroup-sockops")
+    });
     let bin = install_cni();
 
     // 1. Start to ready, with a primary present.
@@ -168,6 +179,25 @@ fn main() {
         .map(|d| d.count())
         .unwrap_or(0);
     drop(r);
+    let accel_state = accel_pin_dir(accel).map(|pin_dir| {
+        // The agent's own settings for this pin dir (as `install-cni uninstall` would build them).
+        let pin = pin_dir.display().to_string();
+        let raw = fastpath_installer::config::RawConfig::read(Vec::new(), |k| {
+            (k == "FASTPATH_BPF_PIN_DIR").then(|| pin.clone())
+        })
+        .expect("settings");
+        let settings = fastpath_installer::config::Config::build(&raw, |_| Ok(String::new()))
+            .expect("settings")
+            .accel;
+        let report = fastpath_installer::accel::status_report(&settings).map_err(|e| e.to_string());
+        if let Err(e) = fastpath_installer::accel::uninstall(&settings) {
+            eprintln!(
+                "removing the benchmark's pins under {}: {e:#}",
+                settings.pin_dir.display()
+            );
+        }
+        report
+    });
 
     let ready_p50 = percentile(&ready_ms, 50.0);
     let ready_max = *ready_ms.last().unwrap();
@@ -180,6 +210,7 @@ fn main() {
         "binary": bin.display().to_string(),
         "binary_size_kib": binary_kib,
         "acceleration": accel,
+        "accel_status": accel_state.map(|r| r.unwrap_or_else(|e| e)),
         "plugin_binary_copied_kib": plugin_size.map(|s| s / 1024),
         "start_to_ready_ms": {"runs": starts, "p50": ready_p50, "p99": percentile(&ready_ms, 99.0), "max": ready_max, "goal": GOAL_READY_MS, "met": ready_p50 <= GOAL_READY_MS && ready_max <= GOAL_READY_MS},
         "drift_to_repair_ms": {"rewrites": rewrites, "p50": repair_p50, "p99": repair_p99, "max": repair_max, "goal_p99": GOAL_REPAIR_P99_MS, "met": repair_p99 <= GOAL_REPAIR_P99_MS},
