@@ -319,6 +319,9 @@ struct Watches {
     watcher: Option<notify::RecommendedWatcher>,
     /// Each directory and the inode it had when the watch was added.
     dirs: Vec<(PathBuf, Option<u64>)>,
+    /// Watched directories reported removed or moved away (a new one with the same path may
+    /// even reuse the inode number), to watch again.
+    lost: Arc<std::sync::Mutex<Vec<PathBuf>>>,
 }
 
 fn inode(p: &Path) -> Option<u64> {
@@ -334,12 +337,36 @@ impl Watches {
             run_dir: cfg.cni_agent_run_dir.clone(),
             kubeconfig: cfg.kubeconfig_path(),
         };
+        let mut dirs = vec![
+            cfg.mounted_cni_net_dir.clone(),
+            cfg.host_bin_dir.clone(),
+            cfg.service_account_dir.clone(),
+            cfg.cni_agent_run_dir.clone(),
+        ];
+        if let Some(ca_dir) = cfg.kube_ca_file.parent()
+            && !dirs.iter().any(|d| d == ca_dir)
+        {
+            dirs.push(ca_dir.to_path_buf());
+        }
+        let lost = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (watched_dirs, lost_in_cb) = (dirs.clone(), lost.clone());
         let watcher =
             notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-                Ok(ev) if filter.relevant(&ev) => {
-                    let _ = tx.send(Msg::Fs);
+                Ok(ev) => {
+                    use notify::EventKind;
+                    use notify::event::ModifyKind;
+                    if matches!(
+                        ev.kind,
+                        EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+                    ) {
+                        for p in ev.paths.iter().filter(|p| watched_dirs.contains(p)) {
+                            lost_in_cb.lock().unwrap().push(p.clone());
+                        }
+                    }
+                    if filter.relevant(&ev) {
+                        let _ = tx.send(Msg::Fs);
+                    }
                 }
-                Ok(_) => {}
                 Err(e) => {
                     log::warn!(target: SCOPE, "file watch error: {e}");
                     let _ = tx.send(Msg::Fs);
@@ -352,26 +379,21 @@ impl Watches {
                 None
             }
         };
-        let mut dirs = vec![
-            cfg.mounted_cni_net_dir.clone(),
-            cfg.host_bin_dir.clone(),
-            cfg.service_account_dir.clone(),
-            cfg.cni_agent_run_dir.clone(),
-        ];
-        if let Some(ca_dir) = cfg.kube_ca_file.parent()
-            && !dirs.iter().any(|d| d == ca_dir)
-        {
-            dirs.push(ca_dir.to_path_buf());
-        }
         Watches {
             watcher,
             dirs: dirs.into_iter().map(|d| (d, None)).collect(),
+            lost,
         }
     }
 
     fn ensure(&mut self) {
         let Some(w) = &mut self.watcher else { return };
+        let lost: Vec<PathBuf> = std::mem::take(&mut *self.lost.lock().unwrap());
         for (dir, watched) in &mut self.dirs {
+            if lost.contains(dir) {
+                *watched = None;
+                let _ = w.unwatch(dir);
+            }
             let now = inode(dir);
             if now.is_some() && now == *watched {
                 continue;

@@ -770,3 +770,35 @@ fn cni_conf_name_pins_the_file() {
         PRIMARY.replace("dbnet", "first")
     );
 }
+
+#[test]
+fn conf_dir_replaced_is_watched_again() {
+    let h = Host::new("dirswap");
+    h.write("10-dbnet.conflist", PRIMARY);
+    let mut a = Agent::start(&h, &[]);
+    a.wait_ready();
+    std::fs::remove_dir_all(&h.net).unwrap();
+    std::fs::create_dir(&h.net).unwrap();
+    h.write_by_rename("10-dbnet.conflist", PRIMARY);
+    a.wait_until("entry inserted into the new directory", |_| {
+        has_entry(&h, "10-dbnet.conflist")
+    });
+    a.wait_ready();
+    // The new directory is watched: a rewrite there is repaired too.
+    h.write_by_rename("10-dbnet.conflist", PRIMARY);
+    a.wait_until("entry re-inserted", |_| has_entry(&h, "10-dbnet.conflist"));
+    assert_eq!(
+        other_plugins(&h.json("10-dbnet.conflist")),
+        other_plugins(&primary_value())
+    );
+}
+
+#[test]
+fn metrics_port_zero_disables_metrics() {
+    let h = Host::new("nometrics");
+    h.write("10-dbnet.conflist", PRIMARY);
+    let mut a = Agent::start(&h, &[("MONITORING_PORT", "0")]);
+    a.wait_ready();
+    assert!(a.log().contains("monitoring_port=disabled"));
+    assert!(a.metrics().is_empty());
+}
