@@ -32,6 +32,9 @@ declare -A PKG_PROBE=(
   [python3-grpcio]=/usr/lib/python3/dist-packages/grpc/__init__.py
   [python3-grpc-tools]=/usr/lib/python3/dist-packages/grpc_tools/protoc.py
   [python3-matplotlib]=/usr/lib/python3/dist-packages/matplotlib/__init__.py
+  [openssl]=/usr/bin/openssl
+  [gcc]=/usr/bin/gcc
+  [libc6-dev]=/usr/lib/x86_64-linux-gnu/libc.a
   [buildah]=/usr/bin/buildah
 )
 missing=()
