@@ -93,6 +93,15 @@ impl Host {
         }
     }
 
+    /// Puts `token` and `ca_pem` in the service-account volume (a kubelet-style update).
+    pub fn set_service_account(&self, token: &str, ca_pem: &str) {
+        self.rotate_token(token);
+        let dir = self
+            .sa
+            .join(std::fs::read_link(self.sa.join("..data")).unwrap());
+        std::fs::write(dir.join("ca.crt"), ca_pem).unwrap();
+    }
+
     pub fn net_file(&self, name: &str) -> PathBuf {
         self.net.join(name)
     }
