@@ -143,28 +143,46 @@ impl LogSettings {
     }
 }
 
-struct Logger {
-    settings: LogSettings,
-}
+/// The settings the installed logger runs with, for [`emit`].
+static SETTINGS: OnceLock<LogSettings> = OnceLock::new();
 
-static LOGGER: OnceLock<Logger> = OnceLock::new();
-
-/// Installs the logger. Call once.
-pub fn init(settings: LogSettings) {
-    let max = SCOPES
-        .iter()
-        .map(|s| settings.level_for(s))
-        .min()
-        .unwrap_or(Level::Info);
-    let logger = LOGGER.get_or_init(|| Logger { settings });
-    let _ = log::set_logger(logger);
-    log::set_max_level(match max {
+fn level_filter(level: Level) -> log::LevelFilter {
+    match level {
         Level::Debug => log::LevelFilter::Debug,
         Level::Info => log::LevelFilter::Info,
         Level::Warn => log::LevelFilter::Warn,
         Level::Error | Level::Fatal => log::LevelFilter::Error,
         Level::None => log::LevelFilter::Off,
+    }
+}
+
+/// Installs the logger (env_logger, with Istio's line format and per-scope levels). Call once.
+pub fn init(settings: LogSettings) {
+    let mut builder = env_logger::Builder::new();
+    // Log targets are scope names; anything else (crates' own targets) is the default scope.
+    builder.filter_level(level_filter(settings.default));
+    for scope in SCOPES {
+        builder.filter_module(scope, level_filter(settings.level_for(scope)));
+    }
+    let json = settings.json;
+    builder.format(move |buf, record| {
+        let line = format_line(
+            json,
+            Level::from_log(record.level()),
+            &buf.timestamp_micros().to_string(),
+            scope_of(record.target()),
+            &record.args().to_string(),
+            &[],
+        );
+        buf.write_all(line.as_bytes())
     });
+    builder.target(match settings.target {
+        Target::Stdout => env_logger::Target::Stdout,
+        Target::Stderr => env_logger::Target::Stderr,
+    });
+    builder.write_style(env_logger::WriteStyle::Never);
+    let _ = SETTINGS.set(settings);
+    let _ = builder.try_init();
 }
 
 fn scope_of(target: &str) -> &str {
@@ -175,36 +193,12 @@ fn scope_of(target: &str) -> &str {
     }
 }
 
-impl log::Log for Logger {
-    fn enabled(&self, m: &log::Metadata) -> bool {
-        Level::from_log(m.level()) >= self.settings.level_for(scope_of(m.target()))
-    }
-
-    fn log(&self, record: &log::Record) {
-        if self.enabled(record.metadata()) {
-            let line = format_line(
-                self.settings.json,
-                Level::from_log(record.level()),
-                &now_rfc3339(),
-                scope_of(record.target()),
-                &record.args().to_string(),
-                &[],
-            );
-            self.write(&line);
-        }
-    }
-
-    fn flush(&self) {}
-}
-
-impl Logger {
-    fn write(&self, line: &str) {
-        // One write call per line, so concurrent lines do not interleave.
-        let _ = match self.settings.target {
-            Target::Stdout => std::io::stdout().lock().write_all(line.as_bytes()),
-            Target::Stderr => std::io::stderr().lock().write_all(line.as_bytes()),
-        };
-    }
+/// Writes one preformatted line where the logger writes, in one call so lines never interleave.
+fn write_line(target: Target, line: &str) {
+    let _ = match target {
+        Target::Stdout => std::io::stdout().lock().write_all(line.as_bytes()),
+        Target::Stderr => std::io::stderr().lock().write_all(line.as_bytes()),
+    };
 }
 
 /// Emits one line under `scope` with extra fields, honouring the scope's level.
@@ -215,18 +209,16 @@ pub fn emit(
     msg: &str,
     fields: &[(String, serde_json::Value)],
 ) {
-    let Some(logger) = LOGGER.get() else { return };
-    if level < logger.settings.level_for(scope) || level == Level::None {
+    let Some(settings) = SETTINGS.get() else {
+        return;
+    };
+    if level < settings.level_for(scope) || level == Level::None {
         return;
     }
-    logger.write(&format_line(
-        logger.settings.json,
-        level,
-        time,
-        scope,
-        msg,
-        fields,
-    ));
+    write_line(
+        settings.target,
+        &format_line(settings.json, level, time, scope, msg, fields),
+    );
 }
 
 /// One log line, newline-terminated.
