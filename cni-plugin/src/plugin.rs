@@ -102,6 +102,16 @@ impl IstioCni {
         k8s: &K8sArgs,
         api_time: &mut Duration,
     ) -> Result<Pod, CniError> {
+        if !kube::valid_object_name(&k8s.pod_namespace) || !kube::valid_object_name(&k8s.pod_name) {
+            return Err(CniError::new(
+                code::INVALID_ENVIRONMENT_VARIABLES,
+                format!(
+                    "istio-cni: CNI_ARGS names pod {:?}/{:?}, which are not valid Kubernetes names",
+                    k8s.pod_namespace, k8s.pod_name
+                ),
+                "",
+            ));
+        }
         let (attempts, interval) = conf.pod_retrieval();
         let path = conf.kubeconfig_path();
         let mut last = FetchError::Transport("no attempt made".into());

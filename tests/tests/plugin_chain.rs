@@ -649,6 +649,13 @@ fn plugin_chain_api_failures_are_handled_as_istio() {
     );
     assert_eq!(node.api.requests_for("shop", "web2"), 0);
 
+    // Names that are not Kubernetes names never reach a URL.
+    let before = node.api.requests().len();
+    let (_ns, run) = add_alone(&node, "shop", "..%2F..", &json!({}));
+    let e: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(e["code"], 4, "{e}");
+    assert_eq!(node.api.requests().len(), before);
+
     // No kubeconfig: excluded namespaces still work; others fail naming the file.
     std::fs::remove_file(&kubeconfig).unwrap();
     let (_ns, run) = add_alone(&node, "kube-system", "dns", &json!({}));
