@@ -276,8 +276,9 @@ pub fn restore(netns: &Netns, backend: Backend, v6: bool, text: &str) -> Result<
     let mut cmd = Command::new(&bin);
     cmd.arg("--noflush");
     if backend != Backend::Nft {
-        // Legacy locks per netns, never the host's /run/xtables.lock (iptables >= 1.8.6).
-        cmd.env("XTABLES_LOCKFILE", &netns.path);
+        // Legacy locks per netns, never the host's /run/xtables.lock (iptables >= 1.8.6), and
+        // waits for that lock as Istio does (nft takes no lock; the plain binary may be either).
+        cmd.env("XTABLES_LOCKFILE", &netns.path).arg("--wait=30");
     }
     let out = netns
         .exec(cmd, Some(text.as_bytes()))
