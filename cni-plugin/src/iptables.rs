@@ -143,7 +143,9 @@ impl Netns {
         let start = Instant::now();
         let mut child = cmd.spawn()?;
         if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(data)?;
+            // A child that exits early (bad binary, usage error) closes its stdin; its exit
+            // status and stderr below say why, which a broken-pipe error here would hide.
+            let _ = pipe.write_all(data);
         }
         let out = child.wait_with_output()?;
         Ok(ExecOutput {
