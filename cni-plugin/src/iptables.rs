@@ -309,13 +309,21 @@ pub fn save(netns: &Netns, backend: Backend, v6: bool) -> Result<String, String>
 
 /// Runs `ip <args>` in the netns; "File exists" counts as done (idempotent).
 pub fn ip(netns: &Netns, args: &[&str]) -> Result<(), String> {
+    match ip_output(netns, args) {
+        Err(e) if !e.contains("File exists") => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Runs `ip <args>` in the netns and returns its output.
+pub fn ip_output(netns: &Netns, args: &[&str]) -> Result<String, String> {
     let mut cmd = Command::new("ip");
     cmd.args(args);
     let out = netns
         .exec(cmd, None)
         .map_err(|e| format!("cannot run ip {}: {e}", args.join(" ")))?;
-    if out.success || out.stderr.contains("File exists") {
-        Ok(())
+    if out.success {
+        Ok(out.stdout)
     } else {
         Err(format!(
             "ip {} failed: {}",

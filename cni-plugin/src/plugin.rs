@@ -391,6 +391,24 @@ impl Commands for IstioCni {
             let saved = iptables::save(&netns, backend, v6).map_err(CniError::internal)?;
             let want = rules::rule_counts(&rules::restore_text(&r, fam));
             problems.extend(iptables::missing_rules(&want, &rules::rule_counts(&saved)));
+            if r.mode == InterceptionMode::Tproxy {
+                let fam_flag = if v6 { "-6" } else { "-4" };
+                let table = TPROXY_ROUTE_TABLE.to_string();
+                let rule = format!("fwmark {:#x} lookup {table}", TPROXY_MARK);
+                let ip_rules =
+                    iptables::ip_output(&netns, &[fam_flag, "rule"]).map_err(CniError::internal)?;
+                if !ip_rules.contains(&rule) {
+                    problems.push(format!("{fam_flag} ip rule \"{rule}\" is missing"));
+                }
+                let routes =
+                    iptables::ip_output(&netns, &[fam_flag, "route", "show", "table", &table])
+                        .map_err(CniError::internal)?;
+                if !routes.contains("local default dev lo") {
+                    problems.push(format!(
+                        "{fam_flag} route table {table} has no local default route"
+                    ));
+                }
+            }
         }
         if problems.is_empty() {
             Ok(())

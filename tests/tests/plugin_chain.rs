@@ -776,6 +776,28 @@ fn plugin_chain_tproxy_dns_legacy_and_check() {
 
     node.rt.check(&pod.list, &pod.att).expect("CHECK after ADD");
     pod.netns
+        .exec_ok(&["ip", "-4", "rule", "del", "fwmark", "1337", "lookup", "133"])
+        .unwrap();
+    let err = node
+        .rt
+        .check(&pod.list, &pod.att)
+        .expect_err("CHECK must see the missing ip rule");
+    let runs = &err.downcast_ref::<RunsFailed>().unwrap().0;
+    let e: Value = serde_json::from_str(&runs.last().unwrap().stdout).unwrap();
+    assert!(
+        e["details"]
+            .as_str()
+            .unwrap()
+            .contains("fwmark 0x539 lookup 133"),
+        "{e}"
+    );
+    pod.netns
+        .exec_ok(&["ip", "-4", "rule", "add", "fwmark", "1337", "lookup", "133"])
+        .unwrap();
+    node.rt
+        .check(&pod.list, &pod.att)
+        .expect("CHECK with the rule back");
+    pod.netns
         .exec_ok(&["iptables-legacy", "-t", "mangle", "-F", "ISTIO_DIVERT"])
         .unwrap();
     let err = node
