@@ -213,7 +213,7 @@ impl IstioCni {
             "iptables-restore input (IPv4)",
             &[("backend", json!(b4.name())), ("rules", json!(text4))],
         );
-        let t4 = iptables::restore(&netns, b4, false, &text4).map_err(fail)?;
+        let t4 = self.restore_once(&netns, b4, false, &text4).map_err(fail)?;
         timings.push(("backend", json!(b4.name())));
         timings.push(("restore_v4_ms", ms(t4)));
         if self.log.borrow().enabled(Level::Debug) {
@@ -228,7 +228,7 @@ impl IstioCni {
             iptables::ip(&netns, &["-6", "addr", "add", "::6/128", "dev", "lo"]).map_err(fail)?;
             let b6: Backend = iptables::choose_backend(&netns, choice, true).map_err(fail)?;
             let text6 = rules::restore_text(r, Family::V6);
-            let t6 = iptables::restore(&netns, b6, true, &text6).map_err(fail)?;
+            let t6 = self.restore_once(&netns, b6, true, &text6).map_err(fail)?;
             timings.push(("restore_v6_ms", ms(t6)));
         }
         if r.mode == InterceptionMode::Tproxy {
@@ -251,6 +251,36 @@ impl IstioCni {
             }
         }
         Ok(timings)
+    }
+
+    /// Applies `text`, unless the netns already holds exactly these rules: a runtime that
+    /// repeats ADD for the same sandbox gets success, as with Istio (which skips a "compatible
+    /// residual configuration"). Checked only when the restore failed, so a fresh netns pays
+    /// nothing for it.
+    fn restore_once(
+        &self,
+        netns: &Netns,
+        backend: Backend,
+        v6: bool,
+        text: &str,
+    ) -> Result<Duration, String> {
+        let err = match iptables::restore(netns, backend, v6, text) {
+            Ok(t) => return Ok(t),
+            Err(e) => e,
+        };
+        let in_place = iptables::save(netns, backend, v6).is_ok_and(|saved| {
+            iptables::missing_rules(&rules::rule_counts(text), &rules::rule_counts(&saved))
+                .is_empty()
+        });
+        if in_place {
+            self.log.borrow_mut().info(
+                "the pod's redirection rules are already in place",
+                &[("ipv6", json!(v6))],
+            );
+            Ok(Duration::ZERO)
+        } else {
+            Err(err)
+        }
     }
 
     fn write_result(stdout: &mut dyn Write, result: &Value) -> Result<(), CniError> {

@@ -590,10 +590,20 @@ fn plugin_chain_api_failures_are_handled_as_istio() {
         serde_json::from_str::<Value>(&run.stdout).unwrap(),
         json!({"cniVersion": "0.3.1"})
     );
+    let saved = ns.exec_ok(&["iptables-nft-save"]).unwrap();
+    assert!(saved.contains("ISTIO_OUTPUT"));
+    // ADD again for the same netns: the rules are in place, so it succeeds without doubling them.
+    let again = add_alone_in(&node, &ns.path(), "shop", "web", &json!({}));
+    assert_eq!(again.status, 0, "{} {}", again.stdout, again.stderr);
+    let rules = |t: &str| t.lines().filter(|l| l.starts_with("-A")).count();
+    assert_eq!(
+        rules(&ns.exec_ok(&["iptables-nft-save"]).unwrap()),
+        rules(&saved)
+    );
     assert!(
-        ns.exec_ok(&["iptables-nft-save"])
-            .unwrap()
-            .contains("ISTIO_OUTPUT")
+        again.stderr.contains("already in place"),
+        "{}",
+        again.stderr
     );
 
     // 401: a rejected token, retried (2 attempts here), then ADD fails naming the cause.
