@@ -51,11 +51,11 @@ impl IstioCni {
         let mut log = self.log.borrow_mut();
         log.set_level(Level::from_config(conf.plugin_log_level.as_deref()));
         *self.log_socket.borrow_mut() = Some(conf.log_socket_path());
+        log.add_context("containerID", args.container_id.clone());
         let k8s = K8sArgs::parse(&args.args)?;
         if !k8s.pod_name.is_empty() {
             log.add_context("pod", format!("{}/{}", k8s.pod_namespace, k8s.pod_name));
         }
-        log.add_context("containerID", args.container_id.clone());
         Ok((conf, k8s))
     }
 
@@ -363,25 +363,20 @@ impl Commands for IstioCni {
     /// Nothing to undo in the netns (it goes with the pod); the accelerator forgets the pod.
     /// Idempotent, and works when the netns is gone.
     fn del(&self, args: &CmdArgs, _stdout: &mut dyn Write) -> Result<(), CniError> {
-        let conf = PluginConfig::parse(&args.stdin).unwrap_or_default();
-        self.log
-            .borrow_mut()
-            .set_level(Level::from_config(conf.plugin_log_level.as_deref()));
-        *self.log_socket.borrow_mut() = Some(conf.log_socket_path());
+        // DEL must not fail on what ADD would refuse: a config or CNI_ARGS it cannot read
+        // only costs the log context.
+        let conf = match self.setup(args) {
+            Ok((conf, _)) => conf,
+            Err(_) => PluginConfig::parse(&args.stdin).unwrap_or_default(),
+        };
         self.log.borrow_mut().debug(
             "DEL: nothing to undo in the pod netns",
-            &[
-                ("containerID", json!(args.container_id)),
-                ("netns", json!(args.netns)),
-            ],
+            &[("netns", json!(args.netns))],
         );
         if let Err(e) = accel::unenroll(&args.netns, &args.container_id, conf.run_dir()) {
             self.log.borrow_mut().warn(
                 "accelerator unenroll failed",
-                &[
-                    ("error", json!(format!("{e:#}"))),
-                    ("containerID", json!(args.container_id)),
-                ],
+                &[("error", json!(format!("{e:#}")))],
             );
         }
         Ok(())

@@ -474,9 +474,14 @@ impl LogSink {
 
     /// Waits up to `timeout` for a line with this `msg`.
     pub fn wait_for_msg(&self, msg: &str, timeout: Duration) -> Option<Value> {
+        self.wait_for(|l| l["msg"] == msg, timeout)
+    }
+
+    /// Waits up to `timeout` for a line matching `pred`.
+    pub fn wait_for(&self, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Option<Value> {
         let until = std::time::Instant::now() + timeout;
         loop {
-            if let Some(l) = self.lines().into_iter().find(|l| l["msg"] == msg) {
+            if let Some(l) = self.lines().into_iter().find(|l| pred(l)) {
                 return Some(l);
             }
             if std::time::Instant::now() > until {
