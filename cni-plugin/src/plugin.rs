@@ -449,3 +449,31 @@ impl Commands for IstioCni {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pod::tests::injected_pod;
+
+    fn redirect(dual_stack: bool) -> Redirect {
+        let mut v = injected_pod();
+        if dual_stack {
+            v["spec"]["containers"][1]["env"] =
+                json!([{"name": "ISTIO_DUAL_STACK", "value": "true"}]);
+        }
+        redirect::from_pod(&Pod::from_json(v.to_string().as_bytes()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn ipv6_rules_follow_istio() {
+        let v4: IpAddr = "10.248.0.2".parse().unwrap();
+        let v6: IpAddr = "fd00::2".parse().unwrap();
+        // the first address decides; dual stack needs ISTIO_DUAL_STACK
+        assert!(!IstioCni::ipv6_enabled(&[v4], &redirect(false)));
+        assert!(IstioCni::ipv6_enabled(&[v6], &redirect(false)));
+        assert!(IstioCni::ipv6_enabled(&[v6, v4], &redirect(false)));
+        assert!(!IstioCni::ipv6_enabled(&[v4, v6], &redirect(false)));
+        assert!(IstioCni::ipv6_enabled(&[v4, v6], &redirect(true)));
+        assert!(!IstioCni::ipv6_enabled(&[], &redirect(true)));
+    }
+}
