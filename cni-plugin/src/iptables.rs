@@ -143,7 +143,9 @@ impl Netns {
         let start = Instant::now();
         let mut child = cmd.spawn()?;
         if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(data)?;
+            // A child that exits early (bad binary, usage error) closes its stdin; its exit
+            // status and stderr below say why, which a broken-pipe error here would hide.
+            let _ = pipe.write_all(data);
         }
         let out = child.wait_with_output()?;
         Ok(ExecOutput {
@@ -276,8 +278,9 @@ pub fn restore(netns: &Netns, backend: Backend, v6: bool, text: &str) -> Result<
     let mut cmd = Command::new(&bin);
     cmd.arg("--noflush");
     if backend != Backend::Nft {
-        // Legacy locks per netns, never the host's /run/xtables.lock (iptables >= 1.8.6).
-        cmd.env("XTABLES_LOCKFILE", &netns.path);
+        // Legacy locks per netns, never the host's /run/xtables.lock (iptables >= 1.8.6), and
+        // waits for that lock as Istio does (nft takes no lock; the plain binary may be either).
+        cmd.env("XTABLES_LOCKFILE", &netns.path).arg("--wait=30");
     }
     let out = netns
         .exec(cmd, Some(text.as_bytes()))
@@ -306,13 +309,21 @@ pub fn save(netns: &Netns, backend: Backend, v6: bool) -> Result<String, String>
 
 /// Runs `ip <args>` in the netns; "File exists" counts as done (idempotent).
 pub fn ip(netns: &Netns, args: &[&str]) -> Result<(), String> {
+    match ip_output(netns, args) {
+        Err(e) if !e.contains("File exists") => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Runs `ip <args>` in the netns and returns its output.
+pub fn ip_output(netns: &Netns, args: &[&str]) -> Result<String, String> {
     let mut cmd = Command::new("ip");
     cmd.args(args);
     let out = netns
         .exec(cmd, None)
         .map_err(|e| format!("cannot run ip {}: {e}", args.join(" ")))?;
-    if out.success || out.stderr.contains("File exists") {
-        Ok(())
+    if out.success {
+        Ok(out.stdout)
     } else {
         Err(format!(
             "ip {} failed: {}",

@@ -51,11 +51,11 @@ impl IstioCni {
         let mut log = self.log.borrow_mut();
         log.set_level(Level::from_config(conf.plugin_log_level.as_deref()));
         *self.log_socket.borrow_mut() = Some(conf.log_socket_path());
+        log.add_context("containerID", args.container_id.clone());
         let k8s = K8sArgs::parse(&args.args)?;
         if !k8s.pod_name.is_empty() {
             log.add_context("pod", format!("{}/{}", k8s.pod_namespace, k8s.pod_name));
         }
-        log.add_context("containerID", args.container_id.clone());
         Ok((conf, k8s))
     }
 
@@ -102,6 +102,16 @@ impl IstioCni {
         k8s: &K8sArgs,
         api_time: &mut Duration,
     ) -> Result<Pod, CniError> {
+        if !kube::valid_object_name(&k8s.pod_namespace) || !kube::valid_object_name(&k8s.pod_name) {
+            return Err(CniError::new(
+                code::INVALID_ENVIRONMENT_VARIABLES,
+                format!(
+                    "istio-cni: CNI_ARGS names pod {:?}/{:?}, which are not valid Kubernetes names",
+                    k8s.pod_namespace, k8s.pod_name
+                ),
+                "",
+            ));
+        }
         let (attempts, interval) = conf.pod_retrieval();
         let path = conf.kubeconfig_path();
         let mut last = FetchError::Transport("no attempt made".into());
@@ -203,7 +213,7 @@ impl IstioCni {
             "iptables-restore input (IPv4)",
             &[("backend", json!(b4.name())), ("rules", json!(text4))],
         );
-        let t4 = iptables::restore(&netns, b4, false, &text4).map_err(fail)?;
+        let t4 = self.restore_once(&netns, b4, false, &text4).map_err(fail)?;
         timings.push(("backend", json!(b4.name())));
         timings.push(("restore_v4_ms", ms(t4)));
         if self.log.borrow().enabled(Level::Debug) {
@@ -218,7 +228,7 @@ impl IstioCni {
             iptables::ip(&netns, &["-6", "addr", "add", "::6/128", "dev", "lo"]).map_err(fail)?;
             let b6: Backend = iptables::choose_backend(&netns, choice, true).map_err(fail)?;
             let text6 = rules::restore_text(r, Family::V6);
-            let t6 = iptables::restore(&netns, b6, true, &text6).map_err(fail)?;
+            let t6 = self.restore_once(&netns, b6, true, &text6).map_err(fail)?;
             timings.push(("restore_v6_ms", ms(t6)));
         }
         if r.mode == InterceptionMode::Tproxy {
@@ -241,6 +251,36 @@ impl IstioCni {
             }
         }
         Ok(timings)
+    }
+
+    /// Applies `text`, unless the netns already holds exactly these rules: a runtime that
+    /// repeats ADD for the same sandbox gets success, as with Istio (which skips a "compatible
+    /// residual configuration"). Checked only when the restore failed, so a fresh netns pays
+    /// nothing for it.
+    fn restore_once(
+        &self,
+        netns: &Netns,
+        backend: Backend,
+        v6: bool,
+        text: &str,
+    ) -> Result<Duration, String> {
+        let err = match iptables::restore(netns, backend, v6, text) {
+            Ok(t) => return Ok(t),
+            Err(e) => e,
+        };
+        let in_place = iptables::save(netns, backend, v6).is_ok_and(|saved| {
+            iptables::missing_rules(&rules::rule_counts(text), &rules::rule_counts(&saved))
+                .is_empty()
+        });
+        if in_place {
+            self.log.borrow_mut().info(
+                "the pod's redirection rules are already in place",
+                &[("ipv6", json!(v6))],
+            );
+            Ok(Duration::ZERO)
+        } else {
+            Err(err)
+        }
     }
 
     fn write_result(stdout: &mut dyn Write, result: &Value) -> Result<(), CniError> {
@@ -323,25 +363,20 @@ impl Commands for IstioCni {
     /// Nothing to undo in the netns (it goes with the pod); the accelerator forgets the pod.
     /// Idempotent, and works when the netns is gone.
     fn del(&self, args: &CmdArgs, _stdout: &mut dyn Write) -> Result<(), CniError> {
-        let conf = PluginConfig::parse(&args.stdin).unwrap_or_default();
-        self.log
-            .borrow_mut()
-            .set_level(Level::from_config(conf.plugin_log_level.as_deref()));
-        *self.log_socket.borrow_mut() = Some(conf.log_socket_path());
+        // DEL must not fail on what ADD would refuse: a config or CNI_ARGS it cannot read
+        // only costs the log context.
+        let conf = match self.setup(args) {
+            Ok((conf, _)) => conf,
+            Err(_) => PluginConfig::parse(&args.stdin).unwrap_or_default(),
+        };
         self.log.borrow_mut().debug(
             "DEL: nothing to undo in the pod netns",
-            &[
-                ("containerID", json!(args.container_id)),
-                ("netns", json!(args.netns)),
-            ],
+            &[("netns", json!(args.netns))],
         );
         if let Err(e) = accel::unenroll(&args.netns, &args.container_id, conf.run_dir()) {
             self.log.borrow_mut().warn(
                 "accelerator unenroll failed",
-                &[
-                    ("error", json!(format!("{e:#}"))),
-                    ("containerID", json!(args.container_id)),
-                ],
+                &[("error", json!(format!("{e:#}")))],
             );
         }
         Ok(())
@@ -381,6 +416,24 @@ impl Commands for IstioCni {
             let saved = iptables::save(&netns, backend, v6).map_err(CniError::internal)?;
             let want = rules::rule_counts(&rules::restore_text(&r, fam));
             problems.extend(iptables::missing_rules(&want, &rules::rule_counts(&saved)));
+            if r.mode == InterceptionMode::Tproxy {
+                let fam_flag = if v6 { "-6" } else { "-4" };
+                let table = TPROXY_ROUTE_TABLE.to_string();
+                let rule = format!("fwmark {:#x} lookup {table}", TPROXY_MARK);
+                let ip_rules =
+                    iptables::ip_output(&netns, &[fam_flag, "rule"]).map_err(CniError::internal)?;
+                if !ip_rules.contains(&rule) {
+                    problems.push(format!("{fam_flag} ip rule \"{rule}\" is missing"));
+                }
+                let routes =
+                    iptables::ip_output(&netns, &[fam_flag, "route", "show", "table", &table])
+                        .map_err(CniError::internal)?;
+                if !routes.contains("local default dev lo") {
+                    problems.push(format!(
+                        "{fam_flag} route table {table} has no local default route"
+                    ));
+                }
+            }
         }
         if problems.is_empty() {
             Ok(())
@@ -394,5 +447,33 @@ impl Commands for IstioCni {
                 problems.join("; "),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pod::tests::injected_pod;
+
+    fn redirect(dual_stack: bool) -> Redirect {
+        let mut v = injected_pod();
+        if dual_stack {
+            v["spec"]["containers"][1]["env"] =
+                json!([{"name": "ISTIO_DUAL_STACK", "value": "true"}]);
+        }
+        redirect::from_pod(&Pod::from_json(v.to_string().as_bytes()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn ipv6_rules_follow_istio() {
+        let v4: IpAddr = "10.248.0.2".parse().unwrap();
+        let v6: IpAddr = "fd00::2".parse().unwrap();
+        // the first address decides; dual stack needs ISTIO_DUAL_STACK
+        assert!(!IstioCni::ipv6_enabled(&[v4], &redirect(false)));
+        assert!(IstioCni::ipv6_enabled(&[v6], &redirect(false)));
+        assert!(IstioCni::ipv6_enabled(&[v6, v4], &redirect(false)));
+        assert!(!IstioCni::ipv6_enabled(&[v4, v6], &redirect(false)));
+        assert!(IstioCni::ipv6_enabled(&[v4, v6], &redirect(true)));
+        assert!(!IstioCni::ipv6_enabled(&[], &redirect(true)));
     }
 }

@@ -283,19 +283,9 @@ pub struct Io<'a> {
 
 /// Runs one invocation; returns the process exit code. Errors are printed on stdout as the spec
 /// says; nothing else is ever written to stdout except a command's result.
-pub fn dispatch(io: Io<'_>, commands: &dyn Commands, about: &str) -> i32 {
+pub fn dispatch(mut io: Io<'_>, commands: &dyn Commands, about: &str) -> i32 {
     let mut conf_version = String::from("1.1.0");
-    match dispatch_inner(
-        &io.getenv,
-        io.stdin,
-        io.stdout,
-        io.stderr,
-        io.own_netns,
-        io.probe_netns,
-        commands,
-        about,
-        &mut conf_version,
-    ) {
+    match dispatch_inner(&mut io, commands, about, &mut conf_version) {
         Ok(()) => 0,
         Err(e) => {
             let mut text = e.to_json(&conf_version).to_string();
@@ -307,18 +297,15 @@ pub fn dispatch(io: Io<'_>, commands: &dyn Commands, about: &str) -> i32 {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The protocol checks, then the command. `conf_version` is set as soon as the config's
+/// version is known, for the error JSON.
 fn dispatch_inner(
-    getenv: &dyn Fn(&str) -> Option<String>,
-    stdin: &mut dyn Read,
-    stdout: &mut dyn Write,
-    stderr: &mut dyn Write,
-    own_netns: Option<NetnsIdentity>,
-    probe_netns: NetnsProbe<'_>,
+    io: &mut Io<'_>,
     commands: &dyn Commands,
     about: &str,
     conf_version: &mut String,
 ) -> Result<(), CniError> {
+    let getenv = io.getenv;
     let var = |k: &str| getenv(k).unwrap_or_default();
     let cmd = var("CNI_COMMAND");
     let missing: Vec<&str> = required_vars(&cmd)
@@ -329,9 +316,9 @@ fn dispatch_inner(
     if !missing.is_empty() {
         if cmd.is_empty() && !about.is_empty() {
             let versions: Vec<String> = SUPPORTED_VERSIONS.iter().map(|v| v.to_string()).collect();
-            let _ = writeln!(stderr, "{about}");
+            let _ = writeln!(io.stderr, "{about}");
             let _ = writeln!(
-                stderr,
+                io.stderr,
                 "CNI protocol versions supported: {}",
                 versions.join(", ")
             );
@@ -351,12 +338,12 @@ fn dispatch_inner(
         // stdin is ignored for VERSION (skel); the answer names every supported version.
         let versions: Vec<String> = SUPPORTED_VERSIONS.iter().map(|v| v.to_string()).collect();
         let out = json!({"cniVersion": crate::version::CURRENT.to_string(), "supportedVersions": versions});
-        writeln!(stdout, "{out}")
+        writeln!(io.stdout, "{out}")
             .map_err(|e| CniError::new(code::IO_FAILURE, e.to_string(), ""))?;
         return Ok(());
     }
     let mut data = Vec::new();
-    stdin.read_to_end(&mut data).map_err(|e| {
+    io.stdin.read_to_end(&mut data).map_err(|e| {
         CniError::new(
             code::IO_FAILURE,
             format!("error reading from stdin: {e}"),
@@ -382,28 +369,28 @@ fn dispatch_inner(
         "ADD" => {
             require_supported(version)?;
             if !override_netns_check {
-                check_netns("ADD", &args.netns, own_netns, probe_netns)?;
+                check_netns("ADD", &args.netns, io.own_netns, io.probe_netns)?;
             }
-            commands.add(&args, stdout)
+            commands.add(&args, io.stdout)
         }
         "DEL" => {
             require_supported(version)?;
             if !override_netns_check {
-                check_netns("DEL", &args.netns, own_netns, probe_netns)?;
+                check_netns("DEL", &args.netns, io.own_netns, io.probe_netns)?;
             }
-            commands.del(&args, stdout)
+            commands.del(&args, io.stdout)
         }
         "CHECK" => {
             require_at_least(version, SpecVersion::new(0, 4, 0), "CHECK")?;
-            commands.check(&args, stdout)
+            commands.check(&args, io.stdout)
         }
         "GC" => {
             require_at_least(version, SpecVersion::new(1, 1, 0), "GC")?;
-            commands.gc(&args, stdout)
+            commands.gc(&args, io.stdout)
         }
         "STATUS" => {
             require_at_least(version, SpecVersion::new(1, 1, 0), "STATUS")?;
-            commands.status(&args, stdout)
+            commands.status(&args, io.stdout)
         }
         other => Err(CniError::new(
             code::INVALID_ENVIRONMENT_VARIABLES,

@@ -1,7 +1,61 @@
+//! install-cni: reads the configuration, then runs the agent or a one-shot command.
+use fastpath_installer::config::{Command, Config, RawConfig, usage};
+use fastpath_installer::{accel, agent, install, logging};
+
 fn main() {
-    env_logger::init();
-    log::info!(
-        "install-cni (fastpath): probes embedded: {}",
-        fastpath_installer::probes::embedded()
-    );
+    std::process::exit(run());
+}
+
+fn run() -> i32 {
+    let built =
+        RawConfig::read(std::env::args().skip(1), |k| std::env::var(k).ok()).and_then(|raw| {
+            let cfg = Config::build(&raw, |p| std::fs::read_to_string(p))?;
+            // Rendered here too, so a bad template stops start-up with one message.
+            let entry = install::plugin_entry(&cfg)?;
+            if raw.command == Command::Run {
+                cfg.check_for_run(&raw)?;
+            }
+            Ok((raw.command, cfg, entry))
+        });
+    let (command, cfg, entry) = match built {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("install-cni: {e}");
+            return 2;
+        }
+    };
+    logging::init(cfg.log.clone());
+    match command {
+        Command::Run => agent::run(cfg, entry),
+        Command::Help => {
+            print!("{}", usage());
+            0
+        }
+        Command::Version => {
+            println!("install-cni (fastpath) {}", env!("CARGO_PKG_VERSION"));
+            0
+        }
+        Command::AccelStatus => match accel::status_report(&cfg.accel) {
+            Ok(s) => {
+                println!("{s}");
+                0
+            }
+            Err(e) => {
+                eprintln!("install-cni accel-status: {e:#}");
+                1
+            }
+        },
+        Command::Uninstall => {
+            let mut code = 0;
+            if let Err(e) = install::cleanup_node(&cfg, None) {
+                eprintln!("install-cni uninstall: {e}");
+                code = 1;
+            }
+            if let Err(e) = accel::uninstall(&cfg.accel) {
+                eprintln!("install-cni uninstall: removing the accelerator: {e:#}");
+                code = 1;
+            }
+            code
+        }
+    }
 }

@@ -15,6 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Threads accepting connections.
+const ACCEPTORS: usize = 4;
+
 /// One request as the server saw it.
 #[derive(Clone, Debug)]
 pub struct Recorded {
@@ -155,18 +158,23 @@ impl FakeKubeApi {
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State::default()));
         let stop = Arc::new(AtomicBool::new(false));
-        {
-            let (state, stop, token) = (state.clone(), stop.clone(), token.to_string());
+        // A few threads waiting in accept() (no thread start per request), each answering one
+        // request per connection, so the server adds little to what a benchmark measures.
+        for _ in 0..ACCEPTORS {
+            let listener = listener.try_clone()?;
+            let (state, stop, token, config) = (
+                state.clone(),
+                stop.clone(),
+                token.to_string(),
+                config.clone(),
+            );
             std::thread::spawn(move || {
                 for conn in listener.incoming() {
                     if stop.load(Ordering::SeqCst) {
                         break;
                     }
                     let Ok(conn) = conn else { continue };
-                    let (state, config, token) = (state.clone(), config.clone(), token.clone());
-                    std::thread::spawn(move || {
-                        let _ = serve(conn, config, &state, &token);
-                    });
+                    let _ = serve(conn, config.clone(), &state, &token);
                 }
             });
         }
@@ -244,7 +252,9 @@ impl FakeKubeApi {
 impl Drop for FakeKubeApi {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        for _ in 0..ACCEPTORS {
+            let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        }
     }
 }
 
@@ -272,61 +282,53 @@ fn serve(
     conn.set_nodelay(true)?;
     let tls = rustls::ServerConnection::new(config)?;
     let mut stream = rustls::StreamOwned::new(tls, conn);
+    let mut reader = BufReader::new(&mut stream);
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line)? == 0 {
+        return Ok(());
+    }
+    let mut headers = HashMap::new();
     loop {
-        let mut reader = BufReader::new(&mut stream);
-        let mut request_line = String::new();
-        if reader.read_line(&mut request_line)? == 0 {
-            return Ok(());
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
         }
-        let mut headers = HashMap::new();
-        loop {
-            let mut line = String::new();
-            reader.read_line(&mut line)?;
-            let line = line.trim_end();
-            if line.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':') {
-                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-            }
-        }
-        let len: usize = headers
-            .get("content-length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let mut body = vec![0u8; len];
-        reader.read_exact(&mut body)?;
-        let mut parts = request_line.split_whitespace();
-        let method = parts.next().unwrap_or_default().to_string();
-        let path = parts.next().unwrap_or_default().to_string();
-        let authorization = headers.get("authorization").cloned();
-        let (status, answer) = {
-            let mut st = state.lock().unwrap();
-            st.requests.push(Recorded {
-                method: method.clone(),
-                path: path.clone(),
-                authorization: authorization.clone(),
-            });
-            answer(&st, &method, &path, authorization.as_deref(), token)
-        };
-        let body = answer.to_string();
-        let reason = if status == 200 { "OK" } else { "Error" };
-        // One write: a response split over TLS records waits on Nagle + delayed ACK (40 ms).
-        let response = format!(
-            "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(response.as_bytes())?;
-        stream.flush()?;
-        if headers
-            .get("connection")
-            .is_some_and(|c| c.eq_ignore_ascii_case("close"))
-        {
-            stream.conn.send_close_notify();
-            let _ = stream.flush();
-            return Ok(());
+        if let Some((k, v)) = line.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
         }
     }
+    let len: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body)?;
+    let mut parts = request_line.split_whitespace();
+    let method = parts.next().unwrap_or_default().to_string();
+    let path = parts.next().unwrap_or_default().to_string();
+    let authorization = headers.get("authorization").cloned();
+    let (status, answer) = {
+        let mut st = state.lock().unwrap();
+        st.requests.push(Recorded {
+            method: method.clone(),
+            path: path.clone(),
+            authorization: authorization.clone(),
+        });
+        answer(&st, &method, &path, authorization.as_deref(), token)
+    };
+    let body = answer.to_string();
+    let reason = if status == 200 { "OK" } else { "Error" };
+    // One write: a response split over TLS records waits on Nagle + delayed ACK (40 ms).
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes())?;
+    stream.conn.send_close_notify();
+    stream.flush()?;
+    Ok(())
 }
 
 fn answer(
@@ -472,9 +474,14 @@ impl LogSink {
 
     /// Waits up to `timeout` for a line with this `msg`.
     pub fn wait_for_msg(&self, msg: &str, timeout: Duration) -> Option<Value> {
+        self.wait_for(|l| l["msg"] == msg, timeout)
+    }
+
+    /// Waits up to `timeout` for a line matching `pred`.
+    pub fn wait_for(&self, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Option<Value> {
         let until = std::time::Instant::now() + timeout;
         loop {
-            if let Some(l) = self.lines().into_iter().find(|l| l["msg"] == msg) {
+            if let Some(l) = self.lines().into_iter().find(|l| pred(l)) {
                 return Some(l);
             }
             if std::time::Instant::now() > until {

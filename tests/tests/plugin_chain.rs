@@ -590,10 +590,20 @@ fn plugin_chain_api_failures_are_handled_as_istio() {
         serde_json::from_str::<Value>(&run.stdout).unwrap(),
         json!({"cniVersion": "0.3.1"})
     );
+    let saved = ns.exec_ok(&["iptables-nft-save"]).unwrap();
+    assert!(saved.contains("ISTIO_OUTPUT"));
+    // ADD again for the same netns: the rules are in place, so it succeeds without doubling them.
+    let again = add_alone_in(&node, &ns.path(), "shop", "web", &json!({}));
+    assert_eq!(again.status, 0, "{} {}", again.stdout, again.stderr);
+    let rules = |t: &str| t.lines().filter(|l| l.starts_with("-A")).count();
+    assert_eq!(
+        rules(&ns.exec_ok(&["iptables-nft-save"]).unwrap()),
+        rules(&saved)
+    );
     assert!(
-        ns.exec_ok(&["iptables-nft-save"])
-            .unwrap()
-            .contains("ISTIO_OUTPUT")
+        again.stderr.contains("already in place"),
+        "{}",
+        again.stderr
     );
 
     // 401: a rejected token, retried (2 attempts here), then ADD fails naming the cause.
@@ -648,6 +658,13 @@ fn plugin_chain_api_failures_are_handled_as_istio() {
         run.stdout
     );
     assert_eq!(node.api.requests_for("shop", "web2"), 0);
+
+    // Names that are not Kubernetes names never reach a URL.
+    let before = node.api.requests().len();
+    let (_ns, run) = add_alone(&node, "shop", "..%2F..", &json!({}));
+    let e: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(e["code"], 4, "{e}");
+    assert_eq!(node.api.requests().len(), before);
 
     // No kubeconfig: excluded namespaces still work; others fail naming the file.
     std::fs::remove_file(&kubeconfig).unwrap();
@@ -768,6 +785,28 @@ fn plugin_chain_tproxy_dns_legacy_and_check() {
     assert!(routes.contains("local default dev lo"), "{routes}");
 
     node.rt.check(&pod.list, &pod.att).expect("CHECK after ADD");
+    pod.netns
+        .exec_ok(&["ip", "-4", "rule", "del", "fwmark", "1337", "lookup", "133"])
+        .unwrap();
+    let err = node
+        .rt
+        .check(&pod.list, &pod.att)
+        .expect_err("CHECK must see the missing ip rule");
+    let runs = &err.downcast_ref::<RunsFailed>().unwrap().0;
+    let e: Value = serde_json::from_str(&runs.last().unwrap().stdout).unwrap();
+    assert!(
+        e["details"]
+            .as_str()
+            .unwrap()
+            .contains("fwmark 0x539 lookup 133"),
+        "{e}"
+    );
+    pod.netns
+        .exec_ok(&["ip", "-4", "rule", "add", "fwmark", "1337", "lookup", "133"])
+        .unwrap();
+    node.rt
+        .check(&pod.list, &pod.att)
+        .expect("CHECK with the rule back");
     pod.netns
         .exec_ok(&["iptables-legacy", "-t", "mangle", "-F", "ISTIO_DIVERT"])
         .unwrap();

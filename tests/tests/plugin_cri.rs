@@ -138,18 +138,40 @@ fn plugin_cri_containerd_runs_the_chain_for_sandboxes() {
         .to_string();
     assert!(!netns_save(&plain_netns, "iptables-nft-save").contains("ISTIO"));
 
+    // A mesh pod whose annotation is not valid: RunPodSandbox fails with the plugin's error.
+    api.set_pod(sidecar_pod(
+        "shop-cri",
+        "evil-0",
+        &[("traffic.sidecar.istio.io/excludeInboundPorts", "22;reboot")],
+        &[],
+    ));
+    let err = ctrd
+        .run_pod(&sandbox_config("shop-cri", "evil-0", &dir.join("logs")))
+        .expect_err("the sandbox must not start");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("traffic.sidecar.istio.io/excludeInboundPorts") && text.contains("22;reboot"),
+        "{text}"
+    );
+
     // StopPodSandbox runs DEL through the chain (istio-cni, then bridge frees the IP).
     let ipam_file = dir.join("ipam").join("k8s-pod-network").join(&pod_ip);
     assert!(ipam_file.exists());
     ctrd.stop_pod(&id).unwrap();
     assert!(!ipam_file.exists(), "bridge/host-local DEL ran");
     let del = logs
-        .wait_for_msg(
-            "DEL: nothing to undo in the pod netns",
+        .wait_for(
+            |l| {
+                l["msg"] == "DEL: nothing to undo in the pod netns"
+                    && l["containerID"] == id.as_str()
+            },
             Duration::from_secs(5),
         )
-        .expect("istio-cni DEL ran");
-    assert_eq!(del["containerID"], id.as_str());
+        .expect("istio-cni DEL ran for the sandbox");
+    assert_eq!(
+        del["pod"], "shop-cri/web-0",
+        "DEL got the K8S_POD_* args too"
+    );
     ctrd.remove_pod(&id).unwrap();
     assert!(
         !Path::new(&netns).exists(),
@@ -162,5 +184,8 @@ fn plugin_cri_containerd_runs_the_chain_for_sandboxes() {
         .iter()
         .filter(|l| l["msg"] == "DEL: nothing to undo in the pod netns")
         .count();
-    assert!(dels >= 2, "DEL for both sandboxes");
+    assert!(
+        dels >= 3,
+        "DEL for both sandboxes and for the one that failed ADD"
+    );
 }

@@ -21,6 +21,35 @@ use std::time::Instant;
 
 const TOKEN: &str = "bench-token";
 
+/// Istio's rules for a default sidecar pod (reference §5.7).
+const ISTIO_DEFAULT_RULES: &str = "* nat
+-N ISTIO_INBOUND
+-N ISTIO_REDIRECT
+-N ISTIO_IN_REDIRECT
+-N ISTIO_OUTPUT
+-A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN
+-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
+-A PREROUTING -p tcp -j ISTIO_INBOUND
+-A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 15021 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN
+-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT
+-A OUTPUT -j ISTIO_OUTPUT
+-A ISTIO_OUTPUT -p tcp --dport 15020 -j RETURN
+-A ISTIO_OUTPUT -p udp --dport 15020 -j RETURN
+-A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN
+-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN
+-A ISTIO_OUTPUT -j ISTIO_REDIRECT
+COMMIT
+";
+
 struct Stats {
     p50: f64,
     p99: f64,
@@ -246,6 +275,50 @@ fn main() -> Result<()> {
                 "api_call": stats_json(&api_ms),
                 "plugin_own": stats_json(&own),
             }),
+        );
+    }
+
+    // The restore alone, without the plugin: `iptables-<v>-restore --noflush` of Istio's default
+    // rules, forked straight into a fresh netns (no sandbox), per backend.
+    for backend in ["nft", "legacy"] {
+        let mut wall = Vec::new();
+        for i in 0..runs {
+            let ns = Netns::new(&format!("{tag}r{i}"))?;
+            let f = std::fs::File::open(ns.path())?;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+            let mut cmd = Command::new(format!("iptables-{backend}-restore"));
+            cmd.arg("--noflush")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            // SAFETY: setns between fork and exec on an fd we hold open.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let start = Instant::now();
+            let mut child = cmd.spawn()?;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(ISTIO_DEFAULT_RULES.as_bytes())?;
+            let out = child.wait_with_output()?;
+            wall.push(start.elapsed().as_secs_f64() * 1000.0);
+            if !out.status.success() {
+                bail!(
+                    "iptables-{backend}-restore: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        summary.insert(
+            format!("restore_direct_{backend}"),
+            json!({"total": stats_json(&wall)}),
         );
     }
 

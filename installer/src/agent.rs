@@ -1,0 +1,444 @@
+//! The running agent: servers, watches, the reconcile loop and shutdown. Decisions live in
+//! [`crate::install`]; this module only connects them to files, sockets, timers and signals.
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use notify::Watcher as _;
+
+use crate::accel::{self, AccelState};
+use crate::config::Config;
+use crate::http::{self, Response};
+use crate::install::Installer;
+use crate::metrics::{self, Metrics};
+use crate::readiness::Readiness;
+
+const SCOPE: &str = crate::logging::SCOPE_AGENT;
+
+/// After a file event, wait this long for quiet before a pass (a rename burst is one change).
+const DEBOUNCE_QUIET: Duration = Duration::from_millis(5);
+/// ...but never longer than this.
+const DEBOUNCE_MAX: Duration = Duration::from_millis(50);
+/// A pass without any event, as a safety net (a watch lost with its directory, a remount).
+const RESYNC: Duration = Duration::from_secs(30);
+/// Retry after a failed pass: first delay, doubling to the max.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+enum Msg {
+    Fs,
+    Shutdown(i32),
+}
+
+/// Runs until SIGTERM/SIGINT, keeping `entry` (the rendered plugin entry) installed. Returns the process exit code.
+pub fn run(cfg: Config, entry: serde_json::Map<String, serde_json::Value>) -> i32 {
+    log::info!(target: SCOPE, "install-cni (fastpath {}) starting", env!("CARGO_PKG_VERSION"));
+    log::info!(target: SCOPE, "{}", describe(&cfg));
+    for s in cfg.log.unknown_scopes() {
+        log::warn!(target: SCOPE, "--log_output_level names scope {s:?}, which this agent does not have (scopes: cni-agent, cni-plugin, default)");
+    }
+    if cfg.repair_enabled {
+        log::info!(target: SCOPE, "REPAIR_ENABLED=true: fastpath has no repair controller; pods started before the plugin was installed are not repaired (see docs/troubleshooting.md)");
+    }
+
+    let readiness = Arc::new(Readiness::default());
+    for (name, why) in [
+        ("binary", "not installed yet"),
+        ("kubeconfig", "not written yet"),
+        ("cni-config", "not installed yet"),
+    ] {
+        readiness.register(name, why);
+    }
+    let metrics = Arc::new(Metrics::default());
+
+    // Acceleration: never fatal, never a readiness condition (redirection works without it).
+    // Loaded on its own thread so that installing the plugin does not wait for it.
+    let accel_state: Arc<OnceLock<AccelState>> = Arc::new(OnceLock::new());
+    readiness.detail("acceleration", "starting".into());
+    {
+        let (settings, state, readiness) =
+            (cfg.accel.clone(), accel_state.clone(), readiness.clone());
+        let spawned = std::thread::Builder::new().name("accel-start".into()).spawn(move || {
+            let s = accel::start(&settings);
+            match &s {
+                AccelState::Active => {
+                    log::info!(target: SCOPE, "acceleration: active (same-node sidecar traffic bypasses the TCP stack)")
+                }
+                AccelState::Disabled => {
+                    log::info!(target: SCOPE, "acceleration: disabled (FASTPATH_ACCELERATION=false)")
+                }
+                AccelState::Unavailable { reason } => {
+                    log::warn!(target: SCOPE, "acceleration: unavailable ({reason}); traffic redirection works without it")
+                }
+            }
+            readiness.detail("acceleration", describe_accel(&s));
+            let _ = state.set(s);
+            // Loading the eBPF object takes ~20 MiB of heap for a moment; give it back.
+            #[cfg(target_env = "gnu")]
+            // SAFETY: malloc_trim has no preconditions.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        });
+        if let Err(e) = spawned {
+            log::warn!(target: SCOPE, "acceleration: unavailable (cannot start its thread: {e}); traffic redirection works without it");
+            let _ = accel_state.set(AccelState::Unavailable {
+                reason: e.to_string(),
+            });
+        }
+    }
+
+    let (tx, rx) = mpsc::channel::<Msg>();
+    if let Err(e) = start_servers(&cfg, &readiness, &metrics, &accel_state) {
+        log::error!(target: SCOPE, "{e}");
+        return 1;
+    }
+    readiness.register("log-socket", "not listening yet");
+    let mut log_socket_started = start_log_socket(&cfg, &metrics, &readiness);
+
+    {
+        let tx = tx.clone();
+        let mut signals = match signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGINT,
+        ]) {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!(target: SCOPE, "cannot install signal handlers: {e}");
+                return 1;
+            }
+        };
+        let _ = std::thread::Builder::new()
+            .name("signals".into())
+            .stack_size(64 << 10)
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    let _ = tx.send(Msg::Shutdown(sig));
+                }
+            });
+    }
+
+    let mut watches = Watches::new(&cfg, tx.clone());
+    let mut installer = Installer::new(cfg.clone(), entry, metrics.clone());
+    let mut retry = RETRY_FIRST;
+    let signal = loop {
+        watches.ensure();
+        if !log_socket_started {
+            log_socket_started = start_log_socket(&cfg, &metrics, &readiness);
+        }
+        let now = Instant::now();
+        let pass = installer.reconcile(now);
+        let was_ready = readiness.is_ready();
+        readiness.set("binary", pass.binary.clone());
+        readiness.set("kubeconfig", pass.kubeconfig.clone());
+        readiness.set("cni-config", pass.cni_config.clone());
+        let ready = readiness.is_ready();
+        if ready != was_ready {
+            match ready {
+                true => log::info!(target: SCOPE, "ready: the istio-cni plugin is installed"),
+                false => log::warn!(target: SCOPE, "not ready: {}", readiness.unmet().join("; ")),
+            }
+        }
+        let mut wake = now + RESYNC;
+        if pass.all_ok() {
+            retry = RETRY_FIRST;
+        } else {
+            wake = wake.min(now + retry);
+            retry = (retry * 2).min(RETRY_MAX);
+        }
+        if let Some(at) = pass.wake_at {
+            wake = wake.min(at.max(now + Duration::from_millis(10)));
+        }
+        match wait(&rx, wake) {
+            Some(sig) => break sig,
+            None => continue,
+        }
+    };
+
+    let name = if signal == signal_hook::consts::SIGINT {
+        "SIGINT"
+    } else {
+        "SIGTERM"
+    };
+    readiness.set("cni-config", Err("shutting down".into()));
+    drop(watches);
+    if cfg.keep_install_on_shutdown {
+        log::info!(target: SCOPE, "{name}: leaving the plugin installed (FASTPATH_KEEP_INSTALL_ON_SHUTDOWN=true); the acceleration pins stay too");
+        return 0;
+    }
+    log::info!(target: SCOPE, "{name}: removing the plugin entry, then the kubeconfig, then the binary (the acceleration pins stay)");
+    match installer.cleanup() {
+        Ok(()) => {
+            log::info!(target: SCOPE, "cleanup done");
+            0
+        }
+        Err(e) => {
+            log::error!(target: SCOPE, "cleanup incomplete: {e}");
+            1
+        }
+    }
+}
+
+/// Waits for the next pass: a debounced file event, a timer, or a signal (returned).
+fn wait(rx: &mpsc::Receiver<Msg>, until: Instant) -> Option<i32> {
+    let timeout = until.saturating_duration_since(Instant::now());
+    match rx.recv_timeout(timeout) {
+        Ok(Msg::Shutdown(sig)) => Some(sig),
+        Err(RecvTimeoutError::Disconnected) => Some(signal_hook::consts::SIGTERM),
+        Err(RecvTimeoutError::Timeout) => None,
+        Ok(Msg::Fs) => {
+            let start = Instant::now();
+            loop {
+                let left = DEBOUNCE_MAX.saturating_sub(start.elapsed());
+                if left.is_zero() {
+                    return None;
+                }
+                match rx.recv_timeout(DEBOUNCE_QUIET.min(left)) {
+                    Ok(Msg::Fs) => continue,
+                    Ok(Msg::Shutdown(sig)) => return Some(sig),
+                    Err(RecvTimeoutError::Timeout) => return None,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        return Some(signal_hook::consts::SIGTERM);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn describe_accel(s: &AccelState) -> String {
+    match s {
+        AccelState::Unavailable { reason } => {
+            format!("unavailable ({reason}); redirection works without it")
+        }
+        s => metrics::accel_state_name(s).to_string(),
+    }
+}
+
+fn describe(cfg: &Config) -> String {
+    format!(
+        "config: chained={} cni_conf_name={} mounted_cni_net_dir={} host_cni_bin_dir={} cni_agent_run_dir={} \
+         kubeconfig_mode={:#o} skip_tls_verify={} exclude_namespaces={:?} pod_namespace={:?} plugin_log_level={} \
+         template={} monitoring_port={} health_port={} keep_install_on_shutdown={} acceleration={} pin_dir={}",
+        cfg.chained,
+        cfg.cni_conf_name.as_deref().unwrap_or("(auto)"),
+        cfg.mounted_cni_net_dir.display(),
+        cfg.host_bin_dir.display(),
+        cfg.cni_agent_run_dir.display(),
+        cfg.kubeconfig_mode,
+        cfg.skip_tls_verify,
+        cfg.exclude_namespaces,
+        cfg.pod_namespace,
+        cfg.plugin_log_level.as_str(),
+        cfg.template.origin,
+        cfg.monitoring_port
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "disabled".into()),
+        cfg.health_port,
+        cfg.keep_install_on_shutdown,
+        cfg.accel.enabled,
+        cfg.accel.pin_dir.display(),
+    )
+}
+
+fn start_servers(
+    cfg: &Config,
+    readiness: &Arc<Readiness>,
+    metrics: &Arc<Metrics>,
+    accel_state: &Arc<OnceLock<AccelState>>,
+) -> Result<(), String> {
+    let health = http::bind_all(cfg.health_port).map_err(|e| {
+        format!(
+            "cannot listen on the health port {} (FASTPATH_HEALTH_PORT): {e}",
+            cfg.health_port
+        )
+    })?;
+    let r = readiness.clone();
+    http::serve_tcp("health", health, move |req| match req.path.as_str() {
+        "/healthz" => Response::text(200, "ok\n"),
+        "/readyz" => Response::text(if r.is_ready() { 200 } else { 503 }, r.report()),
+        _ => Response::text(404, "not found\n"),
+    })
+    .map_err(|e| format!("cannot start the health server: {e}"))?;
+    if let Some(port) = cfg.monitoring_port {
+        let l = http::bind_all(port).map_err(|e| {
+            format!("cannot listen on the monitoring port {port} (MONITORING_PORT): {e}")
+        })?;
+        let (r, m, a, settings) = (
+            readiness.clone(),
+            metrics.clone(),
+            accel_state.clone(),
+            cfg.accel.clone(),
+        );
+        http::serve_tcp("metrics", l, move |req| match req.path.as_str() {
+            "/metrics" => {
+                let state = a.get();
+                let pods = match state {
+                    Some(AccelState::Active) => {
+                        accel::pod_counters(&settings).unwrap_or_else(|e| {
+                            log::debug!(target: SCOPE, "reading per-pod counters: {e}");
+                            Vec::new()
+                        })
+                    }
+                    _ => Vec::new(),
+                };
+                Response {
+                    status: 200,
+                    content_type: "text/plain; version=0.0.4; charset=utf-8",
+                    body: m.render(r.is_ready(), state, &pods).into_bytes(),
+                }
+            }
+            _ => Response::text(404, "not found\n"),
+        })
+        .map_err(|e| format!("cannot start the metrics server: {e}"))?;
+    }
+    Ok(())
+}
+
+fn start_log_socket(cfg: &Config, metrics: &Arc<Metrics>, readiness: &Readiness) -> bool {
+    let path = cfg.log_socket_path();
+    match crate::logsock::start(&path, metrics.clone()) {
+        Ok(()) => {
+            log::info!(target: SCOPE, "plugin log socket listening on {}", path.display());
+            readiness.set("log-socket", Ok(()));
+            true
+        }
+        Err(e) => {
+            if readiness.set("log-socket", Err(e.clone())) {
+                log::error!(target: SCOPE, "{e}");
+            }
+            false
+        }
+    }
+}
+
+/// The directory watches, re-established when a directory appears later or is replaced (a
+/// watch follows the inode, not the path).
+struct Watches {
+    watcher: Option<notify::RecommendedWatcher>,
+    /// Each directory and the inode it had when the watch was added.
+    dirs: Vec<(PathBuf, Option<u64>)>,
+    /// Watched directories reported removed or moved away (a new one with the same path may
+    /// even reuse the inode number), to watch again.
+    lost: Arc<std::sync::Mutex<Vec<PathBuf>>>,
+}
+
+fn inode(p: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(p).ok().map(|m| m.ino())
+}
+
+impl Watches {
+    fn new(cfg: &Config, tx: mpsc::Sender<Msg>) -> Self {
+        let filter = EventFilter {
+            conf_dir: cfg.mounted_cni_net_dir.clone(),
+            bin_dir: cfg.host_bin_dir.clone(),
+            run_dir: cfg.cni_agent_run_dir.clone(),
+            kubeconfig: cfg.kubeconfig_path(),
+        };
+        let mut dirs = vec![
+            cfg.mounted_cni_net_dir.clone(),
+            cfg.host_bin_dir.clone(),
+            cfg.service_account_dir.clone(),
+            cfg.cni_agent_run_dir.clone(),
+        ];
+        if let Some(ca_dir) = cfg.kube_ca_file.parent()
+            && !dirs.iter().any(|d| d == ca_dir)
+        {
+            dirs.push(ca_dir.to_path_buf());
+        }
+        let lost = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (watched_dirs, lost_in_cb) = (dirs.clone(), lost.clone());
+        let watcher =
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+                Ok(ev) => {
+                    use notify::EventKind;
+                    use notify::event::ModifyKind;
+                    if matches!(
+                        ev.kind,
+                        EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+                    ) {
+                        for p in ev.paths.iter().filter(|p| watched_dirs.contains(p)) {
+                            lost_in_cb.lock().unwrap().push(p.clone());
+                        }
+                    }
+                    if filter.relevant(&ev) {
+                        let _ = tx.send(Msg::Fs);
+                    }
+                }
+                Err(e) => {
+                    log::warn!(target: SCOPE, "file watch error: {e}");
+                    let _ = tx.send(Msg::Fs);
+                }
+            });
+        let watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                log::error!(target: SCOPE, "cannot watch files ({e}); checking every {}s instead", RESYNC.as_secs());
+                None
+            }
+        };
+        Watches {
+            watcher,
+            dirs: dirs.into_iter().map(|d| (d, None)).collect(),
+            lost,
+        }
+    }
+
+    fn ensure(&mut self) {
+        let Some(w) = &mut self.watcher else { return };
+        let lost: Vec<PathBuf> = std::mem::take(&mut *self.lost.lock().unwrap());
+        for (dir, watched) in &mut self.dirs {
+            if lost.contains(dir) {
+                *watched = None;
+                let _ = w.unwatch(dir);
+            }
+            let now = inode(dir);
+            if now.is_some() && now == *watched {
+                continue;
+            }
+            if watched.take().is_some() {
+                let _ = w.unwatch(dir);
+            }
+            match w.watch(dir, notify::RecursiveMode::NonRecursive) {
+                Ok(()) => *watched = now,
+                Err(e) => log::debug!(target: SCOPE, "cannot watch {} yet: {e}", dir.display()),
+            }
+        }
+    }
+}
+
+struct EventFilter {
+    conf_dir: PathBuf,
+    bin_dir: PathBuf,
+    run_dir: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl EventFilter {
+    /// Opens and reads (our own reads among them) are not changes; in the run dir only the
+    /// kubeconfig matters (the plugin's log file changes there all the time).
+    fn relevant(&self, ev: &notify::Event) -> bool {
+        use notify::EventKind;
+        use notify::event::{AccessKind, AccessMode};
+        match ev.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
+            EventKind::Access(_) => return false,
+            _ => {}
+        }
+        ev.paths.is_empty() || ev.paths.iter().any(|p| self.path_relevant(p))
+    }
+
+    fn path_relevant(&self, p: &Path) -> bool {
+        let parent = p.parent().unwrap_or(p);
+        if p == self.run_dir
+            || (parent == self.run_dir
+                && self.run_dir != self.conf_dir
+                && self.run_dir != self.bin_dir)
+        {
+            return p == self.kubeconfig || p == self.run_dir;
+        }
+        true
+    }
+}

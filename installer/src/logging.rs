@@ -1,0 +1,347 @@
+//! Istio-style logging: scopes (`cni-agent`, `cni-plugin`, `default`), per-scope levels from
+//! `--log_output_level scope:level,...`, text or JSON lines (`--log_as_json`).
+//!
+//! Text: `<RFC3339 time>\t<level>\t<scope>\t<msg>[\tkey=value...]`, as Istio prints (the
+//! `default` scope is not named, as in Istio).
+//! JSON: `{"level":..,"time":..,"scope":..,"msg":..,<fields>}`.
+//! The agent logs with `log::info!(target: SCOPE_AGENT, ...)`; the plugin's lines received on
+//! the log socket go through [`emit`] under the `cni-plugin` scope with their fields.
+use std::io::Write as _;
+use std::sync::OnceLock;
+
+pub const SCOPE_AGENT: &str = "cni-agent";
+pub const SCOPE_PLUGIN: &str = "cni-plugin";
+pub const SCOPE_DEFAULT: &str = "default";
+const SCOPES: &[&str] = &[SCOPE_AGENT, SCOPE_PLUGIN, SCOPE_DEFAULT];
+
+/// Istio's levels, least to most severe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Debug,
+    Info,
+    Warn,
+    Error,
+    Fatal,
+    None,
+}
+
+impl Level {
+    pub fn parse(s: &str) -> Option<Level> {
+        Some(match s.trim().to_ascii_lowercase().as_str() {
+            "debug" => Level::Debug,
+            "info" => Level::Info,
+            "warn" | "warning" => Level::Warn,
+            "error" => Level::Error,
+            "fatal" => Level::Fatal,
+            "none" => Level::None,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Debug => "debug",
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Error => "error",
+            Level::Fatal => "fatal",
+            Level::None => "none",
+        }
+    }
+
+    fn from_log(l: log::Level) -> Level {
+        match l {
+            log::Level::Trace | log::Level::Debug => Level::Debug,
+            log::Level::Info => Level::Info,
+            log::Level::Warn => Level::Warn,
+            log::Level::Error => Level::Error,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Stdout,
+    Stderr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogSettings {
+    /// Level for scopes not named explicitly.
+    pub default: Level,
+    /// Levels named per scope.
+    pub scopes: Vec<(String, Level)>,
+    pub json: bool,
+    pub target: Target,
+}
+
+impl LogSettings {
+    /// Parses `--log_output_level`: `level` or `scope:level` items, comma-separated. A bare
+    /// level, `default:`, `all:` or `*:` sets the level of every scope not named otherwise.
+    /// Errors carry the env name of the bad setting and why.
+    pub fn parse(
+        output_level: &str,
+        json: bool,
+        target: &str,
+    ) -> Result<Self, (&'static str, String)> {
+        let mut default = Level::Info;
+        let mut scopes = Vec::new();
+        for item in output_level
+            .split(',')
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+        {
+            let (scope, level) = match item.rsplit_once(':') {
+                Some((s, l)) => (s.trim(), l),
+                None => ("default", item),
+            };
+            let level = Level::parse(level).ok_or_else(|| {
+                (
+                    "LOG_OUTPUT_LEVEL",
+                    format!(
+                        "unknown level {level:?} (expected debug, info, warn, error, fatal or none)"
+                    ),
+                )
+            })?;
+            match scope {
+                "default" | "all" | "*" => default = level,
+                s => scopes.push((s.to_string(), level)),
+            }
+        }
+        let target = match target {
+            "stdout" => Target::Stdout,
+            "stderr" => Target::Stderr,
+            _ => return Err(("LOG_TARGET", "expected stdout or stderr".into())),
+        };
+        Ok(LogSettings {
+            default,
+            scopes,
+            json,
+            target,
+        })
+    }
+
+    pub fn explicit_level(&self, scope: &str) -> Option<Level> {
+        self.scopes
+            .iter()
+            .rev()
+            .find(|(s, _)| s == scope)
+            .map(|(_, l)| *l)
+    }
+
+    pub fn level_for(&self, scope: &str) -> Level {
+        self.explicit_level(scope).unwrap_or(self.default)
+    }
+
+    /// Scopes named that this agent does not have (Istio's binary registers more; we warn).
+    pub fn unknown_scopes(&self) -> Vec<String> {
+        self.scopes
+            .iter()
+            .filter(|(s, _)| !SCOPES.contains(&s.as_str()))
+            .map(|(s, _)| s.clone())
+            .collect()
+    }
+}
+
+/// The settings the installed logger runs with, for [`emit`].
+static SETTINGS: OnceLock<LogSettings> = OnceLock::new();
+
+fn level_filter(level: Level) -> log::LevelFilter {
+    match level {
+        Level::Debug => log::LevelFilter::Debug,
+        Level::Info => log::LevelFilter::Info,
+        Level::Warn => log::LevelFilter::Warn,
+        Level::Error | Level::Fatal => log::LevelFilter::Error,
+        Level::None => log::LevelFilter::Off,
+    }
+}
+
+/// Installs the logger (env_logger, with Istio's line format and per-scope levels). Call once.
+pub fn init(settings: LogSettings) {
+    let mut builder = env_logger::Builder::new();
+    // Log targets are scope names; anything else (crates' own targets) is the default scope.
+    builder.filter_level(level_filter(settings.default));
+    for scope in SCOPES {
+        builder.filter_module(scope, level_filter(settings.level_for(scope)));
+    }
+    let json = settings.json;
+    builder.format(move |buf, record| {
+        let line = format_line(
+            json,
+            Level::from_log(record.level()),
+            &buf.timestamp_micros().to_string(),
+            scope_of(record.target()),
+            &record.args().to_string(),
+            &[],
+        );
+        buf.write_all(line.as_bytes())
+    });
+    builder.target(match settings.target {
+        Target::Stdout => env_logger::Target::Stdout,
+        Target::Stderr => env_logger::Target::Stderr,
+    });
+    builder.write_style(env_logger::WriteStyle::Never);
+    let _ = SETTINGS.set(settings);
+    let _ = builder.try_init();
+}
+
+fn scope_of(target: &str) -> &str {
+    if SCOPES.contains(&target) {
+        target
+    } else {
+        SCOPE_DEFAULT
+    }
+}
+
+/// Writes one preformatted line where the logger writes, in one call so lines never interleave.
+fn write_line(target: Target, line: &str) {
+    let _ = match target {
+        Target::Stdout => std::io::stdout().lock().write_all(line.as_bytes()),
+        Target::Stderr => std::io::stderr().lock().write_all(line.as_bytes()),
+    };
+}
+
+/// Emits one line under `scope` with extra fields, honouring the scope's level.
+pub fn emit(
+    scope: &str,
+    level: Level,
+    time: &str,
+    msg: &str,
+    fields: &[(String, serde_json::Value)],
+) {
+    let Some(settings) = SETTINGS.get() else {
+        return;
+    };
+    if level < settings.level_for(scope) || level == Level::None {
+        return;
+    }
+    write_line(
+        settings.target,
+        &format_line(settings.json, level, time, scope, msg, fields),
+    );
+}
+
+/// One log line, newline-terminated.
+pub fn format_line(
+    json: bool,
+    level: Level,
+    time: &str,
+    scope: &str,
+    msg: &str,
+    fields: &[(String, serde_json::Value)],
+) -> String {
+    if json {
+        let mut m = serde_json::Map::new();
+        m.insert("level".into(), level.as_str().into());
+        m.insert("time".into(), time.into());
+        // Istio names every scope but the default one.
+        if scope != SCOPE_DEFAULT {
+            m.insert("scope".into(), scope.into());
+        }
+        m.insert("msg".into(), msg.into());
+        for (k, v) in fields {
+            m.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        let mut s = serde_json::Value::Object(m).to_string();
+        s.push('\n');
+        s
+    } else {
+        let mut s = match scope {
+            SCOPE_DEFAULT => format!("{time}\t{}\t{msg}", level.as_str()),
+            _ => format!("{time}\t{}\t{scope}\t{msg}", level.as_str()),
+        };
+        for (k, v) in fields {
+            match v {
+                serde_json::Value::String(v) => s.push_str(&format!("\t{k}={v}")),
+                v => s.push_str(&format!("\t{k}={v}")),
+            }
+        }
+        s.push('\n');
+        s
+    }
+}
+
+/// Now as RFC 3339 UTC with microseconds, as Istio's logs print it.
+pub fn now_rfc3339() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format_rfc3339(d.as_secs() as i64, d.subsec_micros())
+}
+
+pub fn format_rfc3339(secs: i64, micros: u32) -> String {
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z.rem_euclid(146097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_level_syntax() {
+        let s = LogSettings::parse("cni-agent:debug,cni-plugin:warn", false, "stdout").unwrap();
+        assert_eq!(s.level_for("cni-agent"), Level::Debug);
+        assert_eq!(s.level_for("cni-plugin"), Level::Warn);
+        assert_eq!(s.level_for("default"), Level::Info);
+        let s = LogSettings::parse("error", false, "stdout").unwrap();
+        assert_eq!(s.level_for("cni-agent"), Level::Error);
+        let s = LogSettings::parse("default:debug,cni-plugin:none", true, "stderr").unwrap();
+        assert_eq!(s.level_for("cni-agent"), Level::Debug);
+        assert_eq!(s.level_for("cni-plugin"), Level::None);
+        assert_eq!(s.target, Target::Stderr);
+        let s = LogSettings::parse("repair:debug", false, "stdout").unwrap();
+        assert_eq!(s.unknown_scopes(), vec!["repair".to_string()]);
+        assert!(LogSettings::parse("cni-agent:verbose", false, "stdout").is_err());
+        assert_eq!(
+            LogSettings::parse("info", false, "file").unwrap_err().0,
+            "LOG_TARGET"
+        );
+    }
+
+    #[test]
+    fn line_formats() {
+        let f = vec![("pod".to_string(), serde_json::Value::from("default/web-1"))];
+        let t = format_line(false, Level::Info, "T", "cni-plugin", "added", &f);
+        assert_eq!(t, "T\tinfo\tcni-plugin\tadded\tpod=default/web-1\n");
+        let j: serde_json::Value =
+            serde_json::from_str(&format_line(true, Level::Warn, "T", "cni-agent", "m", &f))
+                .unwrap();
+        assert_eq!(j["level"], "warn");
+        assert_eq!(j["scope"], "cni-agent");
+        assert_eq!(j["pod"], "default/web-1");
+        assert_eq!(
+            format_line(false, Level::Info, "T", "default", "m", &[]),
+            "T\tinfo\tm\n"
+        );
+    }
+
+    #[test]
+    fn rfc3339() {
+        assert_eq!(format_rfc3339(0, 0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            format_rfc3339(1_709_251_199, 5),
+            "2024-02-29T23:59:59.000005Z"
+        );
+        assert_eq!(
+            format_rfc3339(951_782_400, 0),
+            "2000-02-29T00:00:00.000000Z"
+        );
+    }
+}
