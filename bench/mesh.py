@@ -331,6 +331,7 @@ class Node:
                     self._cni("DEL", conf, pod)
                 except Exception as e:  # keep cleaning; report
                     log(f"cleanup: CNI DEL {pod.name} ({conf}): {e}")
+            run(["ip", "netns", "del", pod.netns], check=False)
         self.pods.clear()
 
 
