@@ -379,7 +379,13 @@ def render(results, plots_rel):
              "127.0.0.6 (meshed) or the client pod IP (plain).")  # fmt: skip
     L.append("- **Load**: `sockperf ping-pong --tcp --mps=max --full-rtt` (round trip, one connection) at 64 B, 1 KiB, 16 KiB; "
              "`iperf3` one stream; `wrk -t1 -c{c} --latency` against nginx (HTTP/1.1 keep-alive, small body).".replace("{c}", str(results["config"]["wrk_connections"])))  # fmt: skip
-    L.append("- **Columns**: " + "; ".join(f"*{plan.MODE_TITLES[x]}*" for x in modes) + ".")
+    L.append("- **Columns**: " + "; ".join(f"*{plan.MODE_TITLES[x]}*" for x in modes) + ". Each column has its own client "
+             "and server pod on the same bridge.")  # fmt: skip
+    if "accel" in modes:
+        L.append("- **The accelerated column** is fastpath as deployed: `install-cni` installed the plugin and loaded, "
+                 "self-tested and pinned the probes; the plugin enrolled the pods on ADD. The iptables-only column runs "
+                 "on the same node at the same time, its pods opted out with `fastpath.io/accelerate: \"false\"` (checked: "
+                 "not enrolled), so for it the probes only run at connection set-up, as for any pod outside fastpath.")  # fmt: skip
     L.append(f"- **Placement**: *pinned* = every process of the path (apps, sidecars, load generator) on CPU {results['config']['pinned_cpu']}; "
              "*unpinned* = the scheduler decides.")  # fmt: skip
     L.append(f"- **Repetition**: {reps} repetitions of {results['config']['secs']} s runs; inside each repetition every test runs in every "
