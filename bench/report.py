@@ -460,8 +460,10 @@ def render(results, plots_rel):
     L.append("CPU time (user + system) of the load generator (its rusage), the server app and both sidecars "
              "(`/proc/<pid>/task/*/schedstat`), divided by the round trips or requests of the whole run. "
              "Softirq work done on another task's time is not attributed; pinned runs are the cleanest.\n")  # fmt: skip
-    L.append("| test | placement | " + " | ".join(f"{x} total" for x in modes) + " | " + " | ".join(f"{x} sidecars" for x in modes if x != "plain") + " |")
-    L.append("|" + "---|" * (2 + len(modes) + len([x for x in modes if x != "plain"])))
+    has_accel = "accel" in modes
+    L.append("| test | placement | " + " | ".join(f"{x} total" for x in modes) + " | " + " | ".join(f"{x} sidecars" for x in modes if x != "plain")
+             + (" | **mesh → accel (total)** |" if has_accel else " |"))  # fmt: skip
+    L.append("|" + "---|" * (2 + len(modes) + len([x for x in modes if x != "plain"]) + (1 if has_accel else 0)))
     for test, size, unit, metric in [("sockperf", s, "µs/round trip", "cpu_us_per_req") for s in plan.SOCKPERF_SIZES] + [("wrk", 0, "µs/request", "cpu_us_per_req"), ("iperf3", 0, "ms/GiB", "cpu_ms_per_gib")]:
         for placement in plan.PLACEMENTS:
             name = f"{test} {size} B ({unit})" if test == "sockperf" else f"{test} ({unit})"
@@ -471,6 +473,9 @@ def render(results, plots_rel):
                 row += " | " + " | ".join(fmt((summary.get((test, size, placement, x)) or {}).get(per)) for x in modes if x != "plain")
             else:
                 row += " | " + " | ".join("–" for x in modes if x != "plain")
+            if has_accel:
+                m_, a_ = (summary.get((test, size, placement, x)) or {} for x in ("mesh", "accel"))
+                row += f" | {fx(plan.ratio(m_.get(metric), a_.get(metric)))}"
             L.append(row + " |")
     L.append("")
 
