@@ -142,6 +142,19 @@ def plot(results, out_dir):
 
 
 # ------------------------------------------------------------------ markdown
+# Fields that name an item of a list in a bench's JSON summary (rather than measure it).
+ID_KEYS = ("name", "case", "test", "mode", "cpu", "placement", "size", "write_size")
+
+
+def item_label(item, index):
+    """`cpu=same size=64` for a list item that carries identifying fields, else its index."""
+    if isinstance(item, dict):
+        ids = [f"{k}={item[k]}" for k in ID_KEYS if k in item and not isinstance(item[k], (dict, list))]
+        if ids:
+            return " ".join(ids)
+    return str(index)
+
+
 def flatten(obj, prefix=""):
     if isinstance(obj, dict):
         for k, v in obj.items():
@@ -150,7 +163,7 @@ def flatten(obj, prefix=""):
         yield prefix, ", ".join(map(str, obj))
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
-            yield from flatten(v, f"{prefix}[{i}]")
+            yield from flatten(v, f"{prefix}[{item_label(v, i)}]")
     else:
         yield prefix, obj
 
