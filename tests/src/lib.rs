@@ -7,6 +7,7 @@ pub mod cri;
 pub mod installer;
 pub mod kube_api;
 pub mod netns;
+pub mod sidecar;
 
 /// Returns `true` when the test may go on. Panics under `CI=true` when it may not.
 pub fn require_privileges(test: &str) -> bool {

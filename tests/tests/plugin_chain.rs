@@ -207,23 +207,7 @@ fn accept_within(l: &TcpListener, d: Duration) -> Option<(TcpStream, SocketAddr)
 
 /// `SO_ORIGINAL_DST` of a redirected connection.
 fn original_dst(s: &TcpStream) -> SocketAddrV4 {
-    // SAFETY: getsockopt into a sockaddr_in of the right size.
-    unsafe {
-        let mut addr: libc::sockaddr_in = std::mem::zeroed();
-        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        let rc = libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_IP,
-            80, // SO_ORIGINAL_DST
-            &mut addr as *mut _ as *mut libc::c_void,
-            &mut len,
-        );
-        assert_eq!(rc, 0, "getsockopt SO_ORIGINAL_DST");
-        SocketAddrV4::new(
-            Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)),
-            u16::from_be(addr.sin_port),
-        )
-    }
+    fastpath_tests::sidecar::original_dst(s).expect("getsockopt SO_ORIGINAL_DST")
 }
 
 const APP: (u32, u32) = (1000, 1000);
