@@ -8,7 +8,6 @@ netns, the bridge, IPAM state, pins it made) and is safe to call twice or after 
 import fcntl
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -294,9 +293,6 @@ class Node:
         logs = "; ".join(f"{n}: {p.log.read_text()[-400:]}" for n, p in pod.procs.items() if p.log.exists())
         raise RuntimeError(f"pod {pod.name}: nothing listens on {port} after {timeout}s ({logs})")
 
-    def server_pids(self, pod):
-        return [p.pid for p in pod.procs.values() if p.alive()]
-
     def pin_all(self, cpus):
         """Sets the CPU affinity of every long-running bench process (sidecars, apps)."""
         for p in self.procs:
@@ -397,12 +393,3 @@ class NodeLock:
     def __exit__(self, *exc):
         fcntl.flock(self.f, fcntl.LOCK_UN)
         self.f.close()
-
-
-def which_or_none(path):
-    return str(path) if Path(path).is_file() and os.access(path, os.X_OK) else None
-
-
-def copy_if_exists(src, dst):
-    if Path(src).exists():
-        shutil.copy(src, dst)

@@ -77,7 +77,7 @@ def machine_info():
     }
 
 
-def run_client(node, pod, argv, cpus, timeout):
+def run_client(pod, argv, cpus, timeout):
     """Runs a load generator in `pod`; returns (stdout, CPU seconds it used)."""
     cmd = mesh.in_netns(pod.netns, argv)
     p = subprocess.Popen(
@@ -233,10 +233,9 @@ class Bench:
         self.node.pin_all(cpus)
         return cpus
 
-    def proc_cpu_ns(self, mode):
-        client, server = self.pairs[mode]
-        sidecars = sum(mesh.cpu_time_ns(p.pid) for pod in (client, server) for n, p in pod.procs.items() if n == "sidecar")
-        return sidecars
+    def sidecar_cpu_ns(self, mode):
+        """CPU time so far of both sidecars of a column."""
+        return sum(mesh.cpu_time_ns(p.pid) for pod in self.pairs[mode] for n, p in pod.procs.items() if n == "sidecar")
 
     def app_cpu_ns(self, mode, test):
         _, server = self.pairs[mode]
@@ -256,10 +255,10 @@ class Bench:
             argv = loadgen.wrk_client(server.ip, mesh.HTTP_PORT, secs, self.args.wrk_connections)
         sess0 = self.sessions(cell.mode)
         acc0 = self.accel.counters(self.node, self.pairs[cell.mode]) if self.accel and cell.mode == "accel" else None
-        proxy0, app0 = self.proc_cpu_ns(cell.mode), self.app_cpu_ns(cell.mode, cell.test)
+        proxy0, app0 = self.sidecar_cpu_ns(cell.mode), self.app_cpu_ns(cell.mode, cell.test)
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        rc, out, ru1 = run_client(self.node, client, argv, cpus, timeout=secs + 60)
-        proxy_ns = self.proc_cpu_ns(cell.mode) - proxy0
+        rc, out, ru1 = run_client(client, argv, cpus, timeout=secs + 60)
+        proxy_ns = self.sidecar_cpu_ns(cell.mode) - proxy0
         app_ns = self.app_cpu_ns(cell.mode, cell.test) - app0
         client_ns = ((ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)) * 1e9
         if rc != 0:
