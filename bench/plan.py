@@ -101,7 +101,7 @@ def goal_checks(summary):
 
 # An unpinned run whose p50 is within this factor of the pinned median of its column and size
 # ran with the whole chain on one vCPU; above it the scheduler spread the chain over both.
-COLOCATED_FACTOR = 1.5
+COLOCATED_FACTOR = 1.3
 
 
 def unpinned_by_placement(runs):
