@@ -6,6 +6,8 @@
 //! or recreates the maps instead of reusing them with the wrong layout.
 #![no_std]
 
+pub mod time;
+
 /// Bumped whenever a map key or value layout below changes.
 pub const MAP_ABI_VERSION: u32 = 1;
 
