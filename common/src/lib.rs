@@ -7,7 +7,7 @@
 #![no_std]
 
 /// Bumped whenever a map key or value layout below changes.
-pub const MAP_ABI_VERSION: u32 = 1;
+pub const MAP_ABI_VERSION: u32 = 2;
 
 /// Directory under the bpffs mount where fastpath pins its programs, links and maps.
 pub const PIN_DIR_NAME: &str = "fastpath";
@@ -20,8 +20,16 @@ pub mod map_names {
     pub const PODS: &str = "FP_PODS";
     /// Pod IPs on this node: [`crate::IpKey`] -> netns cookie.
     pub const POD_IPS: &str = "FP_POD_IPS";
-    /// The sockhash that sk_msg redirects into: [`crate::SockKey`] -> socket.
+    /// The sockhash that sk_msg redirects into: socket cookie (u64) -> socket.
     pub const SOCKS: &str = "FP_SOCKS";
+    /// Per-socket pairing state: [`crate::SockKey`] -> [`crate::SockState`].
+    pub const PAIRS: &str = "FP_PAIRS";
+    /// Enrolled clients waiting for their server: [`crate::Endpoint`] -> [`crate::ActiveConn`].
+    pub const ACTIVE: &str = "FP_ACTIVE";
+    /// SYNs seen by enrolled listeners: client [`crate::Endpoint`] -> [`crate::PendingSyn`].
+    pub const PENDING: &str = "FP_PENDING";
+    /// ABI stamp of the pinned set: index -> u64 ([`crate::meta_index`]).
+    pub const META: &str = "FP_META";
     /// Per-pod counters: netns cookie -> [`crate::PodStats`] (per CPU).
     pub const STATS: &str = "FP_STATS";
     /// Runtime switches written by the installer after its kernel self-test: index -> u32.
@@ -73,8 +81,9 @@ impl Ip {
     }
 }
 
-/// Key of a socket in the sockhash: its own tuple plus its network namespace's cookie, so that
-/// identical tuples in two pods (127.0.0.1 exists in each) never collide.
+/// A socket's identity as both sock_ops and sk_msg can compute it: its own tuple plus its
+/// network namespace's cookie (established tuples are unique within one namespace; identical
+/// loopback tuples in two pods differ by the cookie). Key of [`map_names::PAIRS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockKey {
@@ -85,6 +94,83 @@ pub struct SockKey {
     /// Host byte order.
     pub remote_port: u32,
     pub netns: u64,
+}
+
+/// An endpoint (ip, port) as one side of a connection sees it, scoped to where it is unique.
+///
+/// `ns` is 0 when `ip` is a registered pod IP (unique on the node, so the two ends of a hop may
+/// live in different network namespaces), and the socket's netns cookie otherwise (loopback
+/// addresses such as 127.0.0.6 exist in every pod).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub ip: Ip,
+    /// Host byte order.
+    pub port: u32,
+    pub _pad: u32,
+    pub ns: u64,
+}
+
+/// Value of [`map_names::PENDING`]: a SYN from this client endpoint reached an enrolled listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingSyn {
+    /// bpf_ktime_get_ns() when the listener saw the SYN.
+    pub seen_ns: u64,
+}
+
+/// Value of [`map_names::ACTIVE`]: an enrolled client socket waiting for its local server.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ActiveConn {
+    /// The client socket's key in [`map_names::PAIRS`].
+    pub client: SockKey,
+    /// Socket cookie of the client socket (its key in [`map_names::SOCKS`]).
+    pub cookie: u64,
+    /// The client's `snd_una` and `rcv_nxt` at ACTIVE_ESTABLISHED: the server must see the
+    /// mirror image (`rcv_nxt`, `snd_nxt`), which proves it is the other end of this very
+    /// connection (64 bits of the two initial sequence numbers).
+    pub snd_una: u32,
+    pub rcv_nxt: u32,
+}
+
+/// States of a socket in [`map_names::PAIRS`] ([`SockState::state`]).
+pub mod sock_state {
+    /// A connecting client of an enrolled pod (between TCP_CONNECT_CB and ACTIVE_ESTABLISHED).
+    pub const CONNECTING: u64 = 1;
+    /// A client in the sockhash whose local server has not established yet.
+    pub const PENDING: u64 = 2;
+    /// Paired: every message is redirected to `peer`.
+    pub const PAIRED: u64 = 3;
+    /// The client sent bytes over TCP before it was paired: it must never be redirected
+    /// (redirected bytes would overtake them).
+    pub const TAINTED: u64 = 4;
+}
+
+/// Socket roles in [`SockState::role`].
+pub mod sock_role {
+    pub const CLIENT: u32 = 1;
+    pub const SERVER: u32 = 2;
+}
+
+/// Value of [`map_names::PAIRS`]: per-socket state, keyed by the socket's [`SockKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockState {
+    /// One of [`sock_state`]; changed with compare-and-swap by the probes (64-bit because
+    /// the BPF target has 64-bit atomics only).
+    pub state: u64,
+    /// Socket cookie of the peer (valid when `state` is PAIRED).
+    pub peer: u64,
+    /// Netns cookie of the pod this socket belongs to (for counters).
+    pub netns: u64,
+    /// bpf_ktime_get_ns() at TCP_CONNECT_CB (clients).
+    pub connect_ns: u64,
+    /// One of [`sock_role`].
+    pub role: u32,
+    pub _pad: u32,
+    /// The client's endpoint key in [`map_names::ACTIVE`], for clean-up on close.
+    pub endpoint: Endpoint,
 }
 
 /// Key of a pod IP in [`map_names::POD_IPS`].
@@ -128,6 +214,32 @@ pub struct PodStats {
     pub bytes_redirected: u64,
     /// Messages of enrolled sockets that found no peer and took the TCP path.
     pub peer_misses: u64,
+    /// Connections paired (counted on the server side).
+    pub connections_paired: u64,
+    /// Clients that wrote before their server established: the connection stays on TCP.
+    pub early_data_fallbacks: u64,
+}
+
+/// All map names, for pinning, status and uninstall.
+pub const ALL_MAPS: [&str; 9] = [
+    map_names::PODS,
+    map_names::POD_IPS,
+    map_names::SOCKS,
+    map_names::PAIRS,
+    map_names::ACTIVE,
+    map_names::PENDING,
+    map_names::STATS,
+    map_names::CONFIG,
+    map_names::META,
+];
+
+/// Indexes into [`map_names::META`].
+pub mod meta_index {
+    /// [`crate::MAP_ABI_VERSION`] of the maps pinned.
+    pub const ABI_VERSION: u32 = 0;
+    /// Hash of the probe object whose programs are attached.
+    pub const OBJECT_HASH: u32 = 1;
+    pub const LEN: u32 = 4;
 }
 
 /// Indexes into [`map_names::CONFIG`].
@@ -142,6 +254,10 @@ pub mod config_index {
 mod user {
     // SAFETY: all of these are repr(C) plain-old-data with no padding-dependent invariants.
     unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::PendingSyn {}
+    unsafe impl aya::Pod for super::ActiveConn {}
+    unsafe impl aya::Pod for super::SockState {}
     unsafe impl aya::Pod for super::IpKey {}
     unsafe impl aya::Pod for super::PodInfo {}
     unsafe impl aya::Pod for super::PodStats {}
@@ -173,8 +289,11 @@ mod tests {
     #[test]
     fn layouts_are_stable() {
         assert_eq!(core::mem::size_of::<Ip>(), 16);
+        assert_eq!(core::mem::size_of::<Endpoint>(), 32);
         assert_eq!(core::mem::size_of::<SockKey>(), 48);
+        assert_eq!(core::mem::size_of::<ActiveConn>(), 64);
+        assert_eq!(core::mem::size_of::<SockState>(), 72);
         assert_eq!(core::mem::size_of::<PodInfo>(), 24);
-        assert_eq!(core::mem::size_of::<PodStats>(), 40);
+        assert_eq!(core::mem::size_of::<PodStats>(), 56);
     }
 }
