@@ -244,10 +244,115 @@ pub mod meta_index {
 
 /// Indexes into [`map_names::CONFIG`].
 pub mod config_index {
-    /// Non-zero: sk_msg may redirect. Zero: everything takes the TCP path (self-test failed
-    /// or acceleration disabled); sockets are not enrolled.
+    /// Non-zero: new connections of enrolled pods are paired. Zero (self-test failed or
+    /// acceleration disabled): no socket enters the sockhash; existing pairs run to their end.
     pub const ACCEL_ENABLED: u32 = 0;
+    /// Low and high 32 bits of the netns cookie of the installer's self-test namespace, which
+    /// is paired even while ACCEL_ENABLED is zero (0 = none).
+    pub const SELFTEST_NETNS_LO: u32 = 1;
+    pub const SELFTEST_NETNS_HI: u32 = 2;
     pub const LEN: u32 = 4;
+}
+
+/// Capacities of the maps (max_entries), shared by the probes and the loader's layout check.
+pub mod map_capacity {
+    pub const PODS: u32 = 16384;
+    pub const POD_IPS: u32 = 32768;
+    pub const SOCKS: u32 = 131072;
+    pub const PAIRS: u32 = 262144;
+    pub const ACTIVE: u32 = 65536;
+    pub const PENDING: u32 = 65536;
+    pub const STATS: u32 = 16384;
+}
+
+/// Kernel map types used (`enum bpf_map_type`).
+pub mod map_type {
+    pub const HASH: u32 = 1;
+    pub const ARRAY: u32 = 2;
+    pub const PERCPU_HASH: u32 = 5;
+    pub const LRU_HASH: u32 = 9;
+    pub const SOCKHASH: u32 = 18;
+}
+
+/// What a pinned map must look like to be reused by this build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    pub name: &'static str,
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+const fn layout<K, V>(name: &'static str, map_type: u32, max_entries: u32) -> MapLayout {
+    MapLayout {
+        name,
+        map_type,
+        key_size: core::mem::size_of::<K>() as u32,
+        value_size: core::mem::size_of::<V>() as u32,
+        max_entries,
+    }
+}
+
+/// The layout of every map of this build, in [`ALL_MAPS`] order.
+pub const MAP_LAYOUTS: [MapLayout; 9] = [
+    layout::<u64, PodInfo>(map_names::PODS, map_type::HASH, map_capacity::PODS),
+    layout::<IpKey, u64>(map_names::POD_IPS, map_type::HASH, map_capacity::POD_IPS),
+    // aya-ebpf declares sockhash values as u32 (a socket fd from userspace).
+    layout::<u64, u32>(map_names::SOCKS, map_type::SOCKHASH, map_capacity::SOCKS),
+    layout::<SockKey, SockState>(map_names::PAIRS, map_type::HASH, map_capacity::PAIRS),
+    layout::<Endpoint, ActiveConn>(map_names::ACTIVE, map_type::HASH, map_capacity::ACTIVE),
+    layout::<Endpoint, PendingSyn>(
+        map_names::PENDING,
+        map_type::LRU_HASH,
+        map_capacity::PENDING,
+    ),
+    layout::<u64, PodStats>(map_names::STATS, map_type::PERCPU_HASH, map_capacity::STATS),
+    layout::<u32, u32>(map_names::CONFIG, map_type::ARRAY, config_index::LEN),
+    layout::<u32, u64>(map_names::META, map_type::ARRAY, meta_index::LEN),
+];
+
+/// Where the plugin keeps one JSON file per enrolled pod, under `cni_agent_run_dir`
+/// (`<run_dir>/fastpath/pods/<container-id>.json`).
+pub const POD_STATE_SUBDIR: &str = "fastpath/pods";
+
+/// Pod annotation: `"false"` turns acceleration off for the pod (e.g. it splices).
+pub const ANNOTATION_ACCELERATE: &str = "fastpath.io/accelerate";
+/// Pod annotation: comma-separated TCP ports whose connections are never accelerated (the
+/// pod's own listening ports, or destination ports it connects to). At most
+/// [`MAX_EXCLUDED_PORTS`].
+pub const ANNOTATION_EXCLUDE_PORTS: &str = "fastpath.io/exclude-ports";
+
+impl PodInfo {
+    /// The enrollment of a pod; `ports` beyond [`MAX_EXCLUDED_PORTS`] are the caller's error.
+    pub fn new(accelerate: bool, ports: &[u16]) -> Self {
+        let mut info = Self {
+            flags: if accelerate { pod_flags::ACCELERATE } else { 0 },
+            ..Self::default()
+        };
+        for (slot, p) in info.excluded_ports.iter_mut().zip(ports) {
+            *slot = *p;
+            info.excluded_port_count += 1;
+        }
+        info
+    }
+}
+
+impl Ip {
+    /// From an IPv4 address's octets.
+    pub const fn from_v4_octets(o: [u8; 4]) -> Self {
+        Self::v4(u32::from_ne_bytes(o))
+    }
+
+    /// From an IPv6 address's octets (IPv4-mapped become IPv4).
+    pub const fn from_v6_octets(o: [u8; 16]) -> Self {
+        Self::v6([
+            u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+            u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+            u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+            u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+        ])
+    }
 }
 
 #[cfg(feature = "user")]
@@ -277,6 +382,37 @@ mod tests {
             u32::from_be_bytes([10, 1, 2, 3]).to_be(),
         ]);
         assert_eq!(v4, mapped);
+    }
+
+    #[test]
+    fn octets_match_network_order_words() {
+        assert_eq!(
+            Ip::from_v4_octets([10, 1, 2, 3]),
+            Ip::v4(u32::from_be_bytes([10, 1, 2, 3]).to_be())
+        );
+        let mut mapped = [0u8; 16];
+        mapped[10] = 0xff;
+        mapped[11] = 0xff;
+        mapped[12..].copy_from_slice(&[10, 1, 2, 3]);
+        assert_eq!(
+            Ip::from_v6_octets(mapped),
+            Ip::from_v4_octets([10, 1, 2, 3])
+        );
+    }
+
+    #[test]
+    fn pod_info_keeps_ports() {
+        let p = PodInfo::new(true, &[80, 443]);
+        assert_eq!(p.flags, pod_flags::ACCELERATE);
+        assert_eq!(p.excluded_port_count, 2);
+        assert_eq!(&p.excluded_ports[..2], &[80, 443]);
+    }
+
+    #[test]
+    fn layouts_cover_all_maps_in_order() {
+        for (l, n) in MAP_LAYOUTS.iter().zip(ALL_MAPS) {
+            assert_eq!(l.name, n);
+        }
     }
 
     #[test]

@@ -41,42 +41,39 @@ use aya_ebpf::{
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RWND_INIT, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, sk_action,
     },
-    helpers::{
-        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_delete_elem,
-    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_delete_elem},
     macros::{map, sk_msg, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuHashMap, SockHash},
     programs::{SkMsgContext, SockOpsContext},
 };
 use fastpath_common::{
     AF_INET, AF_INET6, ActiveConn, Endpoint, Ip, IpKey, PendingSyn, PodInfo, PodStats, SockKey,
-    SockState,
-    config_index, pod_flags, sock_role, sock_state,
+    SockState, config_index, map_capacity, pod_flags, sock_role, sock_state,
 };
 
 #[map(name = "FP_PODS")]
-static FP_PODS: HashMap<u64, PodInfo> = HashMap::pinned(16384, 0);
+static FP_PODS: HashMap<u64, PodInfo> = HashMap::pinned(map_capacity::PODS, 0);
 
 #[map(name = "FP_POD_IPS")]
-static FP_POD_IPS: HashMap<IpKey, u64> = HashMap::pinned(32768, 0);
+static FP_POD_IPS: HashMap<IpKey, u64> = HashMap::pinned(map_capacity::POD_IPS, 0);
 
 #[map(name = "FP_SOCKS")]
-static FP_SOCKS: SockHash<u64> = SockHash::pinned(131072, 0);
+static FP_SOCKS: SockHash<u64> = SockHash::pinned(map_capacity::SOCKS, 0);
 
 // Not LRU: evicting a live socket's state would strand it in the sockhash.
 #[map(name = "FP_PAIRS")]
-static FP_PAIRS: HashMap<SockKey, SockState> = HashMap::pinned(262144, 0);
+static FP_PAIRS: HashMap<SockKey, SockState> = HashMap::pinned(map_capacity::PAIRS, 0);
 
 // Not LRU either: an evicted entry would leave its client in the sockhash without a peer.
 #[map(name = "FP_ACTIVE")]
-static FP_ACTIVE: HashMap<Endpoint, ActiveConn> = HashMap::pinned(65536, 0);
+static FP_ACTIVE: HashMap<Endpoint, ActiveConn> = HashMap::pinned(map_capacity::ACTIVE, 0);
 
 // LRU: a SYN whose handshake never completes leaves an entry nobody removes.
 #[map(name = "FP_PENDING")]
-static FP_PENDING: LruHashMap<Endpoint, PendingSyn> = LruHashMap::pinned(65536, 0);
+static FP_PENDING: LruHashMap<Endpoint, PendingSyn> = LruHashMap::pinned(map_capacity::PENDING, 0);
 
 #[map(name = "FP_STATS")]
-static FP_STATS: PerCpuHashMap<u64, PodStats> = PerCpuHashMap::pinned(16384, 0);
+static FP_STATS: PerCpuHashMap<u64, PodStats> = PerCpuHashMap::pinned(map_capacity::STATS, 0);
 
 #[map(name = "FP_CONFIG")]
 static FP_CONFIG: Array<u32> = Array::pinned(config_index::LEN, 0);
@@ -86,8 +83,18 @@ static FP_META: Array<u64> = Array::pinned(fastpath_common::meta_index::LEN, 0);
 
 const TCP_CLOSE: u32 = 7;
 
-fn accel_enabled() -> bool {
-    matches!(FP_CONFIG.get(config_index::ACCEL_ENABLED), Some(v) if *v != 0)
+fn config(index: u32) -> u32 {
+    FP_CONFIG.get(index).copied().unwrap_or(0)
+}
+
+/// Pairing is on for everyone, or for the installer's self-test namespace only.
+fn accel_enabled(netns: u64) -> bool {
+    if config(config_index::ACCEL_ENABLED) != 0 {
+        return true;
+    }
+    let selftest = (config(config_index::SELFTEST_NETNS_HI) as u64) << 32
+        | config(config_index::SELFTEST_NETNS_LO) as u64;
+    selftest != 0 && selftest == netns
 }
 
 fn stats(netns: u64) -> Option<&'static mut PodStats> {
@@ -224,7 +231,7 @@ pub fn fastpath_sockops(ctx: SockOpsContext) -> u32 {
     let Some(pod) = (unsafe { FP_PODS.get(&netns) }) else {
         return 1;
     };
-    if pod.flags & pod_flags::ACCELERATE == 0 || !accel_enabled() {
+    if pod.flags & pod_flags::ACCELERATE == 0 || !accel_enabled(netns) {
         return 1;
     }
     let is_fullsock = unsafe { (*ctx.ops).is_fullsock } != 0;
@@ -268,8 +275,7 @@ fn on_connect(ctx: &SockOpsContext, pod: &PodInfo, netns: u64) {
         _pad: 0,
         endpoint: Endpoint::default(),
     };
-    if FP_PAIRS.insert(&key, &st, BPF_ANY as u64).is_ok()
-    {
+    if FP_PAIRS.insert(&key, &st, BPF_ANY as u64).is_ok() {
         request_cb_flags(ctx, BPF_SOCK_OPS_STATE_CB_FLAG);
     }
 }

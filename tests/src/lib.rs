@@ -123,3 +123,5 @@ pub fn bin_path(name: &str) -> std::path::PathBuf {
     );
     p
 }
+
+pub mod accel;
