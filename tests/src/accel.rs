@@ -215,3 +215,39 @@ pub fn reuse_listener(addr: std::net::SocketAddr) -> std::net::TcpListener {
     s.listen(1024).unwrap();
     s.into()
 }
+
+/// Blocking reads on a paired socket can fail with EAGAIN when a wakeup carries no data (a
+/// 6.18 tcp_bpf_recvmsg defect, see docs/accelerator.md): retry those until `timeout`.
+pub fn read_exact_retry(s: &mut impl std::io::Read, buf: &mut [u8], timeout: std::time::Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut off = 0;
+    while off < buf.len() {
+        match s.read(&mut buf[off..]) {
+            Ok(0) => panic!("EOF after {off} of {} bytes", buf.len()),
+            Ok(n) => off += n,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && std::time::Instant::now() < deadline => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("read after {off} of {} bytes: {e}", buf.len()),
+        }
+    }
+}
+
+/// Reads to EOF, retrying spurious EAGAIN (see [`read_exact_retry`]).
+pub fn read_to_end_retry(s: &mut impl std::io::Read, timeout: std::time::Duration) -> Vec<u8> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && std::time::Instant::now() < deadline => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("read after {} bytes: {e}", out.len()),
+        }
+    }
+}
