@@ -4,7 +4,7 @@
 use fastpath_common::map_names;
 use fastpath_tests::accel::{Accel, Pod, fionread, pattern, read_exact_retry, read_to_end_retry};
 use std::{
-    io::{Read as _, Write as _},
+    io::Write as _,
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     time::Duration,
 };
