@@ -150,7 +150,11 @@ fn nginx_proxy_with_unaccelerated_upstream_and_direct_large_responses_never_stal
     for chunk in urls.chunks(5) {
         let sizes = curl(&mesh, chunk);
         for (u, got) in chunk.iter().zip(sizes) {
-            let want = if u.ends_with("10m") { 10 << 20 } else { 30 << 20 };
+            let want = if u.ends_with("10m") {
+                10 << 20
+            } else {
+                30 << 20
+            };
             assert_eq!(got, want, "{u}");
         }
     }
@@ -169,7 +173,11 @@ fn nginx_proxy_with_unaccelerated_upstream_and_direct_large_responses_never_stal
     let sizes = curl(&mesh, &urls);
     assert_eq!(sizes.len(), 10);
     for (u, got) in urls.iter().zip(sizes) {
-        let want = if u.ends_with("10m") { 10 << 20 } else { 30 << 20 };
+        let want = if u.ends_with("10m") {
+            10 << 20
+        } else {
+            30 << 20
+        };
         assert_eq!(got, want, "{u}");
     }
     let after = accel.stats(mesh.cookie());
