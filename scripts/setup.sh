@@ -32,8 +32,14 @@ declare -A PKG_PROBE=(
   [python3-grpcio]=/usr/lib/python3/dist-packages/grpc/__init__.py
   [python3-grpc-tools]=/usr/lib/python3/dist-packages/grpc_tools/protoc.py
   [python3-matplotlib]=/usr/lib/python3/dist-packages/matplotlib/__init__.py
+  [openssl]=/usr/bin/openssl
+  [gcc]=/usr/bin/gcc
+  [libc6-dev]=/usr/lib/x86_64-linux-gnu/libc.a
+  [buildah]=/usr/bin/buildah
 )
 missing=()
+# The image's builder stage needs only the toolchain steps below.
+[ "${FASTPATH_SETUP_ONLY_TOOLCHAIN:-0}" = 1 ] && PKG_PROBE=()
 for pkg in "${!PKG_PROBE[@]}"; do
   [ -e "${PKG_PROBE[$pkg]}" ] || missing+=("$pkg")
 done
@@ -74,6 +80,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$LLVM_LIB" ] || ! "$TOOLS/bpf-linker/bin/
 fi
 
 # --- step: kernel facilities the tests and the demo rely on --------------------------------------
+if [ "${FASTPATH_SETUP_ONLY_TOOLCHAIN:-0}" = 1 ]; then echo "setup: toolchain ok"; exit 0; fi
 if ! mountpoint -q /sys/fs/bpf; then
   mount -t bpf bpf /sys/fs/bpf 2>>"$LOG" || fail bpffs "mount -t bpf bpf /sys/fs/bpf"
 fi

@@ -1,1 +1,52 @@
-fn main() {}
+//! `istio-cni`: wires the process (env, stdin, stdout, stderr, own netns) to the plugin.
+use fastpath_cni_plugin::{ABOUT, plugin::IstioCni, skel};
+use std::os::unix::fs::MetadataExt as _;
+
+fn netns_identity(path: &str) -> Result<(u64, u64), String> {
+    std::fs::metadata(path)
+        .map(|m| (m.dev(), m.ino()))
+        .map_err(|e| e.to_string())
+}
+
+/// A panic must still leave a CNI error on stdout (the release profile aborts on panic, so this
+/// is the last word; Istio's plugin recovers panics into errors too).
+fn report_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let err = skel::CniError::internal(format!("istio-cni panicked: {info}"));
+        let mut line = err.to_json("1.1.0").to_string();
+        line.push('\n');
+        use std::io::Write as _;
+        let _ = std::io::stdout().write_all(line.as_bytes());
+        let _ = std::io::stdout().flush();
+        eprintln!("istio-cni panicked: {info}");
+        std::process::exit(1);
+    }));
+}
+
+fn main() {
+    report_panics();
+    let plugin = IstioCni::default();
+    let getenv = |k: &str| std::env::var(k).ok();
+    let own_netns = netns_identity("/proc/self/ns/net").ok();
+    let mut stdin = std::io::stdin().lock();
+    let mut stdout = std::io::stdout().lock();
+    let mut stderr = std::io::stderr();
+    let code = skel::dispatch(
+        skel::Io {
+            getenv: &getenv,
+            stdin: &mut stdin,
+            stdout: &mut stdout,
+            stderr: &mut stderr,
+            own_netns,
+            probe_netns: &netns_identity,
+        },
+        &plugin,
+        ABOUT,
+    );
+    let socket = plugin.log_socket.borrow().clone();
+    plugin
+        .log
+        .borrow_mut()
+        .flush(socket.as_deref().map(std::path::Path::new), &mut stderr);
+    std::process::exit(code);
+}

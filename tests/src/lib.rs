@@ -3,6 +3,8 @@
 //! Privileged tests call [`require_privileges`] first. Outside CI a test that cannot run says so
 //! and returns; with `CI=true` it fails, so CI never passes by skipping.
 pub mod cni;
+pub mod cri;
+pub mod kube_api;
 pub mod netns;
 
 /// Returns `true` when the test may go on. Panics under `CI=true` when it may not.

@@ -1,0 +1,376 @@
+//! The one Kubernetes call the plugin makes: `GET /api/v1/namespaces/{ns}/pods/{name}`, with
+//! the server, CA (or skip-verify) and bearer token of the kubeconfig the installer writes
+//! (`<cni_agent_run_dir>/istio-cni-kubeconfig`, client-go's YAML shape).
+use base64::Engine as _;
+use serde::Deserialize;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Time limits of one request: TCP connect, then each of send and receive.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+struct KubeconfigFile {
+    clusters: Vec<NamedCluster>,
+    users: Vec<NamedUser>,
+    contexts: Vec<NamedContext>,
+    current_context: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct NamedCluster {
+    name: String,
+    cluster: Cluster,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+struct Cluster {
+    server: String,
+    certificate_authority_data: Option<String>,
+    certificate_authority: Option<String>,
+    insecure_skip_tls_verify: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct NamedUser {
+    name: String,
+    user: User,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct User {
+    token: Option<String>,
+    #[serde(rename = "tokenFile")]
+    token_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct NamedContext {
+    name: String,
+    context: Context,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Context {
+    cluster: String,
+    user: String,
+}
+
+/// What the plugin needs from a kubeconfig.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubeAccess {
+    /// `https://host:port`, without a trailing slash.
+    pub server: String,
+    /// PEM bundle of the CA(s) to trust; `None` with `insecure` means skip verification.
+    pub ca_pem: Option<Vec<u8>>,
+    pub insecure: bool,
+    pub token: Option<String>,
+}
+
+/// Parses kubeconfig YAML text. Relative file references are resolved against `base_dir`.
+pub fn parse_kubeconfig(text: &str, base_dir: &std::path::Path) -> Result<KubeAccess, String> {
+    let file: KubeconfigFile =
+        serde_saphyr::from_str(text).map_err(|e| format!("invalid kubeconfig YAML: {e}"))?;
+    let ctx = file
+        .contexts
+        .iter()
+        .find(|c| c.name == file.current_context)
+        .or(file.contexts.first())
+        .map(|c| &c.context);
+    let cluster = match ctx {
+        Some(c) => file.clusters.iter().find(|k| k.name == c.cluster),
+        None => file.clusters.first(),
+    }
+    .ok_or("kubeconfig names no cluster")?;
+    let user = match ctx {
+        Some(c) => file.users.iter().find(|u| u.name == c.user),
+        None => file.users.first(),
+    };
+    let c = &cluster.cluster;
+    if c.server.is_empty() {
+        return Err(format!(
+            "kubeconfig cluster {:?} has no server",
+            cluster.name
+        ));
+    }
+    let resolve = |p: &str| {
+        let p = std::path::Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base_dir.join(p)
+        }
+    };
+    let ca_pem = if let Some(data) = c.certificate_authority_data.as_deref() {
+        let compact: String = data.chars().filter(|c| !c.is_whitespace()).collect();
+        Some(
+            base64::engine::general_purpose::STANDARD
+                .decode(compact)
+                .map_err(|e| format!("certificate-authority-data is not base64: {e}"))?,
+        )
+    } else if let Some(path) = c.certificate_authority.as_deref() {
+        let p = resolve(path);
+        Some(
+            std::fs::read(&p)
+                .map_err(|e| format!("read certificate-authority {}: {e}", p.display()))?,
+        )
+    } else {
+        None
+    };
+    let token = match user.map(|u| &u.user) {
+        Some(User { token: Some(t), .. }) if !t.is_empty() => Some(t.trim().to_string()),
+        Some(User {
+            token_file: Some(f),
+            ..
+        }) => {
+            let p = resolve(f);
+            Some(
+                std::fs::read_to_string(&p)
+                    .map_err(|e| format!("read tokenFile {}: {e}", p.display()))?
+                    .trim()
+                    .to_string(),
+            )
+        }
+        _ => None,
+    };
+    Ok(KubeAccess {
+        server: c.server.trim_end_matches('/').to_string(),
+        ca_pem,
+        insecure: c.insecure_skip_tls_verify,
+        token,
+    })
+}
+
+/// Reads and parses the kubeconfig file.
+pub fn load_kubeconfig(path: &str) -> Result<KubeAccess, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("read kubeconfig {path}: {e}"))?;
+    let dir = std::path::Path::new(path)
+        .parent()
+        .unwrap_or(std::path::Path::new("/"));
+    parse_kubeconfig(&text, dir).map_err(|e| format!("{path}: {e}"))
+}
+
+/// Why a GET failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FetchError {
+    /// The API answered with this HTTP status; the text is its `message` (or body).
+    Status(u16, String),
+    /// No answer (connect, TLS, timeout).
+    Transport(String),
+    /// An answer that is not a Pod.
+    Decode(String),
+    /// The kubeconfig could not be used.
+    Config(String),
+}
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchError::Status(401, m) => write!(
+                f,
+                "Unauthorized (401): {m} (the token in the plugin kubeconfig was rejected; install-cni rewrites it when the service account token rotates)"
+            ),
+            FetchError::Status(403, m) => write!(
+                f,
+                "Forbidden (403): {m} (the istio-cni service account needs get on pods)"
+            ),
+            FetchError::Status(404, m) => write!(f, "pod not found (404): {m}"),
+            FetchError::Status(s, m) => write!(f, "API server answered {s}: {m}"),
+            FetchError::Transport(m) => write!(f, "cannot reach the API server: {m}"),
+            FetchError::Decode(m) => write!(f, "the API server's answer is not a Pod: {m}"),
+            FetchError::Config(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+/// A Kubernetes object name or namespace must be a DNS-1123 label/subdomain; anything else is
+/// refused before it reaches a URL.
+pub fn valid_object_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric()
+}
+
+fn agent(access: &KubeAccess) -> Result<ureq::Agent, FetchError> {
+    use ureq::tls::{RootCerts, TlsConfig, TlsProvider};
+    let mut tls = TlsConfig::builder()
+        .provider(TlsProvider::Rustls)
+        .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()));
+    if access.insecure {
+        tls = tls.disable_verification(true);
+    } else if let Some(pem) = &access.ca_pem {
+        let mut certs = Vec::new();
+        for item in ureq::tls::parse_pem(pem) {
+            match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(FetchError::Config(format!(
+                        "kubeconfig certificate-authority-data is not a PEM certificate: {e}"
+                    )));
+                }
+            }
+        }
+        if certs.is_empty() {
+            return Err(FetchError::Config(
+                "kubeconfig certificate-authority-data holds no certificate".into(),
+            ));
+        }
+        tls = tls.root_certs(RootCerts::Specific(Arc::new(certs)));
+    } else {
+        return Err(FetchError::Config(
+            "kubeconfig has neither certificate-authority(-data) nor insecure-skip-tls-verify"
+                .into(),
+        ));
+    }
+    Ok(ureq::Agent::config_builder()
+        .tls_config(tls.build())
+        // Per phase rather than global: a global limit makes ureq resolve on a helper thread
+        // even for the IP literal the installer writes (KUBERNETES_SERVICE_HOST).
+        .timeout_connect(Some(CONNECT_TIMEOUT))
+        .timeout_send_request(Some(REQUEST_TIMEOUT))
+        .timeout_recv_response(Some(REQUEST_TIMEOUT))
+        .timeout_recv_body(Some(REQUEST_TIMEOUT))
+        .http_status_as_error(false)
+        .user_agent("istio-cni (fastpath)")
+        .build()
+        .new_agent())
+}
+
+/// One GET of the pod. Returns the raw JSON body on 200.
+pub fn get_pod(access: &KubeAccess, namespace: &str, name: &str) -> Result<Vec<u8>, FetchError> {
+    if !valid_object_name(namespace) || !valid_object_name(name) {
+        return Err(FetchError::Config(format!(
+            "refusing to look up pod {namespace:?}/{name:?}: not valid Kubernetes names"
+        )));
+    }
+    let url = format!(
+        "{}/api/v1/namespaces/{namespace}/pods/{name}",
+        access.server
+    );
+    let mut req = agent(access)?
+        .get(&url)
+        .header("Accept", "application/json");
+    if let Some(t) = &access.token {
+        req = req.header("Authorization", &format!("Bearer {t}"));
+    }
+    let mut resp = req
+        .call()
+        .map_err(|e| FetchError::Transport(e.to_string()))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(16 << 20)
+        .read_to_vec()
+        .map_err(|e| FetchError::Transport(format!("reading the answer: {e}")))?;
+    if status != 200 {
+        let message = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(String::from))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(300).collect());
+        return Err(FetchError::Status(status, message));
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOLDEN_SKIP_TLS: &str = "apiVersion: v1
+clusters:
+- cluster:
+    insecure-skip-tls-verify: true
+    server: https://10.96.0.1:443
+  name: local
+contexts:
+- context:
+    cluster: local
+    user: istio-cni
+  name: istio-cni-context
+current-context: istio-cni-context
+kind: Config
+users:
+- name: istio-cni
+  user:
+    token: service_account_token_string
+";
+
+    #[test]
+    fn istio_golden_kubeconfig() {
+        let a = parse_kubeconfig(GOLDEN_SKIP_TLS, std::path::Path::new("/")).unwrap();
+        assert_eq!(
+            a,
+            KubeAccess {
+                server: "https://10.96.0.1:443".into(),
+                ca_pem: None,
+                insecure: true,
+                token: Some("service_account_token_string".into())
+            }
+        );
+    }
+
+    #[test]
+    fn ca_data_is_decoded() {
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let b64 = base64::engine::general_purpose::STANDARD.encode(pem);
+        let text = GOLDEN_SKIP_TLS.replace(
+            "    insecure-skip-tls-verify: true\n",
+            &format!("    certificate-authority-data: {b64}\n"),
+        );
+        let a = parse_kubeconfig(&text, std::path::Path::new("/")).unwrap();
+        assert_eq!(a.ca_pem.as_deref(), Some(pem.as_bytes()));
+        assert!(!a.insecure);
+    }
+
+    #[test]
+    fn broken_kubeconfigs_say_why() {
+        let e = parse_kubeconfig("clusters: [", std::path::Path::new("/")).unwrap_err();
+        assert!(e.contains("invalid kubeconfig YAML"), "{e}");
+        let e = parse_kubeconfig("kind: Config\n", std::path::Path::new("/")).unwrap_err();
+        assert!(e.contains("no cluster"), "{e}");
+        let text = GOLDEN_SKIP_TLS.replace(
+            "    insecure-skip-tls-verify: true\n",
+            "    certificate-authority-data: '%%%'\n",
+        );
+        let e = parse_kubeconfig(&text, std::path::Path::new("/")).unwrap_err();
+        assert!(e.contains("not base64"), "{e}");
+    }
+
+    #[test]
+    fn object_names() {
+        assert!(valid_object_name("web-0"));
+        assert!(valid_object_name("a.b-c"));
+        assert!(!valid_object_name("../x"));
+        assert!(!valid_object_name("Web"));
+        assert!(!valid_object_name(""));
+        assert!(!valid_object_name("a/b"));
+        assert!(!valid_object_name("a?b"));
+    }
+
+    #[test]
+    fn status_errors_name_the_cause() {
+        assert!(
+            FetchError::Status(401, "Unauthorized".into())
+                .to_string()
+                .contains("token")
+        );
+        assert!(
+            FetchError::Status(403, "x".into())
+                .to_string()
+                .contains("get on pods")
+        );
+    }
+}

@@ -1,0 +1,275 @@
+//! The plugin's logs: buffered during the invocation, then sent in one `POST /log` to the
+//! installer's socket (`<cni_agent_run_dir>/log.sock`, Istio's UDS log format: a JSON array of
+//! strings, each a JSON log line with `level`, `time`, `msg` and fields), or written to stderr
+//! when there is no socket or the POST fails. Never stdout: stdout belongs to the CNI result.
+use serde_json::{Map, Value};
+use std::io::{Read as _, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Debug => "debug",
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Error => "error",
+        }
+    }
+
+    /// `plugin_log_level`; Istio's default is `info`. `none` keeps only errors.
+    pub fn from_config(s: Option<&str>) -> Level {
+        match s.map(str::to_ascii_lowercase).as_deref() {
+            Some("debug") => Level::Debug,
+            Some("warn") | Some("warning") => Level::Warn,
+            Some("error") | Some("none") | Some("fatal") => Level::Error,
+            _ => Level::Info,
+        }
+    }
+}
+
+/// A log buffer for one plugin invocation.
+pub struct Logger {
+    level: Level,
+    /// Fields added to every line (pod, container id).
+    context: Map<String, Value>,
+    lines: Vec<String>,
+}
+
+impl Default for Logger {
+    fn default() -> Self {
+        Self::new(Level::Info)
+    }
+}
+
+impl Logger {
+    pub fn new(level: Level) -> Self {
+        Self {
+            level,
+            context: Map::new(),
+            lines: Vec::new(),
+        }
+    }
+
+    pub fn set_level(&mut self, level: Level) {
+        self.level = level;
+    }
+
+    pub fn enabled(&self, level: Level) -> bool {
+        level >= self.level
+    }
+
+    pub fn add_context(&mut self, key: &str, value: impl Into<Value>) {
+        self.context.insert(key.to_string(), value.into());
+    }
+
+    pub fn log(&mut self, level: Level, msg: &str, fields: &[(&str, Value)]) {
+        if !self.enabled(level) {
+            return;
+        }
+        let mut line = Map::new();
+        line.insert("level".into(), level.as_str().into());
+        line.insert("time".into(), rfc3339_now().into());
+        line.insert("msg".into(), msg.into());
+        for (k, v) in &self.context {
+            line.insert(k.clone(), v.clone());
+        }
+        for (k, v) in fields {
+            line.insert((*k).to_string(), v.clone());
+        }
+        self.lines.push(Value::Object(line).to_string());
+    }
+
+    pub fn debug(&mut self, msg: &str, fields: &[(&str, Value)]) {
+        self.log(Level::Debug, msg, fields)
+    }
+    pub fn info(&mut self, msg: &str, fields: &[(&str, Value)]) {
+        self.log(Level::Info, msg, fields)
+    }
+    pub fn warn(&mut self, msg: &str, fields: &[(&str, Value)]) {
+        self.log(Level::Warn, msg, fields)
+    }
+    pub fn error(&mut self, msg: &str, fields: &[(&str, Value)]) {
+        self.log(Level::Error, msg, fields)
+    }
+
+    pub fn lines(&self) -> &[String] {
+        &self.lines
+    }
+
+    /// Sends the buffered lines to `socket` if it exists, else (or if that fails) to `stderr`.
+    pub fn flush(&mut self, socket: Option<&Path>, stderr: &mut dyn Write) {
+        if self.lines.is_empty() {
+            return;
+        }
+        if let Some(sock) = socket.filter(|s| s.exists()) {
+            match post_logs(sock, &self.lines) {
+                Ok(()) => {
+                    self.lines.clear();
+                    return;
+                }
+                Err(e) => {
+                    let _ = writeln!(
+                        stderr,
+                        "istio-cni: could not send logs to {}: {e}",
+                        sock.display()
+                    );
+                }
+            }
+        }
+        for l in self.lines.drain(..) {
+            let _ = writeln!(stderr, "{l}");
+        }
+    }
+}
+
+/// `POST /log` over the unix socket, 1 s timeout (as Istio's client).
+pub fn post_logs(socket: &Path, lines: &[String]) -> std::io::Result<()> {
+    let body = serde_json::to_string(lines)?;
+    let mut s = UnixStream::connect(socket)?;
+    s.set_write_timeout(Some(Duration::from_secs(1)))?;
+    s.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let head = format!(
+        "POST /log HTTP/1.1\r\nHost: unix\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes())?;
+    s.write_all(body.as_bytes())?;
+    let mut status = [0u8; 12];
+    s.read_exact(&mut status)?;
+    // "HTTP/1.1 200"
+    if &status[9..12] != b"200" {
+        return Err(std::io::Error::other(format!(
+            "log server answered {:?}",
+            String::from_utf8_lossy(&status)
+        )));
+    }
+    Ok(())
+}
+
+/// Current UTC time as RFC 3339 with microseconds (`2026-11-26T07:40:00.123456Z`).
+pub fn rfc3339_now() -> String {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    rfc3339(d.as_secs() as i64, d.subsec_micros())
+}
+
+/// Formats seconds since the epoch (civil-from-days, proleptic Gregorian).
+pub fn rfc3339(secs: i64, micros: u32) -> String {
+    let days = secs.div_euclid(86_400);
+    let tod = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        tod / 3600,
+        (tod % 3600) / 60,
+        tod % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn time_format() {
+        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(rfc3339(1_795_680_000, 42), "2026-11-26T08:00:00.000042Z");
+        assert_eq!(rfc3339(951_782_400, 0), "2000-02-29T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn level_filter_and_line_shape() {
+        let mut l = Logger::new(Level::from_config(Some("warn")));
+        l.add_context("pod", "ns/web");
+        l.info("hidden", &[]);
+        l.warn("shown", &[("value", json!("x"))]);
+        assert_eq!(l.lines().len(), 1);
+        let v: Value = serde_json::from_str(&l.lines()[0]).unwrap();
+        assert_eq!(v["level"], "warn");
+        assert_eq!(v["msg"], "shown");
+        assert_eq!(v["pod"], "ns/web");
+        assert_eq!(v["value"], "x");
+        assert!(v["time"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(Level::from_config(None), Level::Info);
+        assert_eq!(Level::from_config(Some("DEBUG")), Level::Debug);
+    }
+
+    #[test]
+    fn flush_without_socket_goes_to_stderr() {
+        let mut l = Logger::new(Level::Debug);
+        l.debug("a", &[]);
+        let mut err = Vec::new();
+        l.flush(Some(Path::new("/nonexistent/log.sock")), &mut err);
+        let text = String::from_utf8(err).unwrap();
+        assert!(text.contains("\"msg\":\"a\""));
+        assert!(l.lines().is_empty());
+    }
+
+    #[test]
+    fn flush_posts_to_socket() {
+        let dir = std::env::temp_dir().join(format!("fp-logtest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("log.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                let n = c.read(&mut chunk).unwrap();
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some(i) = text.find("\r\n\r\n") {
+                    let len: usize = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .unwrap()
+                        .trim()
+                        .parse()
+                        .unwrap();
+                    if buf.len() >= i + 4 + len {
+                        c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                            .unwrap();
+                        return text;
+                    }
+                }
+            }
+        });
+        let mut l = Logger::new(Level::Info);
+        l.info("hello", &[]);
+        let mut err = Vec::new();
+        l.flush(Some(&sock), &mut err);
+        let req = server.join().unwrap();
+        assert!(req.starts_with("POST /log HTTP/1.1\r\n"));
+        let body = &req[req.find("\r\n\r\n").unwrap() + 4..];
+        let arr: Vec<String> = serde_json::from_str(body).unwrap();
+        let line: Value = serde_json::from_str(&arr[0]).unwrap();
+        assert_eq!(line["msg"], "hello");
+        assert!(
+            err.is_empty(),
+            "nothing on stderr when the socket took the logs"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

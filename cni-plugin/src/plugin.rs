@@ -1,0 +1,398 @@
+//! ADD, DEL and CHECK of the `istio-cni` plugin: Istio's decision order (§5.1), then the
+//! redirection, then (for mesh pods) the accelerator's enrollment.
+use crate::accel;
+use crate::config::{K8sArgs, PluginConfig};
+use crate::iptables::{self, Backend, Netns};
+use crate::kube::{self, FetchError};
+use crate::log::{Level, Logger};
+use crate::pod::{self, Pod};
+use crate::redirect::{self, InterceptionMode, Redirect};
+use crate::result;
+use crate::rules::{self, Family, TPROXY_MARK, TPROXY_ROUTE_TABLE};
+use crate::skel::{CmdArgs, CniError, Commands, code};
+use serde_json::{Value, json};
+use std::cell::RefCell;
+use std::io::Write;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+/// The plugin, with the log buffer of this invocation.
+pub struct IstioCni {
+    pub log: RefCell<Logger>,
+    /// Where the logs go at the end (the installer's socket), once the config is known.
+    pub log_socket: RefCell<Option<String>>,
+    started: Instant,
+}
+
+impl Default for IstioCni {
+    fn default() -> Self {
+        Self {
+            log: RefCell::new(Logger::default()),
+            log_socket: RefCell::new(None),
+            started: Instant::now(),
+        }
+    }
+}
+
+/// What happened to a pod on ADD.
+enum Outcome {
+    /// Why, and how long the API lookup took (zero when there was none).
+    PassThrough(String, Duration),
+    Redirected,
+}
+
+fn ms(d: Duration) -> Value {
+    json!((d.as_secs_f64() * 1e6).round() / 1e3)
+}
+
+impl IstioCni {
+    fn setup(&self, args: &CmdArgs) -> Result<(PluginConfig, K8sArgs), CniError> {
+        let conf = PluginConfig::parse(&args.stdin)?;
+        let mut log = self.log.borrow_mut();
+        log.set_level(Level::from_config(conf.plugin_log_level.as_deref()));
+        *self.log_socket.borrow_mut() = Some(conf.log_socket_path());
+        let k8s = K8sArgs::parse(&args.args)?;
+        if !k8s.pod_name.is_empty() {
+            log.add_context("pod", format!("{}/{}", k8s.pod_namespace, k8s.pod_name));
+        }
+        log.add_context("containerID", args.container_id.clone());
+        Ok((conf, k8s))
+    }
+
+    /// Steps 2–8 of Istio's `CmdAdd`: which pods are looked at at all, then the lookup.
+    fn mesh_pod(
+        &self,
+        conf: &PluginConfig,
+        k8s: &K8sArgs,
+        api_time: &mut Duration,
+    ) -> Result<Result<Pod, String>, CniError> {
+        if conf.ambient_enabled {
+            self.log.borrow_mut().warn(
+                "ambient_enabled is set, but this istio-cni (fastpath) implements sidecar mode only; applying sidecar logic",
+                &[],
+            );
+        }
+        if conf.native_nftables {
+            self.log.borrow_mut().warn(
+                "native_nftables is set, but this istio-cni (fastpath) applies Istio's rules with iptables-restore (iptables-nft on nftables hosts)",
+                &[],
+            );
+        }
+        if pod::is_agent_pod(&k8s.pod_name, &k8s.pod_namespace, &conf.pod_namespace) {
+            return Ok(Err("the istio-cni agent's own pod".into()));
+        }
+        if k8s.pod_namespace.is_empty() || k8s.pod_name.is_empty() {
+            return Ok(Err("not a kubernetes pod".into()));
+        }
+        if conf.is_excluded_namespace(&k8s.pod_namespace) {
+            return Ok(Err(format!("namespace {} is excluded", k8s.pod_namespace)));
+        }
+        let pod = self.lookup_pod(conf, k8s, api_time)?;
+        match pod::sidecar_skip_reason(&pod) {
+            Some(skip) => Ok(Err(skip.to_string())),
+            None => Ok(Ok(pod)),
+        }
+    }
+
+    /// GET the pod, with Istio's bounded retry. The kubeconfig is re-read on every attempt so a
+    /// token the installer rotates meanwhile is picked up.
+    fn lookup_pod(
+        &self,
+        conf: &PluginConfig,
+        k8s: &K8sArgs,
+        api_time: &mut Duration,
+    ) -> Result<Pod, CniError> {
+        let (attempts, interval) = conf.pod_retrieval();
+        let path = conf.kubeconfig_path();
+        let mut last = FetchError::Transport("no attempt made".into());
+        for attempt in 1..=attempts {
+            let t = Instant::now();
+            let got = kube::load_kubeconfig(&path)
+                .map_err(FetchError::Config)
+                .and_then(|access| kube::get_pod(&access, &k8s.pod_namespace, &k8s.pod_name));
+            *api_time += t.elapsed();
+            match got {
+                Ok(body) => {
+                    return Pod::from_json(&body).map_err(|e| {
+                        CniError::internal(format!(
+                            "the API server's answer for pod {}/{} is not a Pod: {e}",
+                            k8s.pod_namespace, k8s.pod_name
+                        ))
+                    });
+                }
+                Err(e) => {
+                    self.log.borrow_mut().debug(
+                        "failed to get pod info",
+                        &[("attempt", json!(attempt)), ("error", json!(e.to_string()))],
+                    );
+                    last = e;
+                }
+            }
+            if attempt < attempts {
+                std::thread::sleep(interval);
+            }
+        }
+        let transient = matches!(last, FetchError::Transport(_))
+            || matches!(last, FetchError::Status(s, _) if s >= 500 || s == 429);
+        self.log.borrow_mut().error(
+            "failed to get pod info",
+            &[
+                ("attempts", json!(attempts)),
+                ("error", json!(last.to_string())),
+            ],
+        );
+        Err(CniError::new(
+            if transient {
+                code::TRY_AGAIN_LATER
+            } else {
+                code::INTERNAL
+            },
+            format!(
+                "istio-cni: failed to get pod {}/{} from the Kubernetes API after {attempts} attempts: {last}",
+                k8s.pod_namespace, k8s.pod_name
+            ),
+            format!("kubeconfig {path}"),
+        ))
+    }
+
+    fn redirect_for(pod: &Pod) -> Result<Redirect, CniError> {
+        let getenv = |k: &str| std::env::var(k).ok();
+        redirect::from_pod(pod)
+            .and_then(|mut r| redirect::apply_runtime_env(&mut r, &getenv).map(|()| r))
+            .map_err(|e| {
+                CniError::new(
+                    code::INTERNAL,
+                    format!(
+                        "istio-cni: pod {}/{} has an invalid redirect setting: {e}",
+                        pod.metadata.namespace, pod.metadata.name
+                    ),
+                    "",
+                )
+            })
+    }
+
+    /// Istio enables IPv6 rules when the pod's first address is IPv6, or with `ISTIO_DUAL_STACK`.
+    fn ipv6_enabled(ips: &[IpAddr], r: &Redirect) -> bool {
+        ips.first().is_some_and(IpAddr::is_ipv6)
+            || (r.dual_stack && ips.iter().any(IpAddr::is_ipv6))
+    }
+
+    fn apply(
+        &self,
+        conf: &PluginConfig,
+        netns_path: &str,
+        r: &Redirect,
+        ips: &[IpAddr],
+    ) -> Result<Vec<(&'static str, Value)>, CniError> {
+        let fail = |what: String| {
+            CniError::new(
+                code::INTERNAL,
+                format!(
+                    "istio-cni: failed to apply the sidecar redirection in {netns_path}: {what}"
+                ),
+                "",
+            )
+        };
+        let netns = Netns::open(netns_path).map_err(|e| fail(format!("open netns: {e}")))?;
+        let choice = conf.backend_choice()?;
+        let v6 = Self::ipv6_enabled(ips, r);
+        let mut timings = Vec::new();
+        let b4 = iptables::choose_backend(&netns, choice, false).map_err(fail)?;
+        let text4 = rules::restore_text(r, Family::V4);
+        self.log.borrow_mut().debug(
+            "iptables-restore input (IPv4)",
+            &[("backend", json!(b4.name())), ("rules", json!(text4))],
+        );
+        let t4 = iptables::restore(&netns, b4, false, &text4).map_err(fail)?;
+        timings.push(("backend", json!(b4.name())));
+        timings.push(("restore_v4_ms", ms(t4)));
+        if self.log.borrow().enabled(Level::Debug) {
+            // Istio logs the final state; it costs one more child, so only at debug.
+            let state = iptables::save(&netns, b4, false).unwrap_or_else(|e| e);
+            self.log
+                .borrow_mut()
+                .debug("final iptables state (IPv4)", &[("state", json!(state))]);
+        }
+        if v6 {
+            // Envoy's inbound passthrough source on IPv6 (Istio's configureIPv6Addresses).
+            iptables::ip(&netns, &["-6", "addr", "add", "::6/128", "dev", "lo"]).map_err(fail)?;
+            let b6: Backend = iptables::choose_backend(&netns, choice, true).map_err(fail)?;
+            let text6 = rules::restore_text(r, Family::V6);
+            let t6 = iptables::restore(&netns, b6, true, &text6).map_err(fail)?;
+            timings.push(("restore_v6_ms", ms(t6)));
+        }
+        if r.mode == InterceptionMode::Tproxy {
+            let mark = TPROXY_MARK.to_string();
+            let table = TPROXY_ROUTE_TABLE.to_string();
+            let families: &[&str] = if v6 { &["-4", "-6"] } else { &["-4"] };
+            for fam in families {
+                iptables::ip(
+                    &netns,
+                    &[fam, "rule", "add", "fwmark", &mark, "lookup", &table],
+                )
+                .map_err(fail)?;
+                iptables::ip(
+                    &netns,
+                    &[
+                        fam, "route", "add", "local", "default", "dev", "lo", "table", &table,
+                    ],
+                )
+                .map_err(fail)?;
+            }
+        }
+        Ok(timings)
+    }
+
+    fn write_result(stdout: &mut dyn Write, result: &Value) -> Result<(), CniError> {
+        let mut text = result.to_string();
+        text.push('\n');
+        stdout
+            .write_all(text.as_bytes())
+            .map_err(|e| CniError::new(code::IO_FAILURE, format!("writing the result: {e}"), ""))
+    }
+
+    fn add_inner(&self, args: &CmdArgs) -> Result<(Value, Outcome), CniError> {
+        let (conf, k8s) = self.setup(args)?;
+        // Converted first: a prevResult that cannot be passed on fails before any side effect.
+        let out = result::output(conf.prev_result.as_ref(), args.cni_version)?;
+        let mut api_time = Duration::ZERO;
+        let pod = match self.mesh_pod(&conf, &k8s, &mut api_time)? {
+            Err(why) => return Ok((out, Outcome::PassThrough(why, api_time))),
+            Ok(p) => p,
+        };
+        let r = Self::redirect_for(&pod)?;
+        let ips = conf
+            .prev_result
+            .as_ref()
+            .map(result::pod_ips)
+            .unwrap_or_default();
+        let before_apply = Instant::now();
+        let mut fields = self.apply(&conf, &args.netns, &r, &ips)?;
+        let apply_time = before_apply.elapsed();
+        let enrollment = accel::PodEnrollment {
+            netns_path: &args.netns,
+            namespace: &k8s.pod_namespace,
+            name: &k8s.pod_name,
+            container_id: &args.container_id,
+            ips: ips.clone(),
+            annotations: Some(&pod.metadata.annotations),
+            run_dir: conf.run_dir(),
+        };
+        if let Err(e) = accel::enroll(&enrollment) {
+            self.log.borrow_mut().warn(
+                "pod is redirected but not accelerated",
+                &[("error", json!(format!("{e:#}")))],
+            );
+        }
+        fields.push(("api_ms", ms(api_time)));
+        fields.push(("apply_ms", ms(apply_time)));
+        fields.push(("total_ms", ms(self.started.elapsed())));
+        self.log
+            .borrow_mut()
+            .info("sidecar redirection applied", &fields);
+        Ok((out, Outcome::Redirected))
+    }
+}
+
+impl Commands for IstioCni {
+    fn add(&self, args: &CmdArgs, stdout: &mut dyn Write) -> Result<(), CniError> {
+        match self.add_inner(args) {
+            Ok((out, outcome)) => {
+                if let Outcome::PassThrough(why, api_time) = outcome {
+                    let total = ms(self.started.elapsed());
+                    self.log.borrow_mut().info(
+                        "no redirection for pod",
+                        &[
+                            ("reason", json!(why)),
+                            ("api_ms", ms(api_time)),
+                            ("total_ms", total),
+                        ],
+                    );
+                }
+                Self::write_result(stdout, &out)
+            }
+            Err(e) => {
+                self.log
+                    .borrow_mut()
+                    .error("istio-cni ADD failed", &[("error", json!(e.to_string()))]);
+                Err(e)
+            }
+        }
+    }
+
+    /// Nothing to undo in the netns (it goes with the pod); the accelerator forgets the pod.
+    /// Idempotent, and works when the netns is gone.
+    fn del(&self, args: &CmdArgs, _stdout: &mut dyn Write) -> Result<(), CniError> {
+        let conf = PluginConfig::parse(&args.stdin).unwrap_or_default();
+        self.log
+            .borrow_mut()
+            .set_level(Level::from_config(conf.plugin_log_level.as_deref()));
+        *self.log_socket.borrow_mut() = Some(conf.log_socket_path());
+        self.log.borrow_mut().debug(
+            "DEL: nothing to undo in the pod netns",
+            &[
+                ("containerID", json!(args.container_id)),
+                ("netns", json!(args.netns)),
+            ],
+        );
+        if let Err(e) = accel::unenroll(&args.netns, &args.container_id, conf.run_dir()) {
+            self.log.borrow_mut().warn(
+                "accelerator unenroll failed",
+                &[
+                    ("error", json!(format!("{e:#}"))),
+                    ("containerID", json!(args.container_id)),
+                ],
+            );
+        }
+        Ok(())
+    }
+
+    /// Checks that a mesh pod's netns still holds the rules ADD applied.
+    fn check(&self, args: &CmdArgs, _stdout: &mut dyn Write) -> Result<(), CniError> {
+        let (conf, k8s) = self.setup(args)?;
+        let mut api_time = Duration::ZERO;
+        let pod = match self.mesh_pod(&conf, &k8s, &mut api_time)? {
+            Err(_) => return Ok(()),
+            Ok(p) => p,
+        };
+        let r = Self::redirect_for(&pod)?;
+        let ips = conf
+            .prev_result
+            .as_ref()
+            .map(result::pod_ips)
+            .unwrap_or_default();
+        let netns = Netns::open(&args.netns).map_err(|e| {
+            CniError::new(
+                code::INVALID_NETNS,
+                format!("failed to open netns {:?}", args.netns),
+                e.to_string(),
+            )
+        })?;
+        let choice = conf.backend_choice()?;
+        let mut families = vec![Family::V4];
+        if Self::ipv6_enabled(&ips, &r) {
+            families.push(Family::V6);
+        }
+        let mut problems = Vec::new();
+        for fam in families {
+            let v6 = fam == Family::V6;
+            let backend =
+                iptables::choose_backend(&netns, choice, v6).map_err(CniError::internal)?;
+            let saved = iptables::save(&netns, backend, v6).map_err(CniError::internal)?;
+            let want = rules::rule_counts(&rules::restore_text(&r, fam));
+            problems.extend(iptables::missing_rules(&want, &rules::rule_counts(&saved)));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(CniError::new(
+                code::INTERNAL,
+                format!(
+                    "istio-cni CHECK: the sidecar redirection of pod {}/{} is not in place",
+                    k8s.pod_namespace, k8s.pod_name
+                ),
+                problems.join("; "),
+            ))
+        }
+    }
+}

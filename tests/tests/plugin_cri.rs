@@ -1,0 +1,166 @@
+//! The built `istio-cni` through a real container runtime: containerd's CRI plugin runs the CNI
+//! chain (loopback, bridge + host-local, istio-cni) for RunPodSandbox with the `K8S_POD_*` args,
+//! and DEL for StopPodSandbox / RemovePodSandbox.
+//!
+//! Subnet 10.248.200.0/24.
+use fastpath_tests::cri::Containerd;
+use fastpath_tests::kube_api::{FakeKubeApi, LogSink, Trust, plain_pod, sidecar_pod};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+const TOKEN: &str = "cri-test-token";
+
+fn sandbox_config(ns: &str, name: &str, log_dir: &Path) -> Value {
+    json!({
+        "metadata": {"name": name, "uid": format!("uid-{name}"), "namespace": ns, "attempt": 0},
+        "hostname": name,
+        "logDirectory": log_dir.join(name),
+        "labels": {"app": name},
+        "linux": {"securityContext": {"namespaceOptions": {}}}
+    })
+}
+
+fn netns_save(netns: &str, bin: &str) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={netns}"))
+        .arg(bin)
+        .output()
+        .expect("nsenter");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn plugin_cri_containerd_runs_the_chain_for_sandboxes() {
+    if !fastpath_tests::require_privileges("plugin_cri_containerd_runs_the_chain_for_sandboxes") {
+        return;
+    }
+    let _guard = fastpath_tests::serial_guard("containerd");
+    let tag = fastpath_tests::unique_name("fpcri");
+    let dir = std::env::temp_dir().join(format!("fastpath-{tag}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    struct DirGuard(std::path::PathBuf);
+    impl Drop for DirGuard {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _dir_guard = DirGuard(dir.clone());
+    let (bin_dir, conf_dir, run_dir) = (dir.join("cni-bin"), dir.join("cni-conf"), dir.join("run"));
+    for d in [&bin_dir, &conf_dir, &run_dir] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    for p in ["loopback", "bridge", "host-local"] {
+        std::os::unix::fs::symlink(Path::new("/usr/lib/cni").join(p), bin_dir.join(p)).unwrap();
+    }
+    std::os::unix::fs::symlink(
+        fastpath_tests::bin_path("istio-cni"),
+        bin_dir.join("istio-cni"),
+    )
+    .unwrap();
+
+    let api = FakeKubeApi::start(&dir.join("api"), TOKEN).unwrap();
+    api.write_kubeconfig(&run_dir.join("istio-cni-kubeconfig"), Trust::Ca, TOKEN)
+        .unwrap();
+    let logs = LogSink::start(&run_dir.join("log.sock")).unwrap();
+    let bridge = tag.clone();
+    let conflist = json!({
+        "cniVersion": "1.0.0",
+        "name": "k8s-pod-network",
+        "plugins": [
+            {"type": "bridge", "bridge": bridge, "isGateway": true, "ipMasq": false,
+             "ipam": {"type": "host-local", "dataDir": dir.join("ipam"),
+                      "ranges": [[{"subnet": "10.248.200.0/24"}]]}},
+            {"type": "istio-cni", "ipam": {}, "dns": {}, "plugin_log_level": "debug",
+             "cni_agent_run_dir": run_dir, "ambient_enabled": false, "enablement_selectors": [],
+             "exclude_namespaces": ["istio-system", "kube-system"], "pod_namespace": "istio-system",
+             "native_nftables": false, "enable_ambient_detection_retry": false}
+        ]
+    });
+    std::fs::write(
+        conf_dir.join("10-k8s-pod-network.conflist"),
+        conflist.to_string(),
+    )
+    .unwrap();
+
+    struct BridgeGuard(String);
+    impl Drop for BridgeGuard {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+        }
+    }
+    let _bridge_guard = BridgeGuard(bridge.clone());
+    let ctrd =
+        Containerd::start(&dir.join("containerd"), &bin_dir, &conf_dir).expect("start containerd");
+
+    // A mesh pod.
+    api.set_pod(sidecar_pod("shop-cri", "web-0", &[], &[]));
+    let id = ctrd
+        .run_pod(&sandbox_config("shop-cri", "web-0", &dir.join("logs")))
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e:#}\n{}", ctrd.log()));
+    assert_eq!(
+        api.requests_for("shop-cri", "web-0"),
+        1,
+        "the plugin looked the pod up"
+    );
+    let status = ctrd.inspect_pod(&id).unwrap();
+    assert_eq!(status["state"], "SANDBOX_READY");
+    let netns = status["netnsPath"].as_str().unwrap().to_string();
+    assert!(netns.starts_with("/var/run/netns/cni-"), "{status}");
+    let pod_ip = status["network"]["ip"].as_str().unwrap().to_string();
+    assert!(pod_ip.starts_with("10.248.200."), "{status}");
+    let saved = netns_save(&netns, "iptables-nft-save");
+    assert!(saved.contains(":ISTIO_OUTPUT"), "{saved}");
+    assert!(
+        saved.contains("-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001"),
+        "{saved}"
+    );
+    assert!(
+        saved.contains("-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006"),
+        "{saved}"
+    );
+    let applied = logs
+        .wait_for_msg("sidecar redirection applied", Duration::from_secs(5))
+        .expect("the plugin's log line arrived on the socket");
+    // The K8S_POD_* args came from CRI.
+    assert_eq!(applied["pod"], "shop-cri/web-0");
+    assert_eq!(applied["containerID"], id.as_str());
+
+    // A pod without sidecar passes through, untouched.
+    api.set_pod(plain_pod("shop-cri", "plain-0"));
+    let plain_id = ctrd
+        .run_pod(&sandbox_config("shop-cri", "plain-0", &dir.join("logs")))
+        .unwrap();
+    let plain_netns = ctrd.inspect_pod(&plain_id).unwrap()["netnsPath"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!netns_save(&plain_netns, "iptables-nft-save").contains("ISTIO"));
+
+    // StopPodSandbox runs DEL through the chain (istio-cni, then bridge frees the IP).
+    let ipam_file = dir.join("ipam").join("k8s-pod-network").join(&pod_ip);
+    assert!(ipam_file.exists());
+    ctrd.stop_pod(&id).unwrap();
+    assert!(!ipam_file.exists(), "bridge/host-local DEL ran");
+    let del = logs
+        .wait_for_msg(
+            "DEL: nothing to undo in the pod netns",
+            Duration::from_secs(5),
+        )
+        .expect("istio-cni DEL ran");
+    assert_eq!(del["containerID"], id.as_str());
+    ctrd.remove_pod(&id).unwrap();
+    assert!(
+        !Path::new(&netns).exists(),
+        "netns removed with the sandbox"
+    );
+    ctrd.stop_pod(&plain_id).unwrap();
+    ctrd.remove_pod(&plain_id).unwrap();
+    let dels = logs
+        .lines()
+        .iter()
+        .filter(|l| l["msg"] == "DEL: nothing to undo in the pod netns")
+        .count();
+    assert!(dels >= 2, "DEL for both sandboxes");
+}
