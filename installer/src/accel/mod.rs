@@ -15,7 +15,7 @@
 //! build loads nothing; a new build swaps programs in the pinned links with BPF_LINK_UPDATE.
 mod plan;
 pub mod pods;
-mod selftest;
+pub mod selftest;
 pub mod sys;
 
 use anyhow::{Context as _, Result, anyhow, bail};

@@ -10,7 +10,10 @@
 //!   FIONREAD stays right;
 //! - informational: a socket placed in the sockhash without a peer: does FIONREAD report the
 //!   bytes MSG_PEEK sees? (0 on kernels with 929e30f93125 and no SK_SKB verdict; the probes
-//!   never leave a socket in that state, which is why this is reported and not fatal).
+//!   never leave a socket in that state, which is why this is reported and not fatal);
+//! - informational: does a blocking recv() on a paired socket fail with EAGAIN when it is
+//!   woken without data (here: by its own shutdown(SHUT_WR) being acknowledged)? 6.18.44 does;
+//!   event-driven programs retry, programs using blocking sockets see an error.
 use super::{pinned_map, sys};
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::maps::{Array, HashMap, MapData, PerCpuHashMap, SockHash};
@@ -31,6 +34,8 @@ pub struct Report {
     pub unpaired_peer: Option<String>,
     /// `Some(true)` when a socket left unpaired in the sockhash shows FIONREAD = 0.
     pub unpaired_fionread_broken: Option<bool>,
+    /// `Some(true)` when a blocking recv() on a paired socket returned EAGAIN.
+    pub blocking_recv_eagain: Option<bool>,
     pub redirected_msgs: u64,
 }
 
@@ -43,12 +48,17 @@ impl Report {
     pub fn summary(&self) -> String {
         format!(
             "paired transfer {}, unaccelerated peer {}, {} messages redirected; kernel FIONREAD \
-             on an unpaired sockhash socket: {}",
+             on an unpaired sockhash socket: {}; blocking recv on a paired socket: {}",
             self.paired.as_deref().unwrap_or("ok"),
             self.unpaired_peer.as_deref().unwrap_or("ok"),
             self.redirected_msgs,
             match self.unpaired_fionread_broken {
                 Some(true) => "broken (never used by fastpath)",
+                Some(false) => "correct",
+                None => "not checked",
+            },
+            match self.blocking_recv_eagain {
+                Some(true) => "spurious EAGAIN on a wakeup without data (kernel defect)",
                 Some(false) => "correct",
                 None => "not checked",
             }
@@ -83,6 +93,7 @@ fn in_private_netns(pin_dir: &Path) -> Result<Report> {
         paired: paired_transfer().err().map(|e| format!("{e:#}")),
         unpaired_peer: unaccelerated_peer().err().map(|e| format!("{e:#}")),
         unpaired_fionread_broken: unpaired_in_sockhash(pin_dir).ok(),
+        blocking_recv_eagain: blocking_recv_eagain().ok(),
         redirected_msgs: 0,
     };
     if let Ok(per_cpu) = stats.get(&cookie, 0) {
@@ -228,8 +239,9 @@ fn unaccelerated_peer() -> Result<()> {
 /// Returns whether FIONREAD is wrong for a socket in the sockhash without a peer.
 fn unpaired_in_sockhash(pin_dir: &Path) -> Result<bool> {
     let mut socks: SockHash<MapData, u64> = pinned_map(pin_dir, map_names::SOCKS)?.try_into()?;
-    let listener = TcpListener::bind(("127.0.0.1", EXCLUDED_PORT + 1))
-        .or_else(|_| TcpListener::bind("127.0.0.1:0"))?;
+    // The excluded port: the probes leave this connection alone, so only this check puts the
+    // socket in the sockhash.
+    let listener = TcpListener::bind(("127.0.0.1", EXCLUDED_PORT))?;
     let c = TcpStream::connect(listener.local_addr()?)?;
     let (mut s, _) = listener.accept()?;
     // A key no socket cookie takes: cookies count up from 1.
@@ -243,4 +255,25 @@ fn unpaired_in_sockhash(pin_dir: &Path) -> Result<bool> {
     })();
     let _ = socks.remove(&key);
     result
+}
+
+/// Whether a blocking recv() on a paired socket, woken by the ACK of its own FIN, returns
+/// EAGAIN instead of waiting for data.
+fn blocking_recv_eagain() -> Result<bool> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let c = TcpStream::connect(listener.local_addr()?)?;
+    let (mut s, _) = listener.accept()?;
+    let mut reader = c.try_clone()?;
+    let blocked = std::thread::spawn(move || {
+        let mut b = [0u8; 1];
+        reader.read(&mut b)
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    c.shutdown(Shutdown::Write)?;
+    std::thread::sleep(Duration::from_millis(20));
+    s.write_all(b"x")?;
+    let result = blocked
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))?;
+    Ok(matches!(result, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock))
 }
