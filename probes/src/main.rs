@@ -294,6 +294,14 @@ fn on_active_established(ctx: &SockOpsContext, netns: u64) {
     };
     let cookie = socket_cookie(ctx);
     let me = endpoint(key.local, key.local_port, netns);
+    // Bytes sent before establishment (TCP Fast Open data in the SYN) took TCP: such a
+    // connection stays on TCP. (With TFO the server also establishes before the client, so it
+    // could never pair; it must not enter the sockhash.)
+    let ops = unsafe { &*ctx.ops };
+    if ops.bytes_acked > 1 || ops.data_segs_out != 0 {
+        give_up(ctx);
+        return;
+    }
     let connect_ns = unsafe { (*st).connect_ns };
     // The listener must have seen a SYN from this endpoint after this socket began to connect:
     // then it was this socket's SYN, and the server is a local enrolled socket.
@@ -304,7 +312,6 @@ fn on_active_established(ctx: &SockOpsContext, netns: u64) {
         give_up(ctx);
         return;
     }
-    let ops = unsafe { &*ctx.ops };
     let active = ActiveConn {
         client: key,
         cookie,

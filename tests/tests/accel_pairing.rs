@@ -305,3 +305,82 @@ fn opt_outs_leave_connections_alone() {
     assert_eq!(accel.map_entries(map_names::PODS), 0);
     assert_eq!(accel.map_entries(map_names::STATS), 0);
 }
+
+#[test]
+fn tcp_fast_open_connections_never_sit_unpaired() {
+    if !fastpath_tests::require_privileges("tcp_fast_open_connections_never_sit_unpaired") {
+        return;
+    }
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    let accel = Accel::start("pair-tfo");
+    let pod = Pod::new("fptfo");
+    pod.sh("sysctl -qw net.ipv4.tcp_fastopen=3");
+    accel.enroll(&pod, None);
+    pod.run(|| {
+        let l = TcpListener::bind("127.0.0.1:7200").unwrap();
+        let qlen: libc::c_int = 16;
+        // SAFETY: setsockopt on our listener.
+        let rc = unsafe {
+            libc::setsockopt(
+                l.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_FASTOPEN,
+                (&qlen as *const libc::c_int).cast(),
+                4,
+            )
+        };
+        assert_eq!(rc, 0);
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 7200u16.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        // The first connection fetches the cookie; the next ones carry data in the SYN.
+        for round in 0..4u8 {
+            let req = vec![round; 1000];
+            // SAFETY: a new socket, sendto with MSG_FASTOPEN to a valid address.
+            let c = unsafe {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                assert!(fd >= 0);
+                let n = libc::sendto(
+                    fd,
+                    req.as_ptr().cast(),
+                    req.len(),
+                    libc::MSG_FASTOPEN,
+                    (&addr as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as u32,
+                );
+                assert_eq!(n, req.len() as isize, "{}", std::io::Error::last_os_error());
+                TcpStream::from_raw_fd(fd)
+            };
+            let (mut s, _) = l.accept().unwrap();
+            let mut got = vec![0u8; req.len()];
+            fastpath_tests::accel::read_exact_retry(&mut s, &mut got, Duration::from_secs(5));
+            assert_eq!(got, req);
+            let socks = accel.map_entries(map_names::SOCKS);
+            assert!(
+                socks == 0 || socks == 2,
+                "round {round}: {socks} sockets in the sockhash"
+            );
+            s.write_all(&[round; 50_000]).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            let mut buf = vec![0u8; 50_000];
+            let peeked = c.peek(&mut buf).unwrap();
+            assert_eq!(fionread(&c), peeked, "round {round}: FIONREAD");
+        }
+        // Data really went in the SYN (the test would prove nothing otherwise).
+        let netstat = std::fs::read_to_string("/proc/thread-self/net/netstat").unwrap();
+        let mut lines = netstat.lines();
+        let (keys, values) = (lines.next().unwrap(), lines.next().unwrap());
+        let passive: u64 = keys
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(k, _)| *k == "TCPFastOpenPassive")
+            .map(|(_, v)| v.parse().unwrap())
+            .unwrap();
+        assert!(passive >= 3, "TCP Fast Open was used: {passive}");
+    });
+}
