@@ -2,7 +2,9 @@
 //! paired, and the bytes after them, must arrive exactly in order. Every connection ends up
 //! either paired (all bytes redirected) or on TCP for good (a "fallback"), never both.
 use fastpath_common::map_names;
-use fastpath_tests::accel::{Accel, Pod, fionread, pattern, read_exact_retry, read_to_end_retry};
+use fastpath_tests::accel::{
+    Accel, Pod, fionread, link_pods, pattern, read_exact_retry, read_to_end_retry,
+};
 use std::{
     io::Write as _,
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -27,6 +29,16 @@ fn write_sizes(i: u64) -> Vec<usize> {
         .collect()
 }
 
+fn pin_cpu(cpu: usize) {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: sched_setaffinity of the calling thread with a set we own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu % n, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 /// `n` connections on `threads` client threads, each writing right after connect(); the
 /// server checks every byte, then answers with a checksum-verified reply.
 fn hammer(addr: SocketAddr, listener: &TcpListener, n: u64, threads: u64) {
@@ -36,6 +48,7 @@ fn hammer(addr: SocketAddr, listener: &TcpListener, n: u64, threads: u64) {
             for _ in 0..n {
                 let (mut sock, _) = listener.accept().unwrap();
                 servers.push(std::thread::spawn(move || {
+                    pin_cpu(servers_cpu(&sock));
                     sock.set_read_timeout(Some(Duration::from_secs(30)))
                         .unwrap();
                     let mut id = [0u8; 8];
@@ -61,6 +74,9 @@ fn hammer(addr: SocketAddr, listener: &TcpListener, n: u64, threads: u64) {
         });
         for t in 0..threads {
             s.spawn(move || {
+                // Clients and servers on different CPUs where possible: the handshake's last
+                // step then races the client's first write across CPUs.
+                pin_cpu(t as usize);
                 for i in (t..n).step_by(threads as usize) {
                     let mut c = TcpStream::connect(addr).unwrap();
                     c.set_nodelay(i % 2 == 0).unwrap();
@@ -79,6 +95,11 @@ fn hammer(addr: SocketAddr, listener: &TcpListener, n: u64, threads: u64) {
             });
         }
     });
+}
+
+/// A server thread's CPU: the one its connection's client thread does not use.
+fn servers_cpu(sock: &TcpStream) -> usize {
+    sock.peer_addr().map_or(0, |a| a.port() as usize + 1)
 }
 
 #[test]
@@ -145,4 +166,29 @@ fn client_that_wrote_before_its_server_established_stays_on_tcp() {
     eprintln!("early data, forced: {st:?}");
     assert_eq!(st.early_data_fallbacks, n + 1, "{st:?}");
     assert_eq!(st.connections_paired, 0, "{st:?}");
+}
+
+#[test]
+fn writes_right_after_connect_across_pods_arrive_in_order() {
+    if !fastpath_tests::require_privileges("writes_right_after_connect_across_pods") {
+        return;
+    }
+    let accel = Accel::start("early-xpod");
+    let mut a = Pod::new("fpxa");
+    let mut b = Pod::new("fpxb");
+    link_pods(&mut a, &mut b, 4);
+    accel.enroll(&a, None);
+    accel.enroll(&b, None);
+    let n = 160;
+    let l = b.run(|| TcpListener::bind("10.247.4.2:0").unwrap());
+    let addr = l.local_addr().unwrap();
+    a.run(|| hammer(addr, &l, n, 6));
+    let (sa, sb) = (accel.stats(a.cookie()), accel.stats(b.cookie()));
+    eprintln!("early data across pods: client pod {sa:?}, server pod {sb:?}");
+    assert_eq!(
+        sb.connections_paired + sa.early_data_fallbacks,
+        n,
+        "every connection is either paired or on TCP"
+    );
+    assert!(sb.connections_paired > 0);
 }
