@@ -155,6 +155,16 @@ fn restart_upgrade_migration_and_uninstall_with_live_connections() {
 
     // The "installer" (this process's start()) has returned and closed every fd: still on.
     let first = ids(&dir);
+    let status = accel::status_report(&fixture.settings).unwrap();
+    for want in [
+        format!("link {PIN_LINK_SOCKOPS}: id {}", first.links.0),
+        format!("link {PIN_LINK_SKMSG}: id {}", first.links.1),
+        format!("map {}: id {} entries 1", map_names::PODS, first.maps[0]),
+        format!("map ABI {}", fastpath_common::MAP_ABI_VERSION),
+        "acceleration switch: on".to_string(),
+    ] {
+        assert!(status.contains(&want), "status lacks {want:?}:\n{status}");
+    }
     let mut live = Live::open(&pod);
     live.exercise();
     let redirected = |f: &Accel| f.stats(pod.cookie()).msgs_redirected;
