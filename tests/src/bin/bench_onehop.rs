@@ -255,6 +255,18 @@ fn main() {
         },
         namespaces: vec![format!("fpbplain{pid}"), format!("fpbaccel{pid}")],
     };
+    // Release builds abort on panic, so Drop would not run: clean up from the hook.
+    let cleanup = (setup.settings.clone(), setup.namespaces.clone());
+    std::panic::set_hook(Box::new(move |info| {
+        eprintln!("bench_onehop: {info}");
+        let _ = accel::uninstall(&cleanup.0);
+        let _ = std::fs::remove_dir_all(&cleanup.0.run_dir);
+        for ns in &cleanup.1 {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .status();
+        }
+    }));
     for ns in &setup.namespaces {
         let ok = std::process::Command::new("sh")
             .arg("-c")
