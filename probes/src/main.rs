@@ -357,7 +357,19 @@ fn on_passive_established(ctx: &SockOpsContext, pod: &PodInfo, netns: u64) {
     };
     let ops = unsafe { &*ctx.ops };
     if ops.rcv_nxt != active.snd_una || ops.snd_nxt != active.rcv_nxt {
-        // Another connection from the same endpoint: not our peer.
+        // The SYN record of this endpoint was claimed by another socket bound to the same
+        // endpoint (SO_REUSEADDR twins): that socket's server is not us, and no local server
+        // will pair it. Take it out of the sockhash, on TCP for good.
+        let stranded = match FP_PAIRS.get_ptr_mut(&active.client) {
+            Some(p) => {
+                state_cas(p, sock_state::PENDING, sock_state::TAINTED).is_ok()
+                    || state_load(p) == sock_state::TAINTED
+            }
+            None => true,
+        };
+        if stranded && FP_ACTIVE.remove(&client).is_ok() {
+            sockhash_delete(&active.cookie);
+        }
         return;
     }
     if FP_ACTIVE.remove(&client).is_err() {

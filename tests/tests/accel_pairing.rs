@@ -384,3 +384,60 @@ fn tcp_fast_open_connections_never_sit_unpaired() {
         assert!(passive >= 3, "TCP Fast Open was used: {passive}");
     });
 }
+
+/// Two sockets bound to the same endpoint (SO_REUSEADDR) connect at once, one to a local
+/// enrolled server and one to a server off the mesh, and the wrong one claims the SYN record:
+/// the local server sees the sequence numbers do not match and takes it out of the sockhash,
+/// so it never sits there without a peer.
+#[test]
+fn twin_sockets_on_one_endpoint_never_sit_unpaired() {
+    if !fastpath_tests::require_privileges("twin_sockets_on_one_endpoint") {
+        return;
+    }
+    let accel = Accel::start("pair-twin-ep");
+    let mut a = Pod::new("fptea");
+    let mut c = Pod::new("fptec");
+    link_pods(&mut a, &mut c, 5);
+    accel.enroll(&a, None); // c is off the mesh
+    // Every first SYN-ACK is dropped: both handshakes complete on the client's SYN
+    // retransmission, about one second later, in connect order.
+    let drop_first_synack = "iptables -A OUTPUT -p tcp --tcp-flags SYN,ACK SYN,ACK -m connbytes \
+         --connbytes 1:1 --connbytes-dir reply --connbytes-mode packets -j DROP";
+    a.sh(drop_first_synack);
+    c.sh(drop_first_synack);
+    let local = a.run(|| TcpListener::bind("10.247.5.1:7400").unwrap());
+    let off_mesh = c.run(|| TcpListener::bind("10.247.5.2:7401").unwrap());
+    let endpoint = "10.247.5.1:45000";
+    let (wrong, right) = std::thread::scope(|s| {
+        let wrong =
+            s.spawn(|| a.run(|| bind_connect(endpoint, "10.247.5.2:7401".parse().unwrap())));
+        std::thread::sleep(Duration::from_millis(100));
+        let right =
+            s.spawn(|| a.run(|| bind_connect(endpoint, "10.247.5.1:7400".parse().unwrap())));
+        (wrong.join().unwrap(), right.join().unwrap())
+    });
+    let (mut s_wrong, _) = off_mesh.accept().unwrap();
+    let (_s_right, _) = local.accept().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let st = accel.stats(a.cookie());
+    assert_eq!(
+        st.sockets_enrolled, 1,
+        "the wrong twin claimed the record: {st:?}"
+    );
+    assert_eq!(st.connections_paired, 0, "{st:?}");
+    assert_eq!(
+        accel.map_entries(map_names::SOCKS),
+        0,
+        "a socket sits in the sockhash"
+    );
+    s_wrong.write_all(&[5u8; 4096]).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(wrong.peek(&mut buf).unwrap(), 4096);
+    assert_eq!(
+        fionread(&wrong),
+        4096,
+        "FIONREAD of the socket that claimed the record"
+    );
+    drop(right);
+}
