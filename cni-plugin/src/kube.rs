@@ -289,24 +289,7 @@ pub fn get_pod(access: &KubeAccess, namespace: &str, name: &str) -> Result<Vec<u
 mod tests {
     use super::*;
 
-    const GOLDEN_SKIP_TLS: &str = "apiVersion: v1
-clusters:
-- cluster:
-    insecure-skip-tls-verify: true
-    server: https://10.96.0.1:443
-  name: local
-contexts:
-- context:
-    cluster: local
-    user: istio-cni
-  name: istio-cni-context
-current-context: istio-cni-context
-kind: Config
-users:
-- name: istio-cni
-  user:
-    token: service_account_token_string
-";
+    const GOLDEN_SKIP_TLS: &str = include_str!("../../testdata/istio/kubeconfig-skip-tls");
 
     #[test]
     fn istio_golden_kubeconfig() {

@@ -161,41 +161,17 @@ pub fn rfc3339_now() -> String {
     let d = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    rfc3339(d.as_secs() as i64, d.subsec_micros())
-}
-
-/// Formats seconds since the epoch (civil-from-days, proleptic Gregorian).
-pub fn rfc3339(secs: i64, micros: u32) -> String {
-    let days = secs.div_euclid(86_400);
-    let tod = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
-        tod / 3600,
-        (tod % 3600) / 60,
-        tod % 60
-    )
+    fastpath_common::time::Rfc3339 {
+        secs: d.as_secs() as i64,
+        micros: d.subsec_micros(),
+    }
+    .to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn time_format() {
-        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000000Z");
-        assert_eq!(rfc3339(1_795_680_000, 42), "2026-11-26T08:00:00.000042Z");
-        assert_eq!(rfc3339(951_782_400, 0), "2000-02-29T00:00:00.000000Z");
-    }
 
     #[test]
     fn level_filter_and_line_shape() {

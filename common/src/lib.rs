@@ -6,8 +6,10 @@
 //! or recreates the maps instead of reusing them with the wrong layout.
 #![no_std]
 
+pub mod time;
+
 /// Bumped whenever a map key or value layout below changes.
-pub const MAP_ABI_VERSION: u32 = 1;
+pub const MAP_ABI_VERSION: u32 = 2;
 
 /// Directory under the bpffs mount where fastpath pins its programs, links and maps.
 pub const PIN_DIR_NAME: &str = "fastpath";
@@ -20,8 +22,16 @@ pub mod map_names {
     pub const PODS: &str = "FP_PODS";
     /// Pod IPs on this node: [`crate::IpKey`] -> netns cookie.
     pub const POD_IPS: &str = "FP_POD_IPS";
-    /// The sockhash that sk_msg redirects into: [`crate::SockKey`] -> socket.
+    /// The sockhash that sk_msg redirects into: socket cookie (u64) -> socket.
     pub const SOCKS: &str = "FP_SOCKS";
+    /// Per-socket pairing state: [`crate::SockKey`] -> [`crate::SockState`].
+    pub const PAIRS: &str = "FP_PAIRS";
+    /// Enrolled clients waiting for their server: [`crate::Endpoint`] -> [`crate::ActiveConn`].
+    pub const ACTIVE: &str = "FP_ACTIVE";
+    /// SYNs seen by enrolled listeners: client [`crate::Endpoint`] -> [`crate::PendingSyn`].
+    pub const PENDING: &str = "FP_PENDING";
+    /// ABI stamp of the pinned set: index -> u64 ([`crate::meta_index`]).
+    pub const META: &str = "FP_META";
     /// Per-pod counters: netns cookie -> [`crate::PodStats`] (per CPU).
     pub const STATS: &str = "FP_STATS";
     /// Runtime switches written by the installer after its kernel self-test: index -> u32.
@@ -73,8 +83,9 @@ impl Ip {
     }
 }
 
-/// Key of a socket in the sockhash: its own tuple plus its network namespace's cookie, so that
-/// identical tuples in two pods (127.0.0.1 exists in each) never collide.
+/// A socket's identity as both sock_ops and sk_msg can compute it: its own tuple plus its
+/// network namespace's cookie (established tuples are unique within one namespace; identical
+/// loopback tuples in two pods differ by the cookie). Key of [`map_names::PAIRS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockKey {
@@ -85,6 +96,83 @@ pub struct SockKey {
     /// Host byte order.
     pub remote_port: u32,
     pub netns: u64,
+}
+
+/// An endpoint (ip, port) as one side of a connection sees it, scoped to where it is unique.
+///
+/// `ns` is 0 when `ip` is a registered pod IP (unique on the node, so the two ends of a hop may
+/// live in different network namespaces), and the socket's netns cookie otherwise (loopback
+/// addresses such as 127.0.0.6 exist in every pod).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub ip: Ip,
+    /// Host byte order.
+    pub port: u32,
+    pub _pad: u32,
+    pub ns: u64,
+}
+
+/// Value of [`map_names::PENDING`]: a SYN from this client endpoint reached an enrolled listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingSyn {
+    /// bpf_ktime_get_ns() when the listener saw the SYN.
+    pub seen_ns: u64,
+}
+
+/// Value of [`map_names::ACTIVE`]: an enrolled client socket waiting for its local server.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ActiveConn {
+    /// The client socket's key in [`map_names::PAIRS`].
+    pub client: SockKey,
+    /// Socket cookie of the client socket (its key in [`map_names::SOCKS`]).
+    pub cookie: u64,
+    /// The client's `snd_una` and `rcv_nxt` at ACTIVE_ESTABLISHED: the server must see the
+    /// mirror image (`rcv_nxt`, `snd_nxt`), which proves it is the other end of this very
+    /// connection (64 bits of the two initial sequence numbers).
+    pub snd_una: u32,
+    pub rcv_nxt: u32,
+}
+
+/// States of a socket in [`map_names::PAIRS`] ([`SockState::state`]).
+pub mod sock_state {
+    /// A connecting client of an enrolled pod (between TCP_CONNECT_CB and ACTIVE_ESTABLISHED).
+    pub const CONNECTING: u64 = 1;
+    /// A client in the sockhash whose local server has not established yet.
+    pub const PENDING: u64 = 2;
+    /// Paired: every message is redirected to `peer`.
+    pub const PAIRED: u64 = 3;
+    /// The client sent bytes over TCP before it was paired: it must never be redirected
+    /// (redirected bytes would overtake them).
+    pub const TAINTED: u64 = 4;
+}
+
+/// Socket roles in [`SockState::role`].
+pub mod sock_role {
+    pub const CLIENT: u32 = 1;
+    pub const SERVER: u32 = 2;
+}
+
+/// Value of [`map_names::PAIRS`]: per-socket state, keyed by the socket's [`SockKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockState {
+    /// One of [`sock_state`]; changed with compare-and-swap by the probes (64-bit because
+    /// the BPF target has 64-bit atomics only).
+    pub state: u64,
+    /// Socket cookie of the peer (valid when `state` is PAIRED).
+    pub peer: u64,
+    /// Netns cookie of the pod this socket belongs to (for counters).
+    pub netns: u64,
+    /// bpf_ktime_get_ns() at TCP_CONNECT_CB (clients).
+    pub connect_ns: u64,
+    /// One of [`sock_role`].
+    pub role: u32,
+    pub _pad: u32,
+    /// The client's endpoint key in [`map_names::ACTIVE`], for clean-up on close.
+    pub endpoint: Endpoint,
 }
 
 /// Key of a pod IP in [`map_names::POD_IPS`].
@@ -128,20 +216,155 @@ pub struct PodStats {
     pub bytes_redirected: u64,
     /// Messages of enrolled sockets that found no peer and took the TCP path.
     pub peer_misses: u64,
+    /// Connections paired (counted on the server side).
+    pub connections_paired: u64,
+    /// Clients that wrote before their server established: the connection stays on TCP.
+    pub early_data_fallbacks: u64,
+}
+
+/// All map names, for pinning, status and uninstall.
+pub const ALL_MAPS: [&str; 9] = [
+    map_names::PODS,
+    map_names::POD_IPS,
+    map_names::SOCKS,
+    map_names::PAIRS,
+    map_names::ACTIVE,
+    map_names::PENDING,
+    map_names::STATS,
+    map_names::CONFIG,
+    map_names::META,
+];
+
+/// Indexes into [`map_names::META`].
+pub mod meta_index {
+    /// [`crate::MAP_ABI_VERSION`] of the maps pinned.
+    pub const ABI_VERSION: u32 = 0;
+    /// Hash of the probe object whose programs are attached.
+    pub const OBJECT_HASH: u32 = 1;
+    pub const LEN: u32 = 4;
 }
 
 /// Indexes into [`map_names::CONFIG`].
 pub mod config_index {
-    /// Non-zero: sk_msg may redirect. Zero: everything takes the TCP path (self-test failed
-    /// or acceleration disabled); sockets are not enrolled.
+    /// Non-zero: new connections of enrolled pods are paired. Zero (self-test failed or
+    /// acceleration disabled): no socket enters the sockhash; existing pairs run to their end.
     pub const ACCEL_ENABLED: u32 = 0;
+    /// Low and high 32 bits of the netns cookie of the installer's self-test namespace, which
+    /// is paired even while ACCEL_ENABLED is zero (0 = none).
+    pub const SELFTEST_NETNS_LO: u32 = 1;
+    pub const SELFTEST_NETNS_HI: u32 = 2;
     pub const LEN: u32 = 4;
+}
+
+/// Capacities of the maps (max_entries), shared by the probes and the loader's layout check.
+pub mod map_capacity {
+    pub const PODS: u32 = 16384;
+    pub const POD_IPS: u32 = 32768;
+    pub const SOCKS: u32 = 131072;
+    pub const PAIRS: u32 = 262144;
+    pub const ACTIVE: u32 = 65536;
+    pub const PENDING: u32 = 65536;
+    pub const STATS: u32 = 16384;
+}
+
+/// Kernel map types used (`enum bpf_map_type`).
+pub mod map_type {
+    pub const HASH: u32 = 1;
+    pub const ARRAY: u32 = 2;
+    pub const PERCPU_HASH: u32 = 5;
+    pub const LRU_HASH: u32 = 9;
+    pub const SOCKHASH: u32 = 18;
+}
+
+/// What a pinned map must look like to be reused by this build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    pub name: &'static str,
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+const fn layout<K, V>(name: &'static str, map_type: u32, max_entries: u32) -> MapLayout {
+    MapLayout {
+        name,
+        map_type,
+        key_size: core::mem::size_of::<K>() as u32,
+        value_size: core::mem::size_of::<V>() as u32,
+        max_entries,
+    }
+}
+
+/// The layout of every map of this build, in [`ALL_MAPS`] order.
+pub const MAP_LAYOUTS: [MapLayout; 9] = [
+    layout::<u64, PodInfo>(map_names::PODS, map_type::HASH, map_capacity::PODS),
+    layout::<IpKey, u64>(map_names::POD_IPS, map_type::HASH, map_capacity::POD_IPS),
+    // aya-ebpf declares sockhash values as u32 (a socket fd from userspace).
+    layout::<u64, u32>(map_names::SOCKS, map_type::SOCKHASH, map_capacity::SOCKS),
+    layout::<SockKey, SockState>(map_names::PAIRS, map_type::HASH, map_capacity::PAIRS),
+    layout::<Endpoint, ActiveConn>(map_names::ACTIVE, map_type::HASH, map_capacity::ACTIVE),
+    layout::<Endpoint, PendingSyn>(
+        map_names::PENDING,
+        map_type::LRU_HASH,
+        map_capacity::PENDING,
+    ),
+    layout::<u64, PodStats>(map_names::STATS, map_type::PERCPU_HASH, map_capacity::STATS),
+    layout::<u32, u32>(map_names::CONFIG, map_type::ARRAY, config_index::LEN),
+    layout::<u32, u64>(map_names::META, map_type::ARRAY, meta_index::LEN),
+];
+
+/// Where the plugin keeps one JSON file per enrolled pod, under `cni_agent_run_dir`
+/// (`<run_dir>/fastpath/pods/<container-id>.json`).
+pub const POD_STATE_SUBDIR: &str = "fastpath/pods";
+
+/// Pod annotation: `"false"` turns acceleration off for the pod (e.g. it splices).
+pub const ANNOTATION_ACCELERATE: &str = "fastpath.io/accelerate";
+/// Pod annotation: comma-separated TCP ports whose connections are never accelerated (the
+/// pod's own listening ports, or destination ports it connects to). At most
+/// [`MAX_EXCLUDED_PORTS`].
+pub const ANNOTATION_EXCLUDE_PORTS: &str = "fastpath.io/exclude-ports";
+
+impl PodInfo {
+    /// The enrollment of a pod; `ports` beyond [`MAX_EXCLUDED_PORTS`] are the caller's error.
+    pub fn new(accelerate: bool, ports: &[u16]) -> Self {
+        let mut info = Self {
+            flags: if accelerate { pod_flags::ACCELERATE } else { 0 },
+            ..Self::default()
+        };
+        for (slot, p) in info.excluded_ports.iter_mut().zip(ports) {
+            *slot = *p;
+            info.excluded_port_count += 1;
+        }
+        info
+    }
+}
+
+impl Ip {
+    /// From an IPv4 address's octets.
+    pub const fn from_v4_octets(o: [u8; 4]) -> Self {
+        Self::v4(u32::from_ne_bytes(o))
+    }
+
+    /// From an IPv6 address's octets (IPv4-mapped become IPv4).
+    pub const fn from_v6_octets(o: [u8; 16]) -> Self {
+        Self::v6([
+            u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+            u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+            u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+            u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+        ])
+    }
 }
 
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all of these are repr(C) plain-old-data with no padding-dependent invariants.
     unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::PendingSyn {}
+    unsafe impl aya::Pod for super::ActiveConn {}
+    unsafe impl aya::Pod for super::SockState {}
     unsafe impl aya::Pod for super::IpKey {}
     unsafe impl aya::Pod for super::PodInfo {}
     unsafe impl aya::Pod for super::PodStats {}
@@ -164,6 +387,37 @@ mod tests {
     }
 
     #[test]
+    fn octets_match_network_order_words() {
+        assert_eq!(
+            Ip::from_v4_octets([10, 1, 2, 3]),
+            Ip::v4(u32::from_be_bytes([10, 1, 2, 3]).to_be())
+        );
+        let mut mapped = [0u8; 16];
+        mapped[10] = 0xff;
+        mapped[11] = 0xff;
+        mapped[12..].copy_from_slice(&[10, 1, 2, 3]);
+        assert_eq!(
+            Ip::from_v6_octets(mapped),
+            Ip::from_v4_octets([10, 1, 2, 3])
+        );
+    }
+
+    #[test]
+    fn pod_info_keeps_ports() {
+        let p = PodInfo::new(true, &[80, 443]);
+        assert_eq!(p.flags, pod_flags::ACCELERATE);
+        assert_eq!(p.excluded_port_count, 2);
+        assert_eq!(&p.excluded_ports[..2], &[80, 443]);
+    }
+
+    #[test]
+    fn layouts_cover_all_maps_in_order() {
+        for (l, n) in MAP_LAYOUTS.iter().zip(ALL_MAPS) {
+            assert_eq!(l.name, n);
+        }
+    }
+
+    #[test]
     fn loopback_detection() {
         assert!(Ip::v4(u32::from_be_bytes([127, 0, 0, 6]).to_be()).is_loopback());
         assert!(!Ip::v4(u32::from_be_bytes([10, 0, 0, 6]).to_be()).is_loopback());
@@ -173,8 +427,11 @@ mod tests {
     #[test]
     fn layouts_are_stable() {
         assert_eq!(core::mem::size_of::<Ip>(), 16);
+        assert_eq!(core::mem::size_of::<Endpoint>(), 32);
         assert_eq!(core::mem::size_of::<SockKey>(), 48);
+        assert_eq!(core::mem::size_of::<ActiveConn>(), 64);
+        assert_eq!(core::mem::size_of::<SockState>(), 72);
         assert_eq!(core::mem::size_of::<PodInfo>(), 24);
-        assert_eq!(core::mem::size_of::<PodStats>(), 40);
+        assert_eq!(core::mem::size_of::<PodStats>(), 56);
     }
 }

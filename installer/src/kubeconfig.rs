@@ -93,24 +93,7 @@ mod tests {
     use super::*;
 
     /// `cni/pkg/install/testdata/kubeconfig-skip-tls`.
-    const SKIP_TLS_GOLDEN: &str = "apiVersion: v1
-clusters:
-- cluster:
-    insecure-skip-tls-verify: true
-    server: https://10.96.0.1:443
-  name: local
-contexts:
-- context:
-    cluster: local
-    user: istio-cni
-  name: istio-cni-context
-current-context: istio-cni-context
-kind: Config
-users:
-- name: istio-cni
-  user:
-    token: service_account_token_string
-";
+    const SKIP_TLS_GOLDEN: &str = include_str!("../../testdata/istio/kubeconfig-skip-tls");
 
     fn inputs() -> KubeconfigInputs {
         KubeconfigInputs {

@@ -266,28 +266,11 @@ pub fn now_rfc3339() -> String {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    format_rfc3339(d.as_secs() as i64, d.subsec_micros())
-}
-
-pub fn format_rfc3339(secs: i64, micros: u32) -> String {
-    let days = secs.div_euclid(86400);
-    let rem = secs.rem_euclid(86400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z.rem_euclid(146097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    fastpath_common::time::Rfc3339 {
+        secs: d.as_secs() as i64,
+        micros: d.subsec_micros(),
+    }
+    .to_string()
 }
 
 #[cfg(test)]
@@ -329,19 +312,6 @@ mod tests {
         assert_eq!(
             format_line(false, Level::Info, "T", "default", "m", &[]),
             "T\tinfo\tm\n"
-        );
-    }
-
-    #[test]
-    fn rfc3339() {
-        assert_eq!(format_rfc3339(0, 0), "1970-01-01T00:00:00.000000Z");
-        assert_eq!(
-            format_rfc3339(1_709_251_199, 5),
-            "2024-02-29T23:59:59.000005Z"
-        );
-        assert_eq!(
-            format_rfc3339(951_782_400, 0),
-            "2000-02-29T00:00:00.000000Z"
         );
     }
 }

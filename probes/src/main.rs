@@ -1,44 +1,100 @@
 //! fastpath's eBPF programs (built for bpfel-unknown-none by the installer's build script).
 //!
-//! `fastpath_sockops` runs on the root cgroup v2 for every TCP socket event on the node. It does
-//! nothing unless the socket's network namespace is an enrolled pod (one hash lookup).
+//! `fastpath_sockops` runs on the root cgroup v2 for TCP socket events on the whole node. For a
+//! socket outside an enrolled pod it costs one netns-cookie hash lookup and returns.
 //! `fastpath_skmsg` runs on every sendmsg of a socket in the sockhash and redirects the message
 //! into the peer socket's receive queue.
+//!
+//! Pairing (docs/accelerator.md has the long form). A socket enters the sockhash only when its
+//! peer is known to be a local enrolled socket that will pair with it, and a client that wrote a
+//! single byte over TCP is never redirected afterwards:
+//! 1. An enrolled listener receives a SYN: its request socket triggers RWND_INIT before the
+//!    SYN-ACK leaves. Record PENDING[client endpoint].
+//! 2. An enrolled client connects (TCP_CONNECT_CB, before its SYN leaves): state CONNECTING
+//!    with the time. At ACTIVE_ESTABLISHED (before its ACK leaves and before connect()
+//!    returns), a PENDING entry newer than its connect means the SYN reached a local enrolled
+//!    server: claim it, enter the sockhash, state PENDING, publish ACTIVE[own endpoint].
+//! 3. The server at PASSIVE_ESTABLISHED (before accept() can return it) finds ACTIVE[remote
+//!    endpoint], checks both initial sequence numbers match, enters the sockhash, and moves the
+//!    client PENDING -> PAIRED with compare-and-swap. If the client was TAINTED it removes both
+//!    sockets from the sockhash instead: nobody stays there without a peer.
+//! 4. sk_msg on a PENDING client moves it PENDING -> TAINTED with compare-and-swap before its
+//!    bytes take TCP. Exactly one of 3 and 4 wins.
+//!
+//! Keys: the sockhash is keyed by socket cookie (unique per socket for the life of the kernel).
+//! The per-socket state is keyed by the socket's own tuple plus its netns cookie (sk_msg cannot
+//! read the socket cookie on 6.18, but can read both), so pods with identical loopback tuples
+//! never collide. Endpoints carry the netns cookie unless the address is a registered pod IP.
 #![no_std]
 #![no_main]
+// The BPF target has no compare_exchange on core's atomic types; the intrinsic lowers to the
+// BPF_CMPXCHG instruction (cpu v3, kernel >= 5.12).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action,
+        BPF_ANY, BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RWND_INIT, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, sk_action,
     },
-    helpers::bpf_get_netns_cookie,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_delete_elem},
     macros::{map, sk_msg, sock_ops},
-    maps::{Array, HashMap, PerCpuHashMap, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap, SockHash},
     programs::{SkMsgContext, SockOpsContext},
 };
 use fastpath_common::{
-    AF_INET, AF_INET6, Ip, IpKey, PodInfo, PodStats, SockKey, config_index, pod_flags,
+    AF_INET, AF_INET6, ActiveConn, Endpoint, Ip, IpKey, PendingSyn, PodInfo, PodStats, SockKey,
+    SockState, config_index, map_capacity, pod_flags, sock_role, sock_state,
 };
 
 #[map(name = "FP_PODS")]
-static FP_PODS: HashMap<u64, PodInfo> = HashMap::pinned(16384, 0);
+static FP_PODS: HashMap<u64, PodInfo> = HashMap::pinned(map_capacity::PODS, 0);
 
 #[map(name = "FP_POD_IPS")]
-static FP_POD_IPS: HashMap<IpKey, u64> = HashMap::pinned(32768, 0);
+static FP_POD_IPS: HashMap<IpKey, u64> = HashMap::pinned(map_capacity::POD_IPS, 0);
 
 #[map(name = "FP_SOCKS")]
-static FP_SOCKS: SockHash<SockKey> = SockHash::pinned(65536, 0);
+static FP_SOCKS: SockHash<u64> = SockHash::pinned(map_capacity::SOCKS, 0);
+
+// Not LRU: evicting a live socket's state would strand it in the sockhash.
+#[map(name = "FP_PAIRS")]
+static FP_PAIRS: HashMap<SockKey, SockState> = HashMap::pinned(map_capacity::PAIRS, 0);
+
+// Not LRU either: an evicted entry would leave its client in the sockhash without a peer.
+#[map(name = "FP_ACTIVE")]
+static FP_ACTIVE: HashMap<Endpoint, ActiveConn> = HashMap::pinned(map_capacity::ACTIVE, 0);
+
+// LRU: a SYN whose handshake never completes leaves an entry nobody removes.
+#[map(name = "FP_PENDING")]
+static FP_PENDING: LruHashMap<Endpoint, PendingSyn> = LruHashMap::pinned(map_capacity::PENDING, 0);
 
 #[map(name = "FP_STATS")]
-static FP_STATS: PerCpuHashMap<u64, PodStats> = PerCpuHashMap::pinned(16384, 0);
+static FP_STATS: PerCpuHashMap<u64, PodStats> = PerCpuHashMap::pinned(map_capacity::STATS, 0);
 
 #[map(name = "FP_CONFIG")]
 static FP_CONFIG: Array<u32> = Array::pinned(config_index::LEN, 0);
 
-fn accel_enabled() -> bool {
-    matches!(FP_CONFIG.get(config_index::ACCEL_ENABLED), Some(v) if *v != 0)
+#[map(name = "FP_META")]
+static FP_META: Array<u64> = Array::pinned(fastpath_common::meta_index::LEN, 0);
+
+const TCP_CLOSE: u32 = 7;
+
+fn config(index: u32) -> u32 {
+    FP_CONFIG.get(index).copied().unwrap_or(0)
+}
+
+/// Pairing is on for everyone, or for the installer's self-test namespace only.
+fn accel_enabled(netns: u64) -> bool {
+    if config(config_index::ACCEL_ENABLED) != 0 {
+        return true;
+    }
+    let selftest = (config(config_index::SELFTEST_NETNS_HI) as u64) << 32
+        | config(config_index::SELFTEST_NETNS_LO) as u64;
+    selftest != 0 && selftest == netns
 }
 
 fn stats(netns: u64) -> Option<&'static mut PodStats> {
@@ -49,73 +105,377 @@ fn stats(netns: u64) -> Option<&'static mut PodStats> {
     FP_STATS.get_ptr_mut(netns).map(|p| unsafe { &mut *p })
 }
 
-fn own_key(ctx: &SockOpsContext, netns: u64) -> Option<SockKey> {
-    let (local, remote) = match ctx.family() {
-        AF_INET => (Ip::v4(ctx.local_ip4()), Ip::v4(ctx.remote_ip4())),
-        AF_INET6 => (Ip::v6(ctx.local_ip6()), Ip::v6(ctx.remote_ip6())),
-        _ => return None,
-    };
+fn port_excluded(pod: &PodInfo, port: u32) -> bool {
+    let n = pod.excluded_port_count as usize;
+    let mut i = 0;
+    while i < fastpath_common::MAX_EXCLUDED_PORTS {
+        if i < n && pod.excluded_ports[i] as u32 == port {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+fn local_ip(ctx: &SockOpsContext) -> Option<Ip> {
+    match ctx.family() {
+        AF_INET => Some(Ip::v4(ctx.local_ip4())),
+        AF_INET6 => Some(Ip::v6(ctx.local_ip6())),
+        _ => None,
+    }
+}
+
+fn remote_ip(ctx: &SockOpsContext) -> Option<Ip> {
+    match ctx.family() {
+        AF_INET => Some(Ip::v4(ctx.remote_ip4())),
+        AF_INET6 => Some(Ip::v6(ctx.remote_ip6())),
+        _ => None,
+    }
+}
+
+/// `remote_port` is the network-order port shifted into the upper half of a u32.
+fn remote_port(ctx: &SockOpsContext) -> u32 {
+    u32::from_be(ctx.remote_port())
+}
+
+/// The endpoint key of `ip:port` seen from a socket in netns `netns`.
+fn endpoint(ip: Ip, port: u32, netns: u64) -> Endpoint {
+    let registered = !ip.is_loopback() && unsafe { FP_POD_IPS.get(&IpKey { ip }) }.is_some();
+    Endpoint {
+        ip,
+        port,
+        _pad: 0,
+        ns: if registered { 0 } else { netns },
+    }
+}
+
+fn sock_key(ctx: &SockOpsContext, netns: u64) -> Option<SockKey> {
     Some(SockKey {
-        local,
-        remote,
+        local: local_ip(ctx)?,
+        remote: remote_ip(ctx)?,
         local_port: ctx.local_port(),
-        // remote_port is in network byte order in the upper 16 bits' position of a u32.
-        remote_port: u32::from_be(ctx.remote_port()),
+        remote_port: remote_port(ctx),
         netns,
     })
+}
+
+fn socket_cookie(ctx: &SockOpsContext) -> u64 {
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+fn sockhash_delete(cookie: &u64) {
+    unsafe {
+        bpf_map_delete_elem(
+            &FP_SOCKS as *const SockHash<u64> as *mut _,
+            cookie as *const u64 as *const _,
+        );
+    }
+}
+
+/// Compare-and-swap of a socket's state; `Err(current)` when it was not `from`.
+fn state_cas(p: *mut SockState, from: u64, to: u64) -> Result<u64, u64> {
+    let (prev, ok) = unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+            &raw mut (*p).state,
+            from,
+            to,
+        )
+    };
+    if ok { Ok(prev) } else { Err(prev) }
+}
+
+/// A plain (volatile) load: cpu v3 has no load-acquire. Callers that act on PAIRED re-check
+/// the peer (see [`paired_peer`]).
+fn state_load(p: *mut SockState) -> u64 {
+    unsafe { core::ptr::read_volatile(&raw const (*p).state) }
+}
+
+/// The peer of a socket seen PAIRED. `peer` is written once, before the compare-and-swap that
+/// publishes PAIRED; should a weakly ordered CPU show the old 0, a compare-and-swap (a full
+/// barrier) makes the write visible.
+fn paired_peer(p: *mut SockState) -> u64 {
+    let peer = unsafe { core::ptr::read_volatile(&raw const (*p).peer) };
+    if peer != 0 {
+        return peer;
+    }
+    let _ = state_cas(p, 0, 0);
+    unsafe { core::ptr::read_volatile(&raw const (*p).peer) }
+}
+
+fn request_cb_flags(ctx: &SockOpsContext, flags: u32) {
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | flags) as i32);
+}
+
+fn clear_cb_flags(ctx: &SockOpsContext, flags: u32) {
+    let _ = ctx.set_cb_flags((ctx.cb_flags() & !flags) as i32);
 }
 
 #[sock_ops]
 pub fn fastpath_sockops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
-    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-        return 0;
+    if op == BPF_SOCK_OPS_STATE_CB {
+        // Only sockets this program flagged get here.
+        if ctx.arg(1) == TCP_CLOSE {
+            on_close(&ctx);
+        }
+        return 1;
+    }
+    if op != BPF_SOCK_OPS_RWND_INIT
+        && op != BPF_SOCK_OPS_TCP_CONNECT_CB
+        && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+    {
+        return 1;
     }
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let Some(pod) = (unsafe { FP_PODS.get(&netns) }) else {
-        return 0;
+        return 1;
     };
-    if pod.flags & pod_flags::ACCELERATE == 0 || !accel_enabled() {
-        return 0;
+    if pod.flags & pod_flags::ACCELERATE == 0 || !accel_enabled(netns) {
+        return 1;
     }
-    let Some(mut key) = own_key(&ctx, netns) else {
-        return 0;
+    let is_fullsock = unsafe { (*ctx.ops).is_fullsock } != 0;
+    match op {
+        BPF_SOCK_OPS_RWND_INIT if !is_fullsock => on_syn(&ctx, pod, netns),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx, pod, netns),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(&ctx, netns),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(&ctx, pod, netns),
+        _ => {}
+    }
+    1
+}
+
+/// A request socket of an enrolled listener: the SYN-ACK has not left yet.
+fn on_syn(ctx: &SockOpsContext, pod: &PodInfo, netns: u64) {
+    if port_excluded(pod, ctx.local_port()) {
+        return;
+    }
+    let Some(ip) = remote_ip(ctx) else { return };
+    let client = endpoint(ip, remote_port(ctx), netns);
+    let seen = PendingSyn {
+        seen_ns: unsafe { bpf_ktime_get_ns() },
     };
-    let ok = FP_SOCKS
-        .update(&mut key, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64)
-        .is_ok();
-    if let Some(s) = stats(netns) {
-        if ok {
-            s.sockets_enrolled += 1;
-        } else {
+    let _ = FP_PENDING.insert(&client, &seen, BPF_ANY as u64);
+}
+
+/// An enrolled client is about to send its SYN.
+fn on_connect(ctx: &SockOpsContext, pod: &PodInfo, netns: u64) {
+    if port_excluded(pod, remote_port(ctx)) {
+        return;
+    }
+    let Some(key) = sock_key(ctx, netns) else {
+        return;
+    };
+    let st = SockState {
+        state: sock_state::CONNECTING,
+        role: sock_role::CLIENT,
+        peer: 0,
+        netns,
+        connect_ns: unsafe { bpf_ktime_get_ns() },
+        _pad: 0,
+        endpoint: Endpoint::default(),
+    };
+    if FP_PAIRS.insert(&key, &st, BPF_ANY as u64).is_ok() {
+        request_cb_flags(ctx, BPF_SOCK_OPS_STATE_CB_FLAG);
+    }
+}
+
+/// The client's SYN-ACK arrived; its ACK and connect()'s return come after this.
+fn on_active_established(ctx: &SockOpsContext, netns: u64) {
+    let Some(key) = sock_key(ctx, netns) else {
+        return;
+    };
+    let Some(st) = FP_PAIRS.get_ptr_mut(&key) else {
+        return;
+    };
+    let give_up = |ctx: &SockOpsContext| {
+        let _ = FP_PAIRS.remove(&key);
+        clear_cb_flags(ctx, BPF_SOCK_OPS_STATE_CB_FLAG);
+    };
+    let cookie = socket_cookie(ctx);
+    let me = endpoint(key.local, key.local_port, netns);
+    // Bytes sent before establishment (TCP Fast Open data in the SYN) took TCP: such a
+    // connection stays on TCP. (With TFO the server also establishes before the client, so it
+    // could never pair; it must not enter the sockhash.)
+    let ops = unsafe { &*ctx.ops };
+    if ops.bytes_acked > 1 || ops.data_segs_out != 0 {
+        give_up(ctx);
+        return;
+    }
+    let connect_ns = unsafe { (*st).connect_ns };
+    // The listener must have seen a SYN from this endpoint after this socket began to connect:
+    // then it was this socket's SYN, and the server is a local enrolled socket.
+    let fresh = matches!(unsafe { FP_PENDING.get(&me) }, Some(p) if p.seen_ns >= connect_ns);
+    // Claim the PENDING entry (a delete succeeds once), so a twin socket bound to the same
+    // endpoint cannot claim it too.
+    if !fresh || FP_PENDING.remove(&me).is_err() {
+        give_up(ctx);
+        return;
+    }
+    let active = ActiveConn {
+        client: key,
+        cookie,
+        snd_una: ops.snd_una,
+        rcv_nxt: ops.rcv_nxt,
+    };
+    unsafe {
+        (*st).endpoint = me;
+        (*st).state = sock_state::PENDING;
+    }
+    let mut sock = cookie;
+    if FP_SOCKS
+        .update(&mut sock, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        if let Some(s) = stats(netns) {
             s.enroll_failures += 1;
         }
+        give_up(ctx);
+        return;
     }
-    let _ = &FP_POD_IPS;
-    0
+    if FP_ACTIVE.insert(&me, &active, BPF_NOEXIST as u64).is_err() {
+        sockhash_delete(&cookie);
+        give_up(ctx);
+        return;
+    }
+    if let Some(s) = stats(netns) {
+        s.sockets_enrolled += 1;
+    }
+}
+
+/// The server's handshake completed; accept() cannot have returned this socket yet.
+fn on_passive_established(ctx: &SockOpsContext, pod: &PodInfo, netns: u64) {
+    let Some(ip) = remote_ip(ctx) else { return };
+    let client = endpoint(ip, remote_port(ctx), netns);
+    // A client that was not enrolled never claimed its PENDING entry.
+    let _ = FP_PENDING.remove(&client);
+    if port_excluded(pod, ctx.local_port()) {
+        return;
+    }
+    let Some(active) = (unsafe { FP_ACTIVE.get(&client) }).copied() else {
+        return;
+    };
+    let ops = unsafe { &*ctx.ops };
+    if ops.rcv_nxt != active.snd_una || ops.snd_nxt != active.rcv_nxt {
+        // The SYN record of this endpoint was claimed by another socket bound to the same
+        // endpoint (SO_REUSEADDR twins): that socket's server is not us, and no local server
+        // will pair it. Take it out of the sockhash, on TCP for good.
+        let stranded = match FP_PAIRS.get_ptr_mut(&active.client) {
+            Some(p) => {
+                state_cas(p, sock_state::PENDING, sock_state::TAINTED).is_ok()
+                    || state_load(p) == sock_state::TAINTED
+            }
+            None => true,
+        };
+        if stranded && FP_ACTIVE.remove(&client).is_ok() {
+            sockhash_delete(&active.cookie);
+        }
+        return;
+    }
+    if FP_ACTIVE.remove(&client).is_err() {
+        return;
+    }
+    let Some(cs) = FP_PAIRS.get_ptr_mut(&active.client) else {
+        return;
+    };
+    let Some(own_key) = sock_key(ctx, netns) else {
+        return;
+    };
+    let own = socket_cookie(ctx);
+    let mut sock = own;
+    let me = SockState {
+        state: sock_state::PAIRED,
+        role: sock_role::SERVER,
+        peer: active.cookie,
+        netns,
+        connect_ns: 0,
+        _pad: 0,
+        endpoint: Endpoint::default(),
+    };
+    let inserted = FP_SOCKS
+        .update(&mut sock, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64)
+        .is_ok();
+    if inserted && FP_PAIRS.insert(&own_key, &me, BPF_ANY as u64).is_ok() {
+        unsafe { (*cs).peer = own };
+        if state_cas(cs, sock_state::PENDING, sock_state::PAIRED).is_ok() {
+            request_cb_flags(ctx, BPF_SOCK_OPS_STATE_CB_FLAG);
+            if let Some(s) = stats(netns) {
+                s.sockets_enrolled += 1;
+                s.connections_paired += 1;
+            }
+            return;
+        }
+        let _ = FP_PAIRS.remove(&own_key);
+    }
+    // Not paired: the client wrote over TCP already, or an insert failed. Neither socket may
+    // stay in the sockhash without a peer, and the client must never be redirected.
+    if inserted {
+        sockhash_delete(&own);
+    } else if let Some(s) = stats(netns) {
+        s.enroll_failures += 1;
+    }
+    let _ = state_cas(cs, sock_state::PENDING, sock_state::TAINTED);
+    sockhash_delete(&active.cookie);
+}
+
+fn on_close(ctx: &SockOpsContext) {
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(key) = sock_key(ctx, netns) else {
+        return;
+    };
+    let Some(st) = (unsafe { FP_PAIRS.get(&key) }).copied() else {
+        return;
+    };
+    if st.role == sock_role::CLIENT {
+        if let Some(a) = unsafe { FP_ACTIVE.get(&st.endpoint) } {
+            if a.client == key {
+                let _ = FP_ACTIVE.remove(&st.endpoint);
+            }
+        }
+    }
+    let _ = FP_PAIRS.remove(&key);
 }
 
 #[sk_msg]
 pub fn fastpath_skmsg(ctx: SkMsgContext) -> u32 {
     let md = unsafe { &*ctx.msg };
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let family = md.family;
-    let (local, remote) = if family == AF_INET {
+    let (local, remote) = if md.family == AF_INET {
         (Ip::v4(md.local_ip4), Ip::v4(md.remote_ip4))
     } else {
         (Ip::v6(md.local_ip6), Ip::v6(md.remote_ip6))
     };
-    // The peer's key is our tuple reversed, in the same namespace.
-    let mut peer = SockKey {
-        local: remote,
-        remote: local,
-        local_port: u32::from_be(md.remote_port),
-        remote_port: md.local_port,
-        netns,
+    let key = SockKey {
+        local,
+        remote,
+        local_port: md.local_port,
+        remote_port: u32::from_be(md.remote_port),
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
     };
+    let Some(st) = FP_PAIRS.get_ptr_mut(&key) else {
+        return sk_action::SK_PASS;
+    };
+    let netns = unsafe { (*st).netns };
     let size = ctx.size() as u64;
-    let redirected =
-        FP_SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64) == sk_action::SK_PASS as i64;
+    let mut peer = match state_load(st) {
+        sock_state::PAIRED => paired_peer(st),
+        sock_state::PENDING => match state_cas(st, sock_state::PENDING, sock_state::TAINTED) {
+            Ok(_) => {
+                // First bytes before the server established: they take TCP, and so will
+                // every later byte of this connection.
+                if let Some(s) = stats(netns) {
+                    s.early_data_fallbacks += 1;
+                    s.peer_misses += 1;
+                }
+                return sk_action::SK_PASS;
+            }
+            Err(sock_state::PAIRED) => paired_peer(st),
+            Err(_) => 0,
+        },
+        _ => 0,
+    };
+    let redirected = peer != 0
+        && FP_SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64)
+            == sk_action::SK_PASS as i64;
     if let Some(s) = stats(netns) {
         if redirected {
             s.msgs_redirected += 1;
@@ -124,6 +484,7 @@ pub fn fastpath_skmsg(ctx: SkMsgContext) -> u32 {
             s.peer_misses += 1;
         }
     }
+    let _ = &FP_META;
     sk_action::SK_PASS
 }
 

@@ -127,3 +127,5 @@ pub fn bin_path(name: &str) -> std::path::PathBuf {
     );
     p
 }
+
+pub mod accel;

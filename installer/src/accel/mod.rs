@@ -6,8 +6,41 @@
 //! - [`start`]: called once at start-up; never fails the installer. Returns what happened, for
 //!   the log line, the readiness detail and the `fastpath_accel_*` metrics.
 //! - [`pod_counters`]: per-pod counters for /metrics.
+//! - [`status_report`]: the state of the pins, for `install-cni accel-status`.
 //! - [`uninstall`]: the explicit uninstall command (never called on SIGTERM).
-use std::path::PathBuf;
+//!
+//! Pins under `pin_dir`: the maps by name (`FP_*`), `prog_sockops`, `prog_skmsg`,
+//! `link_sockops` (cgroup link on the cgroup v2 root) and `link_skmsg` (sockhash link). The
+//! pinned links keep everything attached when the installer exits; a restart of the same
+//! build loads nothing; a new build swaps programs in the pinned links with BPF_LINK_UPDATE.
+mod plan;
+pub mod pods;
+pub mod selftest;
+pub mod sys;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, PerCpuHashMap},
+    programs::{CgroupAttachMode, SkMsg, SockOps, links::FdLink},
+};
+use fastpath_common::{
+    ALL_MAPS, IpKey, MAP_ABI_VERSION, MAP_LAYOUTS, PodInfo, PodStats, config_index, map_names,
+    meta_index, prog_names,
+};
+use std::{
+    os::fd::AsFd as _,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+};
+
+pub use plan::{cgroup2_root, object_hash};
+
+/// Pin names of the programs and links under the pin directory.
+pub const PIN_PROG_SOCKOPS: &str = "prog_sockops";
+pub const PIN_PROG_SKMSG: &str = "prog_skmsg";
+pub const PIN_LINK_SOCKOPS: &str = "link_sockops";
+pub const PIN_LINK_SKMSG: &str = "link_skmsg";
 
 /// Where and whether to accelerate.
 #[derive(Clone, Debug)]
@@ -20,6 +53,23 @@ pub struct AccelSettings {
     pub pin_dir: PathBuf,
     /// The cgroup v2 root to attach sock_ops to; `None` = find it from /proc/self/mounts.
     pub cgroup_root: Option<PathBuf>,
+    /// `cni_agent_run_dir` (`/var/run/istio-cni`): the plugin keeps its per-pod enrollment
+    /// records under `fastpath/pods/` there (counter labels, re-enrollment after an upgrade).
+    pub run_dir: PathBuf,
+}
+
+impl AccelSettings {
+    /// The deployed defaults: enabled, `/sys/fs/bpf/fastpath`, cgroup v2 found at start.
+    pub fn defaults() -> Self {
+        let bpffs = PathBuf::from(fastpath_common::BPFFS_ROOT);
+        Self {
+            enabled: true,
+            pin_dir: bpffs.join(fastpath_common::PIN_DIR_NAME),
+            bpffs,
+            cgroup_root: None,
+            run_dir: PathBuf::from("/var/run/istio-cni"),
+        }
+    }
 }
 
 /// The outcome of [`start`].
@@ -33,14 +83,245 @@ pub enum AccelState {
     Unavailable { reason: String },
 }
 
-/// Loads or reuses the pinned accelerator. Stub until the accelerator lands.
+/// Loads or reuses the pinned accelerator and self-tests it; never fails the caller. Whatever
+/// goes wrong leaves acceleration off (no new socket enters the sockhash) and says why.
 pub fn start(settings: &AccelSettings) -> AccelState {
     if !settings.enabled {
+        if let Err(e) = set_enabled(&settings.pin_dir, false) {
+            log::debug!("acceleration disabled; no pinned accelerator to switch off ({e:#})");
+        }
+        log::info!("acceleration disabled by configuration");
         return AccelState::Disabled;
     }
-    AccelState::Unavailable {
-        reason: "accelerator not built yet".into(),
+    let outcome = load_or_reuse(settings).and_then(|()| {
+        let report = selftest::run(&settings.pin_dir)?;
+        log::info!("accelerator self-test: {}", report.summary());
+        match report.failure() {
+            None => Ok(()),
+            Some(why) => Err(anyhow!("kernel self-test failed: {why}")),
+        }
+    });
+    match outcome.and_then(|()| set_enabled(&settings.pin_dir, true)) {
+        Ok(()) => {
+            log::info!(
+                "accelerator active (pins under {})",
+                settings.pin_dir.display()
+            );
+            AccelState::Active
+        }
+        Err(e) => {
+            let _ = set_enabled(&settings.pin_dir, false);
+            let reason = format!("{e:#}").replace('\n', " ");
+            log::warn!("acceleration unavailable, traffic is redirected without it: {reason}");
+            AccelState::Unavailable { reason }
+        }
     }
+}
+
+fn pin(settings_dir: &Path, name: &str) -> PathBuf {
+    settings_dir.join(name)
+}
+
+fn pinned_map(pin_dir: &Path, name: &str) -> Result<Map> {
+    let path = pin(pin_dir, name);
+    let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
+    Ok(Map::from_map_data(data)?)
+}
+
+fn set_enabled(pin_dir: &Path, on: bool) -> Result<()> {
+    let mut cfg: Array<MapData, u32> = pinned_map(pin_dir, map_names::CONFIG)?.try_into()?;
+    cfg.set(config_index::ACCEL_ENABLED, on as u32, 0)?;
+    Ok(())
+}
+
+fn read_meta(pin_dir: &Path) -> Option<(u64, u64)> {
+    let meta: Array<MapData, u64> = pinned_map(pin_dir, map_names::META).ok()?.try_into().ok()?;
+    let abi = meta.get(&meta_index::ABI_VERSION, 0).ok()?;
+    let hash = meta.get(&meta_index::OBJECT_HASH, 0).ok()?;
+    (abi != 0).then_some((abi, hash))
+}
+
+fn write_meta(pin_dir: &Path, hash: u64) -> Result<()> {
+    let mut meta: Array<MapData, u64> = pinned_map(pin_dir, map_names::META)?.try_into()?;
+    meta.set(meta_index::ABI_VERSION, MAP_ABI_VERSION as u64, 0)?;
+    meta.set(meta_index::OBJECT_HASH, hash, 0)?;
+    Ok(())
+}
+
+fn pinned_map_ids(pin_dir: &Path, name: &str) -> Option<sys::MapIds> {
+    let fd = sys::obj_get(&pin(pin_dir, name)).ok()?;
+    sys::map_ids(fd.as_fd()).ok()
+}
+
+fn check_kernel(settings: &AccelSettings) -> Result<PathBuf> {
+    if !crate::probes::embedded() {
+        bail!("this build carries no eBPF probes (built with AYA_BUILD_SKIP)");
+    }
+    sys::ensure_bpffs(&settings.bpffs).context("bpffs")?;
+    let cgroup = match &settings.cgroup_root {
+        Some(p) => p.clone(),
+        None => {
+            let mounts = std::fs::read_to_string("/proc/self/mounts").context("read mounts")?;
+            plan::cgroup2_root(&mounts).ok_or_else(|| anyhow!("no cgroup v2 mount found"))?
+        }
+    };
+    sys::current_netns_cookie().context("netns cookie")?;
+    Ok(cgroup)
+}
+
+/// Makes the pinned accelerator this build's: reuses it when it already is, upgrades it in
+/// place otherwise.
+fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
+    let cgroup = check_kernel(settings)?;
+    let dir = &settings.pin_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+
+    let ours = plan::object_hash(crate::probes::OBJECT);
+    let stored = read_meta(dir);
+    let verdicts: Vec<plan::MapVerdict> = MAP_LAYOUTS
+        .iter()
+        .map(|l| {
+            plan::map_verdict(
+                pinned_map_ids(dir, l.name),
+                l,
+                stored.map(|s| s.0),
+                MAP_ABI_VERSION as u64,
+            )
+        })
+        .collect();
+    let pinned = plan::Pinned {
+        sockops_link: pin(dir, PIN_LINK_SOCKOPS).exists(),
+        skmsg_link: pin(dir, PIN_LINK_SKMSG).exists(),
+        object_hash: stored.map(|s| s.1),
+    };
+    if plan::reuse_everything(&pinned, &verdicts, ours) {
+        log::info!(
+            "accelerator already loaded by this build: reusing the pins in {}",
+            dir.display()
+        );
+        restrict_pins(dir)?;
+        return Ok(());
+    }
+
+    let mut recreated = Vec::new();
+    for (layout, verdict) in MAP_LAYOUTS.iter().zip(&verdicts) {
+        if let plan::MapVerdict::Recreate(reason) = verdict {
+            log::warn!("map {}: recreating it: {reason}", layout.name);
+            std::fs::remove_file(pin(dir, layout.name))?;
+            recreated.push(layout.name);
+        }
+    }
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(dir)
+        .load(crate::probes::OBJECT)
+        .context("load the probes")?;
+
+    let sockops: &mut SockOps = ebpf
+        .program_mut(prog_names::SOCK_OPS)
+        .ok_or_else(|| anyhow!("no {} in the object", prog_names::SOCK_OPS))?
+        .try_into()?;
+    sockops.load().context("verifier rejected sock_ops")?;
+    let sockops_link_pin = pin(dir, PIN_LINK_SOCKOPS);
+    if let Ok(link) = sys::obj_get(&sockops_link_pin) {
+        sys::link_update(link.as_fd(), sockops.fd()?.as_fd())
+            .context("swap the sock_ops program")?;
+        log::info!("sock_ops: new program swapped into the pinned cgroup link");
+    } else {
+        let cg = std::fs::File::open(&cgroup)
+            .with_context(|| format!("open cgroup {}", cgroup.display()))?;
+        // A cgroup bpf_link always coexists with other programs (multi-attach); the kernel
+        // rejects the explicit BPF_F_ALLOW_MULTI flag on link creation, so pass none.
+        let id = sockops
+            .attach(&cg, CgroupAttachMode::Single)
+            .with_context(|| format!("attach sock_ops to {}", cgroup.display()))?;
+        let link: FdLink = sockops.take_link(id)?.try_into()?;
+        link.pin(&sockops_link_pin)?;
+        log::info!("sock_ops: attached to {} and pinned", cgroup.display());
+    }
+    replace_program_pin(sockops.fd()?.as_fd(), &pin(dir, PIN_PROG_SOCKOPS))?;
+
+    let socks_fd = sys::obj_get(&pin(dir, map_names::SOCKS)).context("open the sockhash")?;
+    let skmsg: &mut SkMsg = ebpf
+        .program_mut(prog_names::SK_MSG)
+        .ok_or_else(|| anyhow!("no {} in the object", prog_names::SK_MSG))?
+        .try_into()?;
+    skmsg.load().context("verifier rejected sk_msg")?;
+    let skmsg_link_pin = pin(dir, PIN_LINK_SKMSG);
+    let old_link = sys::obj_get(&skmsg_link_pin).ok();
+    match old_link {
+        Some(link) if !recreated.contains(&map_names::SOCKS) => {
+            sys::link_update(link.as_fd(), skmsg.fd()?.as_fd())
+                .context("swap the sk_msg program")?;
+            log::info!("sk_msg: new program swapped into the pinned sockhash link");
+        }
+        _ => {
+            let link = sys::sockmap_link_create(
+                skmsg.fd()?.as_fd(),
+                socks_fd.as_fd(),
+                sys::BPF_SK_MSG_VERDICT,
+            )?;
+            let _ = std::fs::remove_file(&skmsg_link_pin);
+            sys::obj_pin(link.as_fd(), &skmsg_link_pin)?;
+            log::info!("sk_msg: attached to the sockhash and pinned");
+        }
+    }
+    replace_program_pin(skmsg.fd()?.as_fd(), &pin(dir, PIN_PROG_SKMSG))?;
+
+    write_meta(dir, ours)?;
+    // Fresh enrollment maps (first start, reboot, layout change): pods recorded by the plugin
+    // are enrolled again.
+    let fresh = |name| {
+        MAP_LAYOUTS
+            .iter()
+            .zip(&verdicts)
+            .any(|(l, v)| l.name == name && *v != plan::MapVerdict::Reuse)
+    };
+    if fresh(map_names::PODS) || fresh(map_names::POD_IPS) {
+        reenroll(settings)?;
+    }
+    restrict_pins(dir)?;
+    Ok(())
+}
+
+fn replace_program_pin(prog: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result<()> {
+    let _ = std::fs::remove_file(path);
+    sys::obj_pin(prog, path)
+}
+
+/// Root only: 0600 pins, 0700 directory.
+fn restrict_pins(dir: &Path) -> Result<()> {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    for e in std::fs::read_dir(dir)?.flatten() {
+        std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("chmod {}", e.path().display()))?;
+    }
+    Ok(())
+}
+
+/// Writes every recorded pod back into freshly created enrollment maps.
+fn reenroll(settings: &AccelSettings) -> Result<()> {
+    let dir = &settings.pin_dir;
+    let mut pods_map: HashMap<MapData, u64, PodInfo> =
+        pinned_map(dir, map_names::PODS)?.try_into()?;
+    let mut ips_map: HashMap<MapData, IpKey, u64> =
+        pinned_map(dir, map_names::POD_IPS)?.try_into()?;
+    let records: Vec<_> = pods::read_all(&settings.run_dir)?
+        .into_iter()
+        .filter(|r| r.accelerate)
+        .collect();
+    for r in &records {
+        for k in r.ip_keys() {
+            ips_map.insert(k, r.netns_cookie, 0)?;
+        }
+        pods_map.insert(r.netns_cookie, r.pod_info(), 0)?;
+    }
+    log::info!(
+        "re-enrolled {} pods from {}",
+        records.len(),
+        pods::state_dir(&settings.run_dir).display()
+    );
+    Ok(())
 }
 
 /// One enrolled pod's counters, summed over CPUs, with the pod's identity when known.
@@ -52,20 +333,142 @@ pub struct PodCounters {
     pub stats: fastpath_common::PodStats,
 }
 
-/// Per-pod counters for /metrics. Stub until the accelerator lands.
-pub fn pod_counters(_settings: &AccelSettings) -> anyhow::Result<Vec<PodCounters>> {
-    Ok(Vec::new())
+fn add(into: &mut PodStats, s: &PodStats) {
+    into.sockets_enrolled += s.sockets_enrolled;
+    into.enroll_failures += s.enroll_failures;
+    into.msgs_redirected += s.msgs_redirected;
+    into.bytes_redirected += s.bytes_redirected;
+    into.peer_misses += s.peer_misses;
+    into.connections_paired += s.connections_paired;
+    into.early_data_fallbacks += s.early_data_fallbacks;
 }
 
-/// Human-readable state of the pins, for `install-cni accel-status`. Stub.
-pub fn status_report(settings: &AccelSettings) -> anyhow::Result<String> {
-    Ok(format!(
-        "no accelerator pins under {}",
-        settings.pin_dir.display()
-    ))
+/// Per-pod counters for /metrics. Empty when the accelerator is not pinned.
+pub fn pod_counters(settings: &AccelSettings) -> Result<Vec<PodCounters>> {
+    if !pin(&settings.pin_dir, map_names::STATS).exists() {
+        return Ok(Vec::new());
+    }
+    let stats: PerCpuHashMap<MapData, u64, PodStats> =
+        pinned_map(&settings.pin_dir, map_names::STATS)?.try_into()?;
+    let records = pods::read_all(&settings.run_dir).unwrap_or_default();
+    let mut out = Vec::new();
+    for cookie in stats.keys() {
+        let cookie = cookie?;
+        let Ok(per_cpu) = stats.get(&cookie, 0) else {
+            continue;
+        };
+        let mut sum = PodStats::default();
+        for s in per_cpu.iter() {
+            add(&mut sum, s);
+        }
+        let who = records.iter().find(|r| r.netns_cookie == cookie);
+        out.push(PodCounters {
+            netns_cookie: cookie,
+            namespace: who.map(|r| r.namespace.clone()),
+            name: who.map(|r| r.name.clone()),
+            stats: sum,
+        });
+    }
+    out.sort_by_key(|c| c.netns_cookie);
+    Ok(out)
 }
 
-/// Removes every pin and detaches everything. Stub until the accelerator lands.
-pub fn uninstall(_settings: &AccelSettings) -> anyhow::Result<()> {
+/// Human-readable state of the pins, for `install-cni accel-status`.
+pub fn status_report(settings: &AccelSettings) -> Result<String> {
+    use std::fmt::Write as _;
+    let dir = &settings.pin_dir;
+    if !dir.exists() {
+        return Ok(format!("no accelerator pins under {}", dir.display()));
+    }
+    let mut s = String::new();
+    writeln!(s, "pin directory: {}", dir.display())?;
+    match read_meta(dir) {
+        Some((abi, hash)) => writeln!(s, "ABI stamp: map ABI {abi}, object {hash:016x}")?,
+        None => writeln!(s, "ABI stamp: missing")?,
+    }
+    writeln!(
+        s,
+        "this build: map ABI {MAP_ABI_VERSION}, object {:016x}",
+        plan::object_hash(crate::probes::OBJECT)
+    )?;
+    for link in [PIN_LINK_SOCKOPS, PIN_LINK_SKMSG] {
+        match sys::obj_get(&pin(dir, link)).map_err(anyhow::Error::from) {
+            Ok(fd) => {
+                let ids = sys::link_ids(fd.as_fd())?;
+                writeln!(
+                    s,
+                    "link {link}: id {} type {} program id {}",
+                    ids.id, ids.link_type, ids.prog_id
+                )?;
+            }
+            Err(e) => writeln!(s, "link {link}: not pinned ({e})")?,
+        }
+    }
+    for prog in [PIN_PROG_SOCKOPS, PIN_PROG_SKMSG] {
+        match aya::programs::ProgramInfo::from_pin(pin(dir, prog)) {
+            Ok(info) => writeln!(
+                s,
+                "program {prog}: id {} name {}",
+                info.id(),
+                info.name_as_str().unwrap_or("?")
+            )?,
+            Err(e) => writeln!(s, "program {prog}: not pinned ({e})")?,
+        }
+    }
+    for name in ALL_MAPS {
+        match sys::obj_get(&pin(dir, name)) {
+            Ok(fd) => {
+                let ids = sys::map_ids(fd.as_fd())?;
+                let entries = sys::map_entry_count(fd.as_fd(), ids.key_size)
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|e| format!("? ({e})"));
+                writeln!(
+                    s,
+                    "map {name}: id {} entries {entries} (max {})",
+                    ids.id, ids.max_entries
+                )?;
+            }
+            Err(e) => writeln!(s, "map {name}: not pinned ({e})")?,
+        }
+    }
+    if let Ok(cfg) = pinned_map(dir, map_names::CONFIG)
+        .and_then(|m| Array::<MapData, u32>::try_from(m).map_err(Into::into))
+    {
+        let on = cfg.get(&config_index::ACCEL_ENABLED, 0).unwrap_or(0);
+        writeln!(
+            s,
+            "acceleration switch: {}",
+            if on != 0 { "on" } else { "off" }
+        )?;
+    }
+    Ok(s)
+}
+
+/// Removes every pin and detaches everything: unpinning the links detaches the programs;
+/// the maps go when the last program using them is gone.
+pub fn uninstall(settings: &AccelSettings) -> Result<()> {
+    let dir = &settings.pin_dir;
+    if !dir.exists() {
+        log::info!("nothing to uninstall under {}", dir.display());
+        return Ok(());
+    }
+    let _ = set_enabled(dir, false);
+    let mut names: Vec<PathBuf> = [PIN_LINK_SOCKOPS, PIN_LINK_SKMSG]
+        .iter()
+        .map(|n| pin(dir, n))
+        .collect();
+    for e in std::fs::read_dir(dir)?.flatten() {
+        if !names.contains(&e.path()) {
+            names.push(e.path());
+        }
+    }
+    for p in names {
+        match std::fs::remove_file(&p) {
+            Ok(()) => log::info!("removed {}", p.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("remove {}", p.display())),
+        }
+    }
+    std::fs::remove_dir(dir).with_context(|| format!("remove {}", dir.display()))?;
     Ok(())
 }

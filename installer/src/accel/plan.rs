@@ -1,0 +1,161 @@
+//! Pure decisions of the loader: where cgroup v2 is, whether a pinned map can be reused, and
+//! whether a pinned installation can be reused as a whole.
+use super::sys::MapIds;
+use fastpath_common::MapLayout;
+use std::path::PathBuf;
+
+/// The cgroup v2 mount from /proc/self/mounts text: `/sys/fs/cgroup` on unified hosts,
+/// `/sys/fs/cgroup/unified` on hybrid hosts, else the first cgroup2 mount.
+pub fn cgroup2_root(mounts: &str) -> Option<PathBuf> {
+    let found: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then_some(dir)
+        })
+        .collect();
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .find(|p| found.contains(p))
+        .or(found.first().copied())
+        .map(PathBuf::from)
+}
+
+/// FNV-1a over the probe object: identifies the build whose programs are attached.
+pub fn object_hash(object: &[u8]) -> u64 {
+    object.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// What to do with one map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapVerdict {
+    /// Not pinned: create and pin.
+    Create,
+    /// Pinned with this build's layout: reuse (same map id, entries kept).
+    Reuse,
+    /// Pinned with another layout or ABI: unpin and create anew, for this reason.
+    Recreate(String),
+}
+
+/// Decides about one map from what is pinned (`found`), what this build declares, and the ABI
+/// version stored in the pinned set (`stored_abi`, `None` when there is no stamp).
+pub fn map_verdict(
+    found: Option<MapIds>,
+    want: &MapLayout,
+    stored_abi: Option<u64>,
+    our_abi: u64,
+) -> MapVerdict {
+    let Some(f) = found else {
+        return MapVerdict::Create;
+    };
+    let have = (f.map_type, f.key_size, f.value_size, f.max_entries);
+    let need = (
+        want.map_type,
+        want.key_size,
+        want.value_size,
+        want.max_entries,
+    );
+    if have != need {
+        return MapVerdict::Recreate(format!(
+            "layout changed: pinned (type {}, key {} B, value {} B, {} entries), this build \
+             (type {}, key {} B, value {} B, {} entries)",
+            have.0, have.1, have.2, have.3, need.0, need.1, need.2, need.3
+        ));
+    }
+    match stored_abi {
+        Some(a) if a != our_abi => MapVerdict::Recreate(format!(
+            "map ABI version {a} pinned, this build has {our_abi}"
+        )),
+        _ => MapVerdict::Reuse,
+    }
+}
+
+/// What is pinned, as the start-up decision needs it.
+#[derive(Clone, Debug, Default)]
+pub struct Pinned {
+    pub sockops_link: bool,
+    pub skmsg_link: bool,
+    pub object_hash: Option<u64>,
+}
+
+/// True when the pinned installation is exactly this build and complete: nothing to load.
+pub fn reuse_everything(pinned: &Pinned, verdicts: &[MapVerdict], our_hash: u64) -> bool {
+    pinned.sockops_link
+        && pinned.skmsg_link
+        && pinned.object_hash == Some(our_hash)
+        && verdicts.iter().all(|v| *v == MapVerdict::Reuse)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fastpath_common::MAP_LAYOUTS;
+
+    #[test]
+    fn finds_unified_or_hybrid_cgroup2() {
+        let hybrid = "cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n\
+                      tmpfs /sys/fs/cgroup tmpfs rw 0 0\n";
+        assert_eq!(
+            cgroup2_root(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let unified = "cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n";
+        assert_eq!(cgroup2_root(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        let other = "cgroup2 /run/cg cgroup2 rw 0 0\n";
+        assert_eq!(cgroup2_root(other), Some(PathBuf::from("/run/cg")));
+        assert_eq!(cgroup2_root("proc /proc proc rw 0 0\n"), None);
+    }
+
+    fn ids(l: &MapLayout) -> MapIds {
+        MapIds {
+            map_type: l.map_type,
+            id: 7,
+            key_size: l.key_size,
+            value_size: l.value_size,
+            max_entries: l.max_entries,
+        }
+    }
+
+    #[test]
+    fn same_layout_is_reused_changed_layout_recreated() {
+        let l = &MAP_LAYOUTS[0];
+        assert_eq!(map_verdict(None, l, None, 2), MapVerdict::Create);
+        assert_eq!(map_verdict(Some(ids(l)), l, Some(2), 2), MapVerdict::Reuse);
+        let mut bigger = ids(l);
+        bigger.value_size += 8;
+        assert!(matches!(
+            map_verdict(Some(bigger), l, Some(2), 2),
+            MapVerdict::Recreate(r) if r.contains("layout changed")
+        ));
+        assert!(matches!(
+            map_verdict(Some(ids(l)), l, Some(1), 2),
+            MapVerdict::Recreate(r) if r.contains("ABI version 1")
+        ));
+    }
+
+    #[test]
+    fn reuse_everything_needs_links_hash_and_maps() {
+        let p = Pinned {
+            sockops_link: true,
+            skmsg_link: true,
+            object_hash: Some(5),
+        };
+        assert!(reuse_everything(&p, &[MapVerdict::Reuse], 5));
+        assert!(!reuse_everything(&p, &[MapVerdict::Reuse], 6));
+        assert!(!reuse_everything(&p, &[MapVerdict::Create], 5));
+        let no_link = Pinned {
+            skmsg_link: false,
+            ..p
+        };
+        assert!(!reuse_everything(&no_link, &[MapVerdict::Reuse], 5));
+    }
+
+    #[test]
+    fn object_hash_differs_by_content() {
+        assert_ne!(object_hash(b"a"), object_hash(b"b"));
+        assert_eq!(object_hash(b"abc"), object_hash(b"abc"));
+    }
+}

@@ -1,0 +1,245 @@
+//! The few bpf(2) commands aya 0.14 does not offer (sockmap links, link update, pinning a raw
+//! fd, map entry counting), bpffs mounting, and the netns cookie.
+use anyhow::{Context as _, Result, bail};
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
+    os::unix::ffi::OsStrExt as _,
+    path::Path,
+};
+
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+/// `enum bpf_attach_type`: BPF_SK_MSG_VERDICT.
+pub const BPF_SK_MSG_VERDICT: u32 = 7;
+/// `SO_NETNS_COOKIE` (Linux 5.14+).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// `union bpf_attr`, as a zeroed buffer large enough for every command used here.
+#[repr(C, align(8))]
+struct Attr([u8; 128]);
+
+impl Attr {
+    fn new() -> Self {
+        Self([0; 128])
+    }
+    fn put_u32(&mut self, off: usize, v: u32) -> &mut Self {
+        self.0[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+        self
+    }
+    fn put_u64(&mut self, off: usize, v: u64) -> &mut Self {
+        self.0[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+        self
+    }
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
+    // SAFETY: attr is a valid, zero-padded bpf_attr of the size passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.0.as_mut_ptr(),
+            std::mem::size_of::<Attr>() as u32,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn fd_from(rc: libc::c_long) -> OwnedFd {
+    // SAFETY: the kernel just returned this new file descriptor to us.
+    unsafe { OwnedFd::from_raw_fd(rc as RawFd) }
+}
+
+fn cpath(path: &Path) -> Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .with_context(|| format!("bad path {}", path.display()))
+}
+
+/// Opens a pinned object (map, program or link).
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c = cpath(path).map_err(io::Error::other)?;
+    let mut a = Attr::new();
+    a.put_u64(0, c.as_ptr() as u64);
+    bpf(BPF_OBJ_GET, &mut a).map(fd_from)
+}
+
+/// Pins an object fd at `path` (which must not exist).
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<()> {
+    let c = cpath(path)?;
+    let mut a = Attr::new();
+    a.put_u64(0, c.as_ptr() as u64)
+        .put_u32(8, fd.as_raw_fd() as u32);
+    bpf(BPF_OBJ_PIN, &mut a).with_context(|| format!("pin {}", path.display()))?;
+    Ok(())
+}
+
+/// `BPF_LINK_CREATE` of a program on a sockmap/sockhash (kernel >= 6.10).
+pub fn sockmap_link_create(
+    prog: BorrowedFd<'_>,
+    map: BorrowedFd<'_>,
+    attach_type: u32,
+) -> Result<OwnedFd> {
+    let mut a = Attr::new();
+    a.put_u32(0, prog.as_raw_fd() as u32)
+        .put_u32(4, map.as_raw_fd() as u32)
+        .put_u32(8, attach_type);
+    let rc = bpf(BPF_LINK_CREATE, &mut a)
+        .context("BPF_LINK_CREATE on the sockhash (needs Linux >= 6.10)")?;
+    Ok(fd_from(rc))
+}
+
+/// `BPF_LINK_UPDATE`: swaps the program of a link atomically.
+pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> Result<()> {
+    let mut a = Attr::new();
+    a.put_u32(0, link.as_raw_fd() as u32)
+        .put_u32(4, new_prog.as_raw_fd() as u32);
+    bpf(BPF_LINK_UPDATE, &mut a).context("BPF_LINK_UPDATE")?;
+    Ok(())
+}
+
+/// `struct bpf_link_info`'s first fields.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LinkIds {
+    pub link_type: u32,
+    pub id: u32,
+    pub prog_id: u32,
+}
+
+pub fn link_ids(link: BorrowedFd<'_>) -> Result<LinkIds> {
+    let mut info = [0u8; 64];
+    let mut a = Attr::new();
+    a.put_u32(0, link.as_raw_fd() as u32)
+        .put_u32(4, info.len() as u32)
+        .put_u64(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a).context("BPF_OBJ_GET_INFO_BY_FD (link)")?;
+    let word = |i: usize| u32::from_ne_bytes(info[i * 4..i * 4 + 4].try_into().unwrap());
+    Ok(LinkIds {
+        link_type: word(0),
+        id: word(1),
+        prog_id: word(2),
+    })
+}
+
+/// `struct bpf_map_info`'s layout fields.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapIds {
+    pub map_type: u32,
+    pub id: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+pub fn map_ids(map: BorrowedFd<'_>) -> Result<MapIds> {
+    let mut info = [0u8; 96];
+    let mut a = Attr::new();
+    a.put_u32(0, map.as_raw_fd() as u32)
+        .put_u32(4, info.len() as u32)
+        .put_u64(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a).context("BPF_OBJ_GET_INFO_BY_FD (map)")?;
+    let word = |i: usize| u32::from_ne_bytes(info[i * 4..i * 4 + 4].try_into().unwrap());
+    Ok(MapIds {
+        map_type: word(0),
+        id: word(1),
+        key_size: word(2),
+        value_size: word(3),
+        max_entries: word(4),
+    })
+}
+
+/// Number of keys in a map (walks it with `BPF_MAP_GET_NEXT_KEY`).
+pub fn map_entry_count(map: BorrowedFd<'_>, key_size: u32) -> Result<usize> {
+    let mut key = vec![0u8; key_size as usize];
+    let mut next = vec![0u8; key_size as usize];
+    let mut n = 0usize;
+    let mut first = true;
+    loop {
+        let mut a = Attr::new();
+        a.put_u32(0, map.as_raw_fd() as u32)
+            .put_u64(8, if first { 0 } else { key.as_ptr() as u64 })
+            .put_u64(16, next.as_mut_ptr() as u64);
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut a) {
+            Ok(_) => {
+                n += 1;
+                std::mem::swap(&mut key, &mut next);
+                first = false;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(n),
+            Err(e) => return Err(e).context("BPF_MAP_GET_NEXT_KEY"),
+        }
+        if n > 10_000_000 {
+            bail!("map iteration does not end");
+        }
+    }
+}
+
+/// Whether `path` is a bpffs mount point.
+pub fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = cpath(path) else { return false };
+    // SAFETY: statfs into a zeroed struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    // BPF_FS_MAGIC
+    rc == 0 && st.f_type as u64 == 0xcafe_4a11
+}
+
+/// Mounts bpffs at `path` when it is not mounted there.
+pub fn ensure_bpffs(path: &Path) -> Result<()> {
+    if is_bpffs(path) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(path).with_context(|| format!("create {}", path.display()))?;
+    let target = cpath(path)?;
+    let fstype = c"bpf";
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("mount -t bpf bpf {}", path.display()));
+    }
+    Ok(())
+}
+
+/// The netns cookie of the calling thread's network namespace.
+pub fn current_netns_cookie() -> Result<u64> {
+    // SAFETY: plain socket/getsockopt/close on a descriptor we own.
+    unsafe {
+        let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if s < 0 {
+            return Err(io::Error::last_os_error()).context("socket");
+        }
+        let s = OwnedFd::from_raw_fd(s);
+        let mut cookie = 0u64;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        );
+        if rc != 0 {
+            return Err(io::Error::last_os_error())
+                .context("getsockopt(SO_NETNS_COOKIE) (needs Linux >= 5.14)");
+        }
+        Ok(cookie)
+    }
+}

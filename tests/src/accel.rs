@@ -1,0 +1,253 @@
+//! Harness for the accelerator tests: a private pinned accelerator (scratch bpffs directory,
+//! uninstalled on drop), enrolled "pods" (network namespaces), and running code inside them.
+use crate::netns::{NetNs, run};
+use fastpath_cni_plugin::accel::{PodEnrollment, enroll_at, netns_cookie, unenroll};
+use fastpath_common::PodStats;
+use fastpath_installer::accel::{AccelSettings, AccelState, pod_counters, start, uninstall};
+use std::{
+    net::IpAddr,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+/// A loaded accelerator pinned in a scratch directory. Holds the node-wide sock_ops lock.
+pub struct Accel {
+    pub settings: AccelSettings,
+    pub run_dir: PathBuf,
+    pins: Option<crate::ScratchBpffsDir>,
+    _lock: std::fs::File,
+}
+
+impl Accel {
+    /// Loads the accelerator and asserts the self-test passed.
+    pub fn start(tag: &str) -> Self {
+        let a = Self::unstarted(tag);
+        let state = start(&a.settings);
+        assert_eq!(state, AccelState::Active, "accelerator start");
+        a
+    }
+
+    /// The fixture without calling [`start`].
+    pub fn unstarted(tag: &str) -> Self {
+        let lock = crate::serial_guard("cgroup-sockops");
+        crate::ensure_bpffs();
+        let pins = crate::ScratchBpffsDir::new(tag);
+        let run_dir = std::env::temp_dir().join(crate::unique_name(&format!("fp-{tag}-")));
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let settings = AccelSettings {
+            enabled: true,
+            bpffs: PathBuf::from("/sys/fs/bpf"),
+            pin_dir: pins.path().join("fastpath"),
+            cgroup_root: None,
+            run_dir: run_dir.clone(),
+        };
+        Self {
+            settings,
+            run_dir,
+            pins: Some(pins),
+            _lock: lock,
+        }
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.settings.pin_dir
+    }
+
+    /// Summed counters of the pod with this netns cookie (zero when none).
+    pub fn stats(&self, cookie: u64) -> PodStats {
+        pod_counters(&self.settings)
+            .unwrap()
+            .into_iter()
+            .find(|c| c.netns_cookie == cookie)
+            .map(|c| c.stats)
+            .unwrap_or_default()
+    }
+
+    /// Number of entries in a pinned map.
+    pub fn map_entries(&self, name: &str) -> usize {
+        use fastpath_installer::accel::sys;
+        use std::os::fd::AsFd as _;
+        let fd = sys::obj_get(&self.pin_dir().join(name)).unwrap();
+        let ids = sys::map_ids(fd.as_fd()).unwrap();
+        sys::map_entry_count(fd.as_fd(), ids.key_size).unwrap()
+    }
+
+    /// Enrolls a network namespace as a pod with these IPs and annotations.
+    pub fn enroll(
+        &self,
+        pod: &Pod,
+        annotations: Option<&serde_json::Map<String, serde_json::Value>>,
+    ) {
+        let run_dir = self.run_dir.to_str().unwrap();
+        let e = PodEnrollment {
+            netns_path: &pod.path(),
+            namespace: "test",
+            name: &pod.ns.name,
+            container_id: &pod.ns.name,
+            ips: pod.ips.clone(),
+            annotations,
+            run_dir,
+        };
+        enroll_at(&e, self.pin_dir()).expect("enroll");
+    }
+
+    pub fn unenroll(&self, pod: &Pod) {
+        unenroll(&pod.path(), &pod.ns.name, self.run_dir.to_str().unwrap()).expect("unenroll");
+    }
+}
+
+impl Drop for Accel {
+    fn drop(&mut self) {
+        if self.settings.pin_dir.exists()
+            && let Err(e) = uninstall(&self.settings)
+        {
+            eprintln!("uninstall: {e:#}");
+        }
+        drop(self.pins.take());
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+}
+
+/// A pod: a network namespace with lo up and optional addresses.
+pub struct Pod {
+    pub ns: NetNs,
+    pub ips: Vec<IpAddr>,
+}
+
+impl Pod {
+    pub fn new(prefix: &str) -> Self {
+        let ns = NetNs::new(&crate::unique_name(prefix)).unwrap();
+        ns.exec_ok(&["ip", "link", "set", "lo", "up"]).unwrap();
+        Self {
+            ns,
+            ips: Vec::new(),
+        }
+    }
+
+    pub fn path(&self) -> String {
+        self.ns.path()
+    }
+
+    pub fn cookie(&self) -> u64 {
+        netns_cookie(&self.path()).unwrap()
+    }
+
+    /// Runs `f` on a thread inside this pod's network namespace. Sockets made there stay in
+    /// the pod when used elsewhere.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        in_netns(&self.path(), f)
+    }
+
+    pub fn sh(&self, cmd: &str) -> String {
+        self.ns.exec_ok(&["sh", "-c", cmd]).unwrap()
+    }
+}
+
+/// Connects two pods with a veth pair: `a` gets 10.247.`subnet`.1/24, `b` .2/24.
+pub fn link_pods(a: &mut Pod, b: &mut Pod, subnet: u8) {
+    let va = crate::unique_name("fpa");
+    let vb = crate::unique_name("fpb");
+    run(Command::new("ip").args([
+        "link", "add", &va, "netns", &a.ns.name, "type", "veth", "peer", "name", &vb, "netns",
+        &b.ns.name,
+    ]))
+    .unwrap();
+    for (pod, dev, host) in [(&mut *a, &va, 1u8), (&mut *b, &vb, 2u8)] {
+        let addr = format!("10.247.{subnet}.{host}");
+        pod.sh(&format!(
+            "ip addr add {addr}/24 dev {dev} && ip link set {dev} up && \
+             ip -6 addr add fd00:247:{subnet}::{host}/64 dev {dev} nodad"
+        ));
+        pod.ips.push(addr.parse().unwrap());
+        pod.ips
+            .push(format!("fd00:247:{subnet}::{host}").parse().unwrap());
+    }
+}
+
+/// Runs `f` on a fresh thread that has entered the network namespace at `path`.
+pub fn in_netns<T: Send>(path: &str, f: impl FnOnce() -> T + Send) -> T {
+    let ns = std::fs::File::open(path).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on this thread only.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}");
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// FIONREAD of a socket.
+pub fn fionread(fd: &impl std::os::fd::AsRawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD into an int we own.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    assert_eq!(rc, 0);
+    n as usize
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A listener with SO_REUSEADDR (rebinding a port whose last connections are in TIME_WAIT).
+pub fn reuse_listener(addr: std::net::SocketAddr) -> std::net::TcpListener {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.bind(&addr.into()).unwrap();
+    s.listen(1024).unwrap();
+    s.into()
+}
+
+/// Blocking reads on a paired socket can fail with EAGAIN when a wakeup carries no data (a
+/// 6.18 tcp_bpf_recvmsg defect, see docs/accelerator.md): retry those until `timeout`.
+pub fn read_exact_retry(s: &mut impl std::io::Read, buf: &mut [u8], timeout: std::time::Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut off = 0;
+    while off < buf.len() {
+        match s.read(&mut buf[off..]) {
+            Ok(0) => panic!("EOF after {off} of {} bytes", buf.len()),
+            Ok(n) => off += n,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && std::time::Instant::now() < deadline => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("read after {off} of {} bytes: {e}", buf.len()),
+        }
+    }
+}
+
+/// Reads to EOF, retrying spurious EAGAIN (see [`read_exact_retry`]).
+pub fn read_to_end_retry(s: &mut impl std::io::Read, timeout: std::time::Duration) -> Vec<u8> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && std::time::Instant::now() < deadline => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("read after {} bytes: {e}", out.len()),
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! Lifecycle of the pinned accelerator: the installer exits, restarts (nothing loaded twice),
+//! upgrades (programs swapped in the pinned links, maps kept, live connections keep being
+//! redirected), a map whose layout changed is recreated (and enrollment restored), and an
+//! explicit uninstall removes everything.
+use fastpath_common::{map_names, meta_index};
+use fastpath_installer::accel::{
+    self, AccelState, PIN_LINK_SKMSG, PIN_LINK_SOCKOPS, PIN_PROG_SKMSG, PIN_PROG_SOCKOPS, sys,
+};
+use fastpath_tests::accel::{Accel, Pod, read_exact_retry};
+use std::{
+    io::Write as _,
+    net::{TcpListener, TcpStream},
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::unix::fs::PermissionsExt as _,
+    path::Path,
+    time::Duration,
+};
+
+fn map_id(dir: &Path, name: &str) -> u32 {
+    let fd = sys::obj_get(&dir.join(name)).unwrap();
+    sys::map_ids(fd.as_fd()).unwrap().id
+}
+
+fn link(dir: &Path, name: &str) -> sys::LinkIds {
+    let fd = sys::obj_get(&dir.join(name)).unwrap();
+    sys::link_ids(fd.as_fd()).unwrap()
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Ids {
+    maps: Vec<u32>,
+    links: (u32, u32),
+    progs: (u32, u32),
+}
+
+fn ids(dir: &Path) -> Ids {
+    let so = link(dir, PIN_LINK_SOCKOPS);
+    let sm = link(dir, PIN_LINK_SKMSG);
+    Ids {
+        maps: fastpath_common::ALL_MAPS
+            .iter()
+            .map(|m| map_id(dir, m))
+            .collect(),
+        links: (so.id, sm.id),
+        progs: (so.prog_id, sm.prog_id),
+    }
+}
+
+/// A live paired connection inside `pod`, used before and after each lifecycle step.
+struct Live {
+    c: TcpStream,
+    s: TcpStream,
+    round: u8,
+}
+
+impl Live {
+    fn open(pod: &Pod) -> Self {
+        pod.run(|| {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (s, _) = l.accept().unwrap();
+            Self { c, s, round: 0 }
+        })
+    }
+
+    /// 1000 round trips of 1 KiB, checked.
+    fn exercise(&mut self) {
+        self.round += 1;
+        let msg = vec![self.round; 1024];
+        let mut buf = vec![0u8; 1024];
+        for _ in 0..1000 {
+            self.c.write_all(&msg).unwrap();
+            read_exact_retry(&mut self.s, &mut buf, Duration::from_secs(10));
+            assert!(buf == msg);
+            self.s.write_all(&buf).unwrap();
+            read_exact_retry(&mut self.c, &mut buf, Duration::from_secs(10));
+            assert!(buf == msg);
+        }
+    }
+}
+
+fn pair_new_connection(pod: &Pod) {
+    let mut l = Live::open(pod);
+    l.exercise();
+}
+
+/// A hash map of another layout (key 8 B, value 4 B), pinned at `path`.
+fn pin_foreign_map(path: &Path) {
+    #[repr(C)]
+    struct Create {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+    }
+    let mut attr = [0u8; 128];
+    let c = Create {
+        map_type: 1,
+        key_size: 8,
+        value_size: 4,
+        max_entries: 4,
+    };
+    // SAFETY: plain bytes of a repr(C) struct into a zeroed bpf_attr.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            (&c as *const Create).cast::<u8>(),
+            attr.as_mut_ptr(),
+            std::mem::size_of::<Create>(),
+        )
+    };
+    // SAFETY: BPF_MAP_CREATE (0) with a valid attr.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_mut_ptr(), 128u32) };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new fd from the kernel.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    std::fs::remove_file(path).unwrap();
+    sys::obj_pin(fd.as_fd(), path).unwrap();
+}
+
+fn set_meta_hash(dir: &Path, hash: u64) {
+    let fd = sys::obj_get(&dir.join(map_names::META)).unwrap();
+    let key = meta_index::OBJECT_HASH;
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+    attr[8..16].copy_from_slice(&(&key as *const u32 as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(&hash as *const u64 as u64).to_ne_bytes());
+    // SAFETY: BPF_MAP_UPDATE_ELEM (2) with pointers that outlive the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 2, attr.as_mut_ptr(), 128u32) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn restart_upgrade_migration_and_uninstall_with_live_connections() {
+    if !fastpath_tests::require_privileges("restart_upgrade_and_uninstall") {
+        return;
+    }
+    let fixture = Accel::start("lifecycle");
+    let dir = fixture.pin_dir().to_path_buf();
+    let pod = Pod::new("fplife");
+    fixture.enroll(&pod, None);
+
+    // Root only.
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        assert_eq!(mode(&e.path()), 0o600, "{}", e.path().display());
+    }
+    for pin in [PIN_PROG_SOCKOPS, PIN_PROG_SKMSG] {
+        assert!(dir.join(pin).exists(), "{pin}");
+    }
+
+    // The "installer" (this process's start()) has returned and closed every fd: still on.
+    let first = ids(&dir);
+    let status = accel::status_report(&fixture.settings).unwrap();
+    for want in [
+        format!("link {PIN_LINK_SOCKOPS}: id {}", first.links.0),
+        format!("link {PIN_LINK_SKMSG}: id {}", first.links.1),
+        format!("map {}: id {} entries 1", map_names::PODS, first.maps[0]),
+        format!("map ABI {}", fastpath_common::MAP_ABI_VERSION),
+        "acceleration switch: on".to_string(),
+    ] {
+        assert!(status.contains(&want), "status lacks {want:?}:\n{status}");
+    }
+    let mut live = Live::open(&pod);
+    live.exercise();
+    let redirected = |f: &Accel| f.stats(pod.cookie()).msgs_redirected;
+    let r0 = redirected(&fixture);
+    assert!(r0 >= 2000, "live connection redirected: {r0}");
+
+    // Restart of the same build: nothing loaded, same ids.
+    assert_eq!(accel::start(&fixture.settings), AccelState::Active);
+    assert_eq!(ids(&dir), first, "restart reused everything");
+    live.exercise();
+    let r1 = redirected(&fixture);
+    assert!(
+        r1 >= r0 + 2000,
+        "still redirected after restart: {r0} -> {r1}"
+    );
+
+    // Upgrade: a different build is attached (simulated by its stamp). Programs are swapped in
+    // the same links; maps are kept; the live connection stays redirected.
+    set_meta_hash(&dir, 0xdead_beef);
+    assert_eq!(accel::start(&fixture.settings), AccelState::Active);
+    let upgraded = ids(&dir);
+    assert_eq!(upgraded.maps, first.maps, "maps reused");
+    assert_eq!(upgraded.links, first.links, "links kept");
+    assert_ne!(upgraded.progs.0, first.progs.0, "sock_ops program replaced");
+    assert_ne!(upgraded.progs.1, first.progs.1, "sk_msg program replaced");
+    live.exercise();
+    let r2 = redirected(&fixture);
+    assert!(
+        r2 >= r1 + 2000,
+        "still redirected after upgrade: {r1} -> {r2}"
+    );
+    pair_new_connection(&pod);
+
+    // A map whose layout changed is recreated; the enrollment map is rebuilt from the
+    // plugin's records.
+    pin_foreign_map(&dir.join(map_names::PODS));
+    let old_pods_id = map_id(&dir, map_names::PODS);
+    assert_eq!(accel::start(&fixture.settings), AccelState::Active);
+    let migrated = ids(&dir);
+    assert_ne!(
+        map_id(&dir, map_names::PODS),
+        old_pods_id,
+        "FP_PODS recreated"
+    );
+    assert_eq!(
+        migrated.maps[2], first.maps[2],
+        "the sockhash was not touched"
+    );
+    assert_eq!(fixture.map_entries(map_names::PODS), 1, "pod re-enrolled");
+    let before = fixture.stats(pod.cookie()).connections_paired;
+    pair_new_connection(&pod);
+    assert_eq!(fixture.stats(pod.cookie()).connections_paired, before + 1);
+    live.exercise();
+
+    // Explicit uninstall: pins gone, links detached, programs unloaded.
+    accel::uninstall(&fixture.settings).unwrap();
+    assert!(!dir.exists(), "pin directory removed");
+    std::thread::sleep(Duration::from_millis(100));
+    let live_links: Vec<u32> = aya::programs::loaded_links()
+        .filter_map(|l| l.ok().map(|l| l.id()))
+        .collect();
+    assert!(
+        !live_links.contains(&first.links.0),
+        "sock_ops link detached"
+    );
+    let live_progs: Vec<u32> = aya::programs::loaded_programs()
+        .filter_map(|p| p.ok().map(|p| p.id()))
+        .collect();
+    assert!(
+        !live_progs.contains(&upgraded.progs.0),
+        "sock_ops program unloaded"
+    );
+    // Traffic still flows (plain TCP now).
+    live.exercise();
+    pod.run(|| {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        c.write_all(b"plain").unwrap();
+        let mut b = [0u8; 5];
+        read_exact_retry(&mut s, &mut b, Duration::from_secs(5));
+        assert_eq!(&b, b"plain");
+    });
+}
+
+#[test]
+fn disabled_or_unusable_kernel_leaves_traffic_alone() {
+    if !fastpath_tests::require_privileges("disabled_or_unusable_kernel") {
+        return;
+    }
+    let mut fixture = Accel::unstarted("states");
+    fixture.settings.enabled = false;
+    assert_eq!(accel::start(&fixture.settings), AccelState::Disabled);
+    assert!(!fixture.pin_dir().exists(), "disabled: nothing loaded");
+
+    fixture.settings.enabled = true;
+    fixture.settings.cgroup_root = Some("/nonexistent/cgroup".into());
+    match accel::start(&fixture.settings) {
+        AccelState::Unavailable { reason } => {
+            assert!(reason.contains("/nonexistent/cgroup"), "{reason}");
+            assert!(!reason.contains('\n'), "one line: {reason}");
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    // Whatever got pinned before the failure does not accelerate anything.
+    let pod = Pod::new("fpstate");
+    fixture.enroll(&pod, None);
+    pod.run(|| {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        c.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        read_exact_retry(&mut s, &mut b, Duration::from_secs(5));
+    });
+    assert_eq!(fixture.stats(pod.cookie()).connections_paired, 0);
+}
