@@ -117,9 +117,9 @@ pub const PARAMS: &[Param] = &[
     p("fastpath-fight-threshold", "FASTPATH_FIGHT_THRESHOLD", "5", Int, "Removals of the plugin entry within the fight window that count as a fight with another agent; 0 disables detection"),
     p("fastpath-fight-window-seconds", "FASTPATH_FIGHT_WINDOW_SECONDS", "10", Int, "The fight window, in seconds"),
     p("fastpath-acceleration", "FASTPATH_ACCELERATION", "true", Bool, "Load the eBPF same-node accelerator"),
-    p("fastpath-bpffs", "FASTPATH_BPFFS", "/sys/fs/bpf", Str, "bpffs mount point"),
-    p("fastpath-bpf-pin-dir", "FASTPATH_BPF_PIN_DIR", "/sys/fs/bpf/fastpath", Str, "Directory of the accelerator's pins"),
-    p("fastpath-cgroup-root", "FASTPATH_CGROUP_ROOT", "", Str, "cgroup v2 root to attach to; empty: found from /proc/self/mounts"),
+    p("fastpath-bpffs", "FASTPATH_BPFFS", "", Str, "The host's bpffs; empty: /sys/fs/bpf if mounted there, else the host's through /host/proc/1/root"),
+    p("fastpath-bpf-pin-dir", "FASTPATH_BPF_PIN_DIR", "", Str, "Directory of the accelerator's pins; empty: <bpffs>/fastpath"),
+    p("fastpath-cgroup-root", "FASTPATH_CGROUP_ROOT", "", Str, "The host's cgroup v2 root to attach to; empty: found from the host's mounts (/host/proc/1/mounts) or /proc/self/mounts"),
 ];
 
 /// The subcommand.
@@ -441,10 +441,15 @@ impl Config {
             _ => raw.path("KUBE_CA_FILE")?,
         };
         let exclude_raw = raw.get("EXCLUDE_NAMESPACES").to_string();
-        let cgroup_root = match raw.get("FASTPATH_CGROUP_ROOT") {
-            "" => None,
-            _ => Some(raw.path("FASTPATH_CGROUP_ROOT")?),
+        let optional_path = |env: &'static str| match raw.get(env) {
+            "" => Ok(None),
+            _ => raw.path(env).map(Some),
         };
+        let (bpffs, pin_dir, cgroup_root) = crate::accel::locate_host_paths(
+            optional_path("FASTPATH_BPFFS")?,
+            optional_path("FASTPATH_BPF_PIN_DIR")?,
+            optional_path("FASTPATH_CGROUP_ROOT")?,
+        );
         Ok(Config {
             cni_conf_name: (!conf_name.is_empty()).then(|| conf_name.to_string()),
             chained: raw.bool("CHAINED_CNI_PLUGIN")?,
@@ -485,9 +490,10 @@ impl Config {
             ),
             accel: crate::accel::AccelSettings {
                 enabled: raw.bool("FASTPATH_ACCELERATION")?,
-                bpffs: raw.path("FASTPATH_BPFFS")?,
-                pin_dir: raw.path("FASTPATH_BPF_PIN_DIR")?,
+                bpffs,
+                pin_dir,
                 cgroup_root,
+                run_dir: raw.path("CNI_AGENT_RUN_DIR")?,
             },
         })
     }

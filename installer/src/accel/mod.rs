@@ -34,7 +34,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-pub use plan::{cgroup2_root, object_hash};
+pub use plan::{NodeView, cgroup2_root, host_bpffs, host_cgroup_root, object_hash};
 
 /// Pin names of the programs and links under the pin directory.
 pub const PIN_PROG_SOCKOPS: &str = "prog_sockops";
@@ -70,6 +70,37 @@ impl AccelSettings {
             run_dir: PathBuf::from("/var/run/istio-cni"),
         }
     }
+}
+
+/// Where Istio's chart mounts the host's procfs in the DaemonSet pod.
+const HOST_PROC: &str = "/host/proc";
+
+/// Fills in the bpffs, the pin directory and the cgroup v2 root that were not set explicitly,
+/// from what this process sees of the node (see [`NodeView`]).
+pub fn locate_host_paths(
+    bpffs: Option<PathBuf>,
+    pin_dir: Option<PathBuf>,
+    cgroup_root: Option<PathBuf>,
+) -> (PathBuf, PathBuf, Option<PathBuf>) {
+    let host_proc = Path::new(HOST_PROC);
+    let own_mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let host_mounts = std::fs::read_to_string(host_proc.join("1/mounts")).ok();
+    let ns = |p: &Path| std::fs::read_link(p).ok();
+    let host_cgroup_ns = match ns(&host_proc.join("1/ns/cgroup")) {
+        Some(host) => ns(Path::new("/proc/self/ns/cgroup")) == Some(host),
+        None => true,
+    };
+    let host_root = host_proc.join("1/root");
+    let view = NodeView {
+        own_mounts: &own_mounts,
+        host_mounts: host_mounts.as_deref(),
+        host_cgroup_ns,
+        host_root: &host_root,
+    };
+    let bpffs = bpffs.unwrap_or_else(|| host_bpffs(&view));
+    let pin_dir = pin_dir.unwrap_or_else(|| bpffs.join(fastpath_common::PIN_DIR_NAME));
+    let cgroup_root = cgroup_root.or_else(|| host_cgroup_root(&view));
+    (bpffs, pin_dir, cgroup_root)
 }
 
 /// The outcome of [`start`].

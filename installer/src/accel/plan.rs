@@ -2,7 +2,7 @@
 //! whether a pinned installation can be reused as a whole.
 use super::sys::MapIds;
 use fastpath_common::MapLayout;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The cgroup v2 mount from /proc/self/mounts text: `/sys/fs/cgroup` on unified hosts,
 /// `/sys/fs/cgroup/unified` on hybrid hosts, else the first cgroup2 mount.
@@ -20,6 +20,61 @@ pub fn cgroup2_root(mounts: &str) -> Option<PathBuf> {
         .find(|p| found.contains(p))
         .or(found.first().copied())
         .map(PathBuf::from)
+}
+
+/// What this process can see of the node, for finding the host's bpffs and cgroup v2 root.
+///
+/// In the DaemonSet pod, the container has its own mount and cgroup namespaces: its
+/// `/sys/fs/cgroup` is the pod's own cgroup (attaching there would accelerate nothing), and its
+/// `/sys/fs/bpf` is the host's only when mounted from the host. Istio's chart mounts the host's
+/// `/proc` at `/host/proc`, and through `/host/proc/1/root` the host's filesystem is reachable
+/// with the capabilities the chart grants, so swapping the image is enough.
+#[derive(Clone, Copy, Debug)]
+pub struct NodeView<'a> {
+    /// `/proc/self/mounts`.
+    pub own_mounts: &'a str,
+    /// `/host/proc/1/mounts`, when the host's procfs is mounted there.
+    pub host_mounts: Option<&'a str>,
+    /// Whether this process shares the host's cgroup namespace (`/proc/self/ns/cgroup` is
+    /// `/host/proc/1/ns/cgroup`); true when there is no host procfs to compare with.
+    pub host_cgroup_ns: bool,
+    /// The host's root as reachable from here (`/host/proc/1/root`).
+    pub host_root: &'a Path,
+}
+
+fn mounted_at<'m>(mounts: &'m str, fstype: &str) -> impl Iterator<Item = &'m str> {
+    mounts.lines().filter_map(move |l| {
+        let mut f = l.split_whitespace();
+        let (_, dir, ty) = (f.next()?, f.next()?, f.next()?);
+        (ty == fstype).then_some(dir)
+    })
+}
+
+/// The host's bpffs, as a path this process can pin under: its own `/sys/fs/bpf` when that is
+/// a bpffs mount (on the host, or a hostPath mount), else the host's through `host_root`, else
+/// `/sys/fs/bpf` to be mounted here (private to this pod: pins would not outlive it).
+pub fn host_bpffs(view: &NodeView<'_>) -> PathBuf {
+    let bpf = Path::new(fastpath_common::BPFFS_ROOT);
+    if mounted_at(view.own_mounts, "bpf").any(|d| Path::new(d) == bpf) {
+        return bpf.to_path_buf();
+    }
+    match view.host_mounts {
+        Some(host) if mounted_at(host, "bpf").any(|d| Path::new(d) == bpf) => {
+            view.host_root.join(bpf.strip_prefix("/").unwrap_or(bpf))
+        }
+        _ => bpf.to_path_buf(),
+    }
+}
+
+/// The host's cgroup v2 root, as a path this process can open.
+pub fn host_cgroup_root(view: &NodeView<'_>) -> Option<PathBuf> {
+    match view.host_mounts {
+        Some(host) if !view.host_cgroup_ns => {
+            let root = cgroup2_root(host)?;
+            Some(view.host_root.join(root.strip_prefix("/").unwrap_or(&root)))
+        }
+        _ => cgroup2_root(view.own_mounts),
+    }
 }
 
 /// FNV-1a over the probe object: identifies the build whose programs are attached.
@@ -93,6 +148,68 @@ pub fn reuse_everything(pinned: &Pinned, verdicts: &[MapVerdict], our_hash: u64)
 mod tests {
     use super::*;
     use fastpath_common::MAP_LAYOUTS;
+
+    const POD_MOUNTS: &str = "overlay / overlay rw 0 0\n\
+                              cgroup /sys/fs/cgroup cgroup2 ro,nsdelegate 0 0\n";
+    const HOST_MOUNTS: &str = "/dev/vda / ext4 rw 0 0\n\
+                               cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n\
+                               bpf /sys/fs/bpf bpf rw 0 0\n";
+
+    #[test]
+    fn in_a_pod_the_host_is_reached_through_host_proc() {
+        let view = NodeView {
+            own_mounts: POD_MOUNTS,
+            host_mounts: Some(HOST_MOUNTS),
+            host_cgroup_ns: false,
+            host_root: Path::new("/host/proc/1/root"),
+        };
+        assert_eq!(
+            host_bpffs(&view),
+            PathBuf::from("/host/proc/1/root/sys/fs/bpf")
+        );
+        assert_eq!(
+            host_cgroup_root(&view),
+            Some(PathBuf::from("/host/proc/1/root/sys/fs/cgroup/unified"))
+        );
+    }
+
+    #[test]
+    fn a_hostpath_bpffs_and_a_shared_cgroup_ns_are_used_directly() {
+        let own = format!("{POD_MOUNTS}bpf /sys/fs/bpf bpf rw 0 0\n");
+        let view = NodeView {
+            own_mounts: &own,
+            host_mounts: Some(HOST_MOUNTS),
+            host_cgroup_ns: true,
+            host_root: Path::new("/host/proc/1/root"),
+        };
+        assert_eq!(host_bpffs(&view), PathBuf::from("/sys/fs/bpf"));
+        assert_eq!(
+            host_cgroup_root(&view),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+    }
+
+    #[test]
+    fn on_the_host_itself_everything_is_local() {
+        let view = NodeView {
+            own_mounts: HOST_MOUNTS,
+            host_mounts: None,
+            host_cgroup_ns: true,
+            host_root: Path::new("/host/proc/1/root"),
+        };
+        assert_eq!(host_bpffs(&view), PathBuf::from("/sys/fs/bpf"));
+        assert_eq!(
+            host_cgroup_root(&view),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        // No bpffs anywhere: mount one here.
+        let bare = NodeView {
+            own_mounts: POD_MOUNTS,
+            host_mounts: None,
+            ..view
+        };
+        assert_eq!(host_bpffs(&bare), PathBuf::from("/sys/fs/bpf"));
+    }
 
     #[test]
     fn finds_unified_or_hybrid_cgroup2() {
