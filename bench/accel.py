@@ -61,6 +61,14 @@ def parse_bpftool_percpu_dump(doc, fields):
     return out
 
 
+def accel_unavailable_reason(agent_log):
+    """install-cni's own words on why acceleration is off, from its log."""
+    for line in reversed(agent_log.splitlines()):
+        if "acceleration" in line and ("unavailable" in line or "disabled" in line):
+            return line.strip()[-300:]
+    return "no reason in its log"
+
+
 def netns_cookie(netns):
     """The netns cookie the probes key pods by (SO_NETNS_COOKIE of a socket made inside)."""
     code = "import socket;s=socket.socket();print(int.from_bytes(s.getsockopt(socket.SOL_SOCKET,%d,8),'little'))" % SO_NETNS_COOKIE
@@ -143,11 +151,18 @@ class Accelerator:
             return False, False, f"install-cni was not ready after 60 s: {logf.read_text()[-600:]}"
         if not self.pins_existed:
             self.marker.write_text(str(PIN_DIR))
-        self.status = self.status_report()
-        active = PIN_DIR.is_dir() and any(PIN_DIR.iterdir())
-        log(f"install-cni ready; pins under {PIN_DIR}: {'yes' if active else 'no'}")
-        if not active:
-            return True, False, f"install-cni is ready but pinned no accelerator under {PIN_DIR}: {self.status}"
+        # Ready means the plugin is installed; the accelerator may still be loading and
+        # self-testing. Wait until its switch is on (or it says why not).
+        deadline = time.monotonic() + 60
+        while True:
+            self.status = self.status_report()
+            if "acceleration switch: on" in self.status:
+                break
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                why = accel_unavailable_reason(logf.read_text())
+                return True, False, f"install-cni is ready but the accelerator did not switch on ({why}); accel-status: {self.status[-400:]}"
+            time.sleep(0.3)
+        log(f"install-cni ready, accelerator on (pins under {PIN_DIR})")
         return True, True, None
 
     def _ready(self):
@@ -160,8 +175,10 @@ class Accelerator:
         return (p.stdout + p.stderr).strip()
 
     def describe(self):
+        agent_log = (self.state / "install-cni.log").read_text(errors="replace") if (self.state / "install-cni.log").exists() else ""
+        self_test = next((line.split("accelerator self-test:", 1)[1].strip() for line in agent_log.splitlines() if "accelerator self-test:" in line), None)
         return {"installer": str(self.installer.relative_to(self.root)) if self.installer.is_relative_to(self.root) else str(self.installer),
-                "pins": str(PIN_DIR), "status": (self.status or "")[:1500]}  # fmt: skip
+                "pins": str(PIN_DIR), "status": (self.status or "")[:1500], "self_test": self_test}  # fmt: skip
 
     def pod_cookie(self, pod):
         if pod.name not in self.cookies:

@@ -81,8 +81,8 @@ GOALS = {
 }
 
 
-def goal_checks(summary):
-    """Each goal line as (what, measured ratio or None, goal, met?)."""
+def goal_checks(summary, with_keys=False):
+    """Each goal line as (what, measured ratio or None, goal, met?[, (test, size, placement)])."""
     checks = []
     for placement in PLACEMENTS:
         goal = GOALS[(placement, "p50")]
@@ -91,12 +91,12 @@ def goal_checks(summary):
             accel = summary.get(("sockperf", size, placement, "accel"))
             for pct in ("p50", "p99"):
                 r = ratio(mesh and mesh[f"{pct}_us"], accel and accel[f"{pct}_us"])
-                checks.append((f"{pct} round trip, {size} B, {placement}", r, goal, r is not None and r >= goal))
+                checks.append((f"{pct} round trip, {size} B, {placement}", r, goal, r is not None and r >= goal, ("sockperf", size, placement)))
         mesh = summary.get(("iperf3", 0, placement, "mesh"))
         accel = summary.get(("iperf3", 0, placement, "accel"))
         r = ratio(mesh and mesh["gbit_per_sec"], accel and accel["gbit_per_sec"], higher_is_better=True)
-        checks.append((f"stream throughput, {placement}", r, GOALS["stream"], r is not None and r >= GOALS["stream"]))
-    return checks
+        checks.append((f"stream throughput, {placement}", r, GOALS["stream"], r is not None and r >= GOALS["stream"], ("iperf3", 0, placement)))
+    return checks if with_keys else [c[:4] for c in checks]
 
 
 # An unpinned run whose p50 is within this factor of the pinned median of its column and size

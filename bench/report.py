@@ -414,14 +414,25 @@ def render(results, plots_rel):
              "column back to back, with the columns' order rotating. Tables show **medians over repetitions**, "
              "with <sub>(min–max)</sub> when there is more than one.")  # fmt: skip
     if failed:
-        L.append(f"- **{len(failed)} run(s) failed** and are left out: " + "; ".join(f"{r['test']} {r['size'] or ''} {r['placement']} {r['mode']}: {r['error'][:160]}" for r in failed[:5]))
+        L.append(f"- **{len(failed)} run(s) failed** and are left out of the medians: see *Runs that failed* below.")
     L.append("")
+    if failed:
+        L.append("### Runs that failed\n")
+        L.append("A failed run is an error the application itself saw (the load generator's own message), so it is a "
+                 "finding, not noise. The medians above use only the runs that completed; `n` shows how many.\n")  # fmt: skip
+        L.append("| test | placement | column | rep | error |\n|---|---|---|---|---|")
+        for r in failed:
+            name = f"{r['test']} {r['size']} B" if r["test"] == "sockperf" else r["test"]
+            L.append(f"| {name} | {r['placement']} | {r['mode']} | {r['rep']} | `{r['error'][:200]}` |")
+        L.append("")
 
     if "accel" in modes:
         L.append("### Against the goal (issue 6): redirection + fastpath vs redirection only\n")
         L.append("| what | measured | goal | |\n|---|---|---|---|")
-        for what, r, goal, met in plan.goal_checks(summary):
-            L.append(f"| {what} | {fx(r)} | ≥ {goal}× | {'met' if met else '**not met**'} |")
+        L[-1] = "| what | measured | goal | | runs (mesh / accel) |\n|---|---|---|---|---|"
+        for what, r, goal, met, key in plan.goal_checks(summary, with_keys=True):
+            ns = " / ".join(str((summary.get((*key, m)) or {}).get("n", 0)) for m in ("mesh", "accel"))
+            L.append(f"| {what} | {fx(r)} | ≥ {goal}× | {'met' if met else '**not met**'} | {ns} of {reps} |")
         L.append("")
     else:
         L.append("### Against the goal (issue 6)\n")
@@ -513,8 +524,13 @@ def render(results, plots_rel):
         L.extend(render_hops(accel_runs))
     acc = results.get("accelerator")
     if acc:
-        L.append(f"Accelerator: `{acc.get('installer')}` with pins under `{acc.get('pins')}`; its `install-cni accel-status` once the agent was ready:\n")
-        L.append("```text\n" + acc.get("status", "").strip() + "\n```\n")
+        L.append(f"Accelerator: `{acc.get('installer')}`, pins under `{acc.get('pins')}`.")
+        if acc.get("self_test"):
+            L.append(f"Its start-up self-test said: *{acc['self_test']}*\n")
+        status = acc.get("status_after_runs") or acc.get("status", "")
+        when = "after the runs, with every pod still up" if acc.get("status_after_runs") else "once it was ready"
+        L.append(f"`install-cni accel-status` {when}:\n")
+        L.append("```text\n" + status.strip() + "\n```\n")
 
     if results.get("notes") or results.get("analysis"):
         L.append("### Notes\n")

@@ -435,6 +435,9 @@ def main():
         results["config"] = {"reps": args.reps, "secs": args.secs, "wrk_connections": args.wrk_connections, "modes": bench.modes,
                              "pinned_cpu": sorted(bench.pin_cpu), "quick": args.quick}  # fmt: skip
         results["runs"] = bench.run_all()
+        if bench.accel:
+            # With every pod still up: what the pinned maps hold.
+            results["accelerator"] = dict(bench.accel.describe(), status_after_runs=bench.accel.status_report()[:1500])
         if not args.no_profile:
             results["profile"] = bench.profile_path()
     finally:
