@@ -7,4 +7,7 @@ cd "$ROOT"
 bash scripts/setup.sh
 # Privileged tests share node-wide state (root cgroup attachment, containerd); they serialise
 # themselves with file locks, so the default parallelism is safe.
+# The end-to-end tests run the built binaries (istio-cni, install-cni); cargo test builds a
+# package's binaries only for that package's own integration tests, so build them first.
+cargo build --workspace --exclude fastpath-probes --bins
 cargo test --workspace --exclude fastpath-probes "$@"

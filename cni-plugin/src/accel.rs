@@ -14,11 +14,10 @@
 //! - `fastpath.io/exclude-ports: "8080,9090"`: connections to or from these ports are never
 //!   accelerated (workloads that splice(2) from sockets, e.g. Go io.Copy between TCP conns).
 use anyhow::{Context as _, Result, bail};
+use fastpath_common::pod_record::{self, PodRecord, ip_key};
 use fastpath_common::{
-    ANNOTATION_ACCELERATE, ANNOTATION_EXCLUDE_PORTS, Ip, IpKey, MAX_EXCLUDED_PORTS,
-    POD_STATE_SUBDIR, PodInfo, map_names,
+    ANNOTATION_ACCELERATE, ANNOTATION_EXCLUDE_PORTS, MAX_EXCLUDED_PORTS, PodInfo, map_names,
 };
-use serde::{Deserialize, Serialize};
 use std::{
     net::IpAddr,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
@@ -94,33 +93,8 @@ pub fn opt_outs(
     })
 }
 
-/// What ADD records for DEL and for the installer's counter labels.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PodRecord {
-    pub container_id: String,
-    pub namespace: String,
-    pub name: String,
-    pub netns_cookie: u64,
-    pub ips: Vec<IpAddr>,
-    pub accelerate: bool,
-    pub excluded_ports: Vec<u16>,
-    pub pin_dir: PathBuf,
-}
-
-/// A container id is used as a file name: reject anything that could leave the directory.
 fn record_path(run_dir: &str, container_id: &str) -> Result<PathBuf> {
-    let ok = !container_id.is_empty()
-        && container_id.len() <= 256
-        && container_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        && !container_id.starts_with('.');
-    if !ok {
-        bail!("container id {container_id:?} is not usable as a file name");
-    }
-    Ok(Path::new(run_dir)
-        .join(POD_STATE_SUBDIR)
-        .join(format!("{container_id}.json")))
+    pod_record::record_path(Path::new(run_dir), container_id).map_err(anyhow::Error::msg)
 }
 
 fn default_pin_dir() -> PathBuf {
@@ -129,15 +103,6 @@ fn default_pin_dir() -> PathBuf {
         .unwrap_or_else(|| {
             Path::new(fastpath_common::BPFFS_ROOT).join(fastpath_common::PIN_DIR_NAME)
         })
-}
-
-fn ip_key(ip: IpAddr) -> IpKey {
-    IpKey {
-        ip: match ip {
-            IpAddr::V4(v4) => Ip::from_v4_octets(v4.octets()),
-            IpAddr::V6(v6) => Ip::from_v6_octets(v6.octets()),
-        },
-    }
 }
 
 /// Enrolls the pod (pin directory from `FASTPATH_BPF_PIN_DIR`, default /sys/fs/bpf/fastpath).

@@ -6,6 +6,8 @@
 //! or recreates the maps instead of reusing them with the wrong layout.
 #![no_std]
 
+#[cfg(feature = "user")]
+pub mod pod_record;
 pub mod time;
 
 /// Bumped whenever a map key or value layout below changes.
