@@ -3,7 +3,7 @@
 import json
 import re
 
-QUANTILES_KEPT = 1000  # points of each run's latency distribution kept for the plots
+QUANTILES_KEPT = 200  # points of each run's latency distribution kept for the plots
 
 
 def parse_sockperf(text):
@@ -60,7 +60,7 @@ def quantiles(values, n=QUANTILES_KEPT):
         return []
     s = sorted(values)
     last = len(s) - 1
-    return [s[round(i * last / (n - 1))] for i in range(n)]
+    return [round(s[round(i * last / (n - 1))], 2) for i in range(n)]
 
 
 def parse_iperf3(text):

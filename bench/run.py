@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import signal
 import subprocess
@@ -38,6 +39,12 @@ def parse_json_summary(stdout):
         return json.loads(stdout)
     except json.JSONDecodeError:
         return json.loads(stdout.strip().splitlines()[-1])
+
+
+def compact_json(obj):
+    """Indented JSON with every list of numbers on one line (the latency quantiles)."""
+    text = json.dumps(obj, indent=1)
+    return re.sub(r"\[\s+(-?[\d.e+-]+(?:,\s+-?[\d.e+-]+)*)\s+\]", lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
 
 
 class Interrupted(Exception):
@@ -445,7 +452,7 @@ def main():
     results["other"] = {} if args.no_other else bench.other_benches()
     results["notes"] = bench.notes
     results["duration_secs"] = round(time.time() - started)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.json").write_text(compact_json(results))
     log(f"wrote {out / 'results.json'} ({results['duration_secs']} s)")
 
 

@@ -66,6 +66,14 @@ class Parsers(unittest.TestCase):
         text = "header\npacket, txTime(sec), rxTime(sec), rtt(usec)\n0, 1.0, 1.1, 5.5\n1, 1.2, 1.3, 7.25\n------\n"
         self.assertEqual(loadgen.parse_sockperf_full_log(text), [5.5, 7.25])
 
+    def test_compact_json_round_trips(self):
+        import run
+
+        doc = {"runs": [{"quantiles_us": [1.5, 2.25, -3e-05], "name": "x"}], "n": [1, 2]}
+        text = run.compact_json(doc)
+        self.assertEqual(json.loads(text), doc)
+        self.assertIn("[1.5, 2.25, -3e-05]", text)
+
     def test_quantiles(self):
         q = loadgen.quantiles(list(range(101)), n=11)
         self.assertEqual(q, [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100])
