@@ -24,8 +24,8 @@ def fmt(v, digits=1):
     return str(v)
 
 
-def fx(r):
-    return "–" if r is None else f"**{r:.2f}×**"
+def fx(r, digits=2):
+    return "–" if r is None else f"**{r:.{digits}f}×**"
 
 
 def spread(runs, key, metric):
@@ -432,7 +432,7 @@ def render(results, plots_rel):
         L[-1] = "| what | measured | goal | | runs (mesh / accel) |\n|---|---|---|---|---|"
         for what, r, goal, met, key in plan.goal_checks(summary, with_keys=True):
             ns = " / ".join(str((summary.get((*key, m)) or {}).get("n", 0)) for m in ("mesh", "accel"))
-            L.append(f"| {what} | {fx(r)} | ≥ {goal}× | {'met' if met else '**not met**'} | {ns} of {reps} |")
+            L.append(f"| {what} | {fx(r, 3)} | ≥ {goal}× | {'met' if met else '**not met**'} | {ns} of {reps} |")
         L.append("")
     else:
         L.append("### Against the goal (issue 6)\n")
