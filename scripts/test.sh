@@ -11,3 +11,5 @@ bash scripts/setup.sh
 # package's binaries only for that package's own integration tests, so build them first.
 cargo build --workspace --exclude fastpath-probes --bins
 cargo test --workspace --exclude fastpath-probes "$@"
+# The bench's own parsers and report logic.
+/usr/bin/python3 -m unittest discover -s bench -p 'test_*.py' 2>&1 | tail -3
