@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 use std::io::{Read as _, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
@@ -158,14 +158,7 @@ pub fn post_logs(socket: &Path, lines: &[String]) -> std::io::Result<()> {
 
 /// Current UTC time as RFC 3339 with microseconds (`2026-11-26T07:40:00.123456Z`).
 pub fn rfc3339_now() -> String {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    fastpath_common::time::Rfc3339 {
-        secs: d.as_secs() as i64,
-        micros: d.subsec_micros(),
-    }
-    .to_string()
+    fastpath_common::time::Rfc3339::now().to_string()
 }
 
 #[cfg(test)]

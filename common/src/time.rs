@@ -9,6 +9,21 @@ pub struct Rfc3339 {
     pub micros: u32,
 }
 
+#[cfg(feature = "user")]
+impl Rfc3339 {
+    /// The current time.
+    pub fn now() -> Self {
+        extern crate std;
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Self {
+            secs: d.as_secs() as i64,
+            micros: d.subsec_micros(),
+        }
+    }
+}
+
 impl core::fmt::Display for Rfc3339 {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         let days = self.secs.div_euclid(86_400);

@@ -263,14 +263,7 @@ pub fn format_line(
 
 /// Now as RFC 3339 UTC with microseconds, as Istio's logs print it.
 pub fn now_rfc3339() -> String {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    fastpath_common::time::Rfc3339 {
-        secs: d.as_secs() as i64,
-        micros: d.subsec_micros(),
-    }
-    .to_string()
+    fastpath_common::time::Rfc3339::now().to_string()
 }
 
 #[cfg(test)]
