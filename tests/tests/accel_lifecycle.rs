@@ -282,3 +282,36 @@ fn disabled_or_unusable_kernel_leaves_traffic_alone() {
     });
     assert_eq!(fixture.stats(pod.cookie()).connections_paired, 0);
 }
+
+#[test]
+fn a_failed_self_test_leaves_acceleration_off_until_one_passes() {
+    if !fastpath_tests::require_privileges("failed_self_test") {
+        return;
+    }
+    let fixture = Accel::unstarted("selftest");
+    // The real self-test passes on this kernel; make it report a corrupted paired transfer.
+    let state = accel::start_with(&fixture.settings, |_| {
+        Ok(accel::selftest::Report {
+            paired: Some("checksum mismatch after 4096 bytes".into()),
+            ..Default::default()
+        })
+    });
+    match &state {
+        AccelState::Unavailable { reason } => {
+            assert!(reason.contains("checksum mismatch"), "{reason}");
+            assert!(!reason.contains('\n'), "one line: {reason}");
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    // The programs are pinned, but the switch is off: an enrolled pod's sockets stay on TCP.
+    let pod = Pod::new("fpselftest");
+    fixture.enroll(&pod, None);
+    pair_new_connection(&pod);
+    assert_eq!(fixture.stats(pod.cookie()).connections_paired, 0);
+    assert_eq!(fixture.map_entries(fastpath_common::map_names::SOCKS), 0);
+
+    // A later start whose self-test passes turns it on for new connections.
+    assert_eq!(accel::start(&fixture.settings), AccelState::Active);
+    pair_new_connection(&pod);
+    assert!(fixture.stats(pod.cookie()).connections_paired > 0);
+}

@@ -117,6 +117,15 @@ pub enum AccelState {
 /// Loads or reuses the pinned accelerator and self-tests it; never fails the caller. Whatever
 /// goes wrong leaves acceleration off (no new socket enters the sockhash) and says why.
 pub fn start(settings: &AccelSettings) -> AccelState {
+    start_with(settings, selftest::run)
+}
+
+/// [`start`] with the kernel self-test given by the caller (tests use it to make the self-test
+/// fail on a kernel where it passes).
+pub fn start_with(
+    settings: &AccelSettings,
+    self_test: impl FnOnce(&Path) -> Result<selftest::Report>,
+) -> AccelState {
     if !settings.enabled {
         if let Err(e) = set_enabled(&settings.pin_dir, false) {
             log::debug!("acceleration disabled; no pinned accelerator to switch off ({e:#})");
@@ -125,7 +134,7 @@ pub fn start(settings: &AccelSettings) -> AccelState {
         return AccelState::Disabled;
     }
     let outcome = load_or_reuse(settings).and_then(|()| {
-        let report = selftest::run(&settings.pin_dir)?;
+        let report = self_test(&settings.pin_dir)?;
         log::info!("accelerator self-test: {}", report.summary());
         match report.failure() {
             None => Ok(()),
