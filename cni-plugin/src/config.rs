@@ -53,6 +53,14 @@ pub enum BackendChoice {
 }
 
 impl PluginConfig {
+    /// The pod's IPs from `prevResult` (none when there is no prevResult).
+    pub fn pod_ips(&self) -> Vec<std::net::IpAddr> {
+        self.prev_result
+            .as_ref()
+            .map(crate::result::pod_ips)
+            .unwrap_or_default()
+    }
+
     pub fn parse(stdin: &[u8]) -> Result<Self, CniError> {
         serde_json::from_slice(stdin).map_err(|e| {
             CniError::new(

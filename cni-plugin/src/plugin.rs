@@ -301,11 +301,7 @@ impl IstioCni {
             Ok(p) => p,
         };
         let r = Self::redirect_for(&pod)?;
-        let ips = conf
-            .prev_result
-            .as_ref()
-            .map(result::pod_ips)
-            .unwrap_or_default();
+        let ips = conf.pod_ips();
         let before_apply = Instant::now();
         let mut fields = self.apply(&conf, &args.netns, &r, &ips)?;
         let apply_time = before_apply.elapsed();
@@ -391,11 +387,7 @@ impl Commands for IstioCni {
             Ok(p) => p,
         };
         let r = Self::redirect_for(&pod)?;
-        let ips = conf
-            .prev_result
-            .as_ref()
-            .map(result::pod_ips)
-            .unwrap_or_default();
+        let ips = conf.pod_ips();
         let netns = Netns::open(&args.netns).map_err(|e| {
             CniError::new(
                 code::INVALID_NETNS,
