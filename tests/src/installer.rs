@@ -220,11 +220,30 @@ impl Agent {
     }
 
     pub fn start_with_args(host: &Host, extra_env: &[(&str, &str)], args: &[&str]) -> Agent {
+        Self::start_under(host, extra_env, args, &[])
+    }
+
+    /// Starts the agent through `launcher` (a command and its arguments that execs what
+    /// follows it, such as `setpriv ... --`), or directly when it is empty.
+    pub fn start_under(
+        host: &Host,
+        extra_env: &[(&str, &str)],
+        args: &[&str],
+        launcher: &[&str],
+    ) -> Agent {
         let health_port = free_port();
         let metrics_port = free_port();
         let log_path = host.root.join(crate::unique_name("agent-log-"));
         let log = std::fs::File::create(&log_path).unwrap();
-        let mut cmd = Command::new(crate::bin_path("install-cni"));
+        let binary = crate::bin_path("install-cni");
+        let mut cmd = match launcher.split_first() {
+            None => Command::new(&binary),
+            Some((program, launcher_args)) => {
+                let mut c = Command::new(program);
+                c.args(launcher_args).arg(&binary);
+                c
+            }
+        };
         cmd.env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .envs(host.env())

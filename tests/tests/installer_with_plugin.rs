@@ -84,3 +84,63 @@ fn installed_plugin_runs_and_its_logs_reach_the_agent() {
     assert!(line.contains("\tcni-plugin\t"), "{line}");
     assert!(line.contains("pod=shop/web-7f9c"), "{line}");
 }
+
+/// The agent as Istio's chart runs it: uid 0, not privileged, with exactly the chart's
+/// capabilities (NET_ADMIN, NET_RAW, SYS_PTRACE, SYS_ADMIN, DAC_OVERRIDE). The accelerator
+/// must load, pass its self-test and switch on with those alone.
+#[test]
+fn agent_with_istios_capabilities_turns_acceleration_on() {
+    if !fastpath_tests::require_privileges("agent_with_istios_capabilities_turns_acceleration_on") {
+        return;
+    }
+    let _lock = fastpath_tests::serial_guard("cgroup-sockops");
+    fastpath_tests::ensure_bpffs();
+    let pins = fastpath_tests::ScratchBpffsDir::new("caps");
+    let pin_dir = pins.path().join("fastpath");
+    let h = Host::new("caps");
+    h.write(
+        "10-lo.conflist",
+        r#"{"cniVersion": "1.0.0", "name": "fp-caps", "plugins": [{"type": "loopback"}]}"#,
+    );
+    let caps = "-all,+net_admin,+net_raw,+sys_ptrace,+sys_admin,+dac_override";
+    let mut a = Agent::start_under(
+        &h,
+        &[
+            ("FASTPATH_ACCELERATION", "true"),
+            ("FASTPATH_BPF_PIN_DIR", pin_dir.to_str().unwrap()),
+        ],
+        &[],
+        &["setpriv", "--bounding-set", caps, "--inh-caps", caps, "--"],
+    );
+    a.wait_ready();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", a.child.id())).unwrap();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    // CAP_DAC_OVERRIDE 1, CAP_NET_ADMIN 12, CAP_NET_RAW 13, CAP_SYS_PTRACE 19, CAP_SYS_ADMIN 21.
+    let istio: u64 = [1, 12, 13, 19, 21].iter().map(|b| 1u64 << b).sum();
+    assert_eq!(
+        cap_eff, istio,
+        "the agent runs with Istio's capabilities only"
+    );
+    a.wait_until("acceleration on", |a| {
+        a.metric("fastpath_accel_enabled") == Some(1.0)
+    });
+    assert!(
+        a.log().contains("accelerator active"),
+        "agent log:\n{}",
+        a.log()
+    );
+    a.terminate();
+    let out = std::process::Command::new(fastpath_tests::bin_path("install-cni"))
+        .env_clear()
+        .envs(h.env())
+        .env("FASTPATH_BPF_PIN_DIR", &pin_dir)
+        .arg("uninstall")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!pin_dir.exists());
+}
