@@ -10,7 +10,9 @@
 pub mod pod_record;
 pub mod time;
 
-/// Bumped whenever a map key or value layout below changes.
+/// Bumped when the meaning of a map's entries changes while its key and value sizes stay the
+/// same. (A size change is caught by the loader's layout check on its own, and only that map
+/// is recreated.)
 pub const MAP_ABI_VERSION: u32 = 2;
 
 /// Directory under the bpffs mount where fastpath pins its programs, links and maps.
@@ -38,13 +40,22 @@ pub mod map_names {
     pub const STATS: &str = "FP_STATS";
     /// Runtime switches written by the installer after its kernel self-test: index -> u32.
     pub const CONFIG: &str = "FP_CONFIG";
+    /// Receive side of every paired socket: socket cookie -> [`crate::RxQueue`].
+    pub const RXQ: &str = "FP_RXQ";
+    /// Paired sockets by kernel address (what the recvmsg tracepoint reports) -> socket cookie.
+    pub const SK_COOKIES: &str = "FP_SK_COOKIES";
 }
 
 /// Program names, as in the probes' ELF sections.
 pub mod prog_names {
     pub const SOCK_OPS: &str = "fastpath_sockops";
     pub const SK_MSG: &str = "fastpath_skmsg";
+    /// Raw tracepoint that counts what readers take from their sockets.
+    pub const RX_CONSUMED: &str = "fastpath_rx_consumed";
 }
+
+/// The tracepoint [`prog_names::RX_CONSUMED`] attaches to (`sock:sock_recv_length`, Linux 6.4+).
+pub const RX_CONSUMED_TRACEPOINT: &str = "sock_recv_length";
 
 /// Address family values as the kernel reports them in `bpf_sock_ops.family`.
 pub const AF_INET: u32 = 2;
@@ -177,6 +188,41 @@ pub struct SockState {
     pub endpoint: Endpoint,
 }
 
+/// Value of [`map_names::RXQ`]: the receive side of one paired socket, keyed by its socket
+/// cookie. It bounds what a fast writer can pile up in a slow reader's queue: redirected bytes
+/// bypass TCP's flow control (the writer's memory is released as soon as the bytes are
+/// queued at the reader), so without a bound the queue grows until the node's TCP memory limit
+/// and sends fail with ENOMEM.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RxQueue {
+    /// Bytes redirected into this socket and not yet read: the peer's sk_msg adds before it
+    /// redirects, the recvmsg tracepoint subtracts what the reader took (wrapping arithmetic).
+    pub queued: u64,
+    /// Socket cookie of the peer.
+    pub peer: u64,
+    /// One of [`rxq_state`].
+    pub state: u64,
+    /// Netns cookie of the pod this socket belongs to (for counters).
+    pub netns: u64,
+}
+
+/// States of an [`RxQueue`] ([`RxQueue::state`]).
+pub mod rxq_state {
+    /// Redirected bytes may arrive.
+    pub const OPEN: u64 = 0;
+    /// The connection left the fast path (a queue passed the limit, or a side half-closed):
+    /// no byte is redirected into this socket any more; it leaves the sockhash once its queue
+    /// is read empty.
+    pub const DEMOTED: u64 = 1;
+    /// Demoted and out of the sockhash: a plain TCP socket again.
+    pub const LEFT: u64 = 2;
+}
+
+/// Bytes a reader may have queued before its connection is demoted, when the installer set
+/// no other limit ([`config_index::QUEUE_LIMIT_KIB`]).
+pub const DEFAULT_QUEUE_LIMIT_BYTES: u64 = 16 << 20;
+
 /// Key of a pod IP in [`map_names::POD_IPS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -222,10 +268,15 @@ pub struct PodStats {
     pub connections_paired: u64,
     /// Clients that wrote before their server established: the connection stays on TCP.
     pub early_data_fallbacks: u64,
+    /// Paired connections that left the fast path because a reader's queue passed the limit
+    /// (counted by the writer's pod).
+    pub queue_demotions: u64,
+    /// Paired connections that left the fast path because this pod's side half-closed.
+    pub shutdown_demotions: u64,
 }
 
 /// All map names, for pinning, status and uninstall.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 11] = [
     map_names::PODS,
     map_names::POD_IPS,
     map_names::SOCKS,
@@ -235,6 +286,8 @@ pub const ALL_MAPS: [&str; 9] = [
     map_names::STATS,
     map_names::CONFIG,
     map_names::META,
+    map_names::RXQ,
+    map_names::SK_COOKIES,
 ];
 
 /// Indexes into [`map_names::META`].
@@ -255,6 +308,8 @@ pub mod config_index {
     /// is paired even while ACCEL_ENABLED is zero (0 = none).
     pub const SELFTEST_NETNS_LO: u32 = 1;
     pub const SELFTEST_NETNS_HI: u32 = 2;
+    /// The queue bound of [`crate::RxQueue`] in KiB (0 = [`crate::DEFAULT_QUEUE_LIMIT_BYTES`]).
+    pub const QUEUE_LIMIT_KIB: u32 = 3;
     pub const LEN: u32 = 4;
 }
 
@@ -267,6 +322,8 @@ pub mod map_capacity {
     pub const ACTIVE: u32 = 65536;
     pub const PENDING: u32 = 65536;
     pub const STATS: u32 = 16384;
+    /// One entry per socket in the sockhash.
+    pub const RXQ: u32 = SOCKS;
 }
 
 /// Kernel map types used (`enum bpf_map_type`).
@@ -299,7 +356,7 @@ const fn layout<K, V>(name: &'static str, map_type: u32, max_entries: u32) -> Ma
 }
 
 /// The layout of every map of this build, in [`ALL_MAPS`] order.
-pub const MAP_LAYOUTS: [MapLayout; 9] = [
+pub const MAP_LAYOUTS: [MapLayout; 11] = [
     layout::<u64, PodInfo>(map_names::PODS, map_type::HASH, map_capacity::PODS),
     layout::<IpKey, u64>(map_names::POD_IPS, map_type::HASH, map_capacity::POD_IPS),
     // aya-ebpf declares sockhash values as u32 (a socket fd from userspace).
@@ -314,6 +371,8 @@ pub const MAP_LAYOUTS: [MapLayout; 9] = [
     layout::<u64, PodStats>(map_names::STATS, map_type::PERCPU_HASH, map_capacity::STATS),
     layout::<u32, u32>(map_names::CONFIG, map_type::ARRAY, config_index::LEN),
     layout::<u32, u64>(map_names::META, map_type::ARRAY, meta_index::LEN),
+    layout::<u64, RxQueue>(map_names::RXQ, map_type::HASH, map_capacity::RXQ),
+    layout::<u64, u64>(map_names::SK_COOKIES, map_type::HASH, map_capacity::RXQ),
 ];
 
 /// Where the plugin keeps one JSON file per enrolled pod, under `cni_agent_run_dir`
@@ -370,6 +429,7 @@ mod user {
     unsafe impl aya::Pod for super::IpKey {}
     unsafe impl aya::Pod for super::PodInfo {}
     unsafe impl aya::Pod for super::PodStats {}
+    unsafe impl aya::Pod for super::RxQueue {}
 }
 
 #[cfg(test)]
@@ -434,6 +494,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<ActiveConn>(), 64);
         assert_eq!(core::mem::size_of::<SockState>(), 72);
         assert_eq!(core::mem::size_of::<PodInfo>(), 24);
-        assert_eq!(core::mem::size_of::<PodStats>(), 56);
+        assert_eq!(core::mem::size_of::<PodStats>(), 72);
+        assert_eq!(core::mem::size_of::<RxQueue>(), 32);
     }
 }

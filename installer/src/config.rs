@@ -117,6 +117,7 @@ pub const PARAMS: &[Param] = &[
     p("fastpath-fight-threshold", "FASTPATH_FIGHT_THRESHOLD", "5", Int, "Removals of the plugin entry within the fight window that count as a fight with another agent; 0 disables detection"),
     p("fastpath-fight-window-seconds", "FASTPATH_FIGHT_WINDOW_SECONDS", "10", Int, "The fight window, in seconds"),
     p("fastpath-acceleration", "FASTPATH_ACCELERATION", "true", Bool, "Load the eBPF same-node accelerator"),
+    p("fastpath-max-queued-bytes", "FASTPATH_MAX_QUEUED_BYTES", "16777216", Int, "Bytes an accelerated reader may have queued (unread) before its connection goes back to TCP; 65536 to 1073741824"),
     p("fastpath-bpffs", "FASTPATH_BPFFS", "", Str, "The host's bpffs; empty: /sys/fs/bpf if mounted there, else the host's through /host/proc/1/root"),
     p("fastpath-bpf-pin-dir", "FASTPATH_BPF_PIN_DIR", "", Str, "Directory of the accelerator's pins; empty: <bpffs>/fastpath"),
     p("fastpath-cgroup-root", "FASTPATH_CGROUP_ROOT", "", Str, "The host's cgroup v2 root to attach to; empty: found from the host's mounts (/host/proc/1/mounts) or /proc/self/mounts"),
@@ -358,6 +359,11 @@ pub struct Template {
 }
 
 /// The file name Istio gives the standalone config.
+/// Bounds of `FASTPATH_MAX_QUEUED_BYTES`: below 64 KiB connections would leave the fast path
+/// on ordinary bursts; above 1 GiB a few slow readers could exhaust the node's TCP memory.
+const MIN_QUEUED_BYTES: u64 = 64 << 10;
+const MAX_QUEUED_BYTES: u64 = 1 << 30;
+
 pub const STANDALONE_CONF_NAME: &str = "YYY-istio-cni.conf";
 /// The plugin's kubeconfig file name (fixed in Istio).
 pub const KUBECONFIG_NAME: &str = "istio-cni-kubeconfig";
@@ -494,6 +500,15 @@ impl Config {
                 pin_dir,
                 cgroup_root,
                 run_dir: raw.path("CNI_AGENT_RUN_DIR")?,
+                max_queued_bytes: u64::try_from(raw.int("FASTPATH_MAX_QUEUED_BYTES")?)
+                    .ok()
+                    .filter(|b| (MIN_QUEUED_BYTES..=MAX_QUEUED_BYTES).contains(b))
+                    .ok_or_else(|| {
+                        raw.bad(
+                            "FASTPATH_MAX_QUEUED_BYTES",
+                            "expected bytes between 65536 (64 KiB) and 1073741824 (1 GiB)",
+                        )
+                    })?,
             },
         })
     }

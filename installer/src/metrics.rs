@@ -174,7 +174,7 @@ impl Metrics {
             &'static str,
             fn(&fastpath_common::PodStats) -> u64,
         );
-        let fields: [Field; 5] = [
+        let fields: [Field; 7] = [
             (
                 "fastpath_pod_sockets_enrolled_total",
                 "Sockets of the pod enrolled for acceleration.",
@@ -199,6 +199,16 @@ impl Metrics {
                 "fastpath_pod_peer_misses_total",
                 "Messages of enrolled sockets that found no local peer and took the TCP path.",
                 |p| p.peer_misses,
+            ),
+            (
+                "fastpath_pod_queue_demotions_total",
+                "Accelerated connections of the pod that went back to TCP because the reader's queue passed the limit (FASTPATH_MAX_QUEUED_BYTES).",
+                |p| p.queue_demotions,
+            ),
+            (
+                "fastpath_pod_shutdown_demotions_total",
+                "Accelerated connections that went back to TCP because the pod's side half-closed them.",
+                |p| p.shutdown_demotions,
             ),
         ];
         for (name, help, get) in fields {

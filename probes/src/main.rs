@@ -21,6 +21,17 @@
 //! 4. sk_msg on a PENDING client moves it PENDING -> TAINTED with compare-and-swap before its
 //!    bytes take TCP. Exactly one of 3 and 4 wins.
 //!
+//! Flow control. Redirected bytes skip TCP's flow control: the writer's memory is released as
+//! soon as they sit in the reader's queue. Every paired socket has an [`RxQueue`] (keyed by its
+//! cookie) counting the bytes queued for it: sk_msg adds before it redirects, a raw tracepoint
+//! on the reader's recvmsg subtracts. A message that would take a reader's queue past the
+//! limit *demotes* the connection: from then on both directions take TCP (order holds: the
+//! reader drains its queue before its TCP receive queue). A half-close demotes too (on 6.18 a
+//! blocking recv() on a paired socket returns EAGAIN when the ACK of its FIN wakes it). A
+//! demoted socket leaves the sockhash as soon as its queue is read empty, so FIONREAD and
+//! readiness are plain TCP's again (sock_ops sees every state change and every segment of a
+//! paired socket, which is where it checks).
+//!
 //! Keys: the sockhash is keyed by socket cookie (unique per socket for the life of the kernel).
 //! The per-socket state is keyed by the socket's own tuple plus its netns cookie (sk_msg cannot
 //! read the socket cookie on 6.18, but can read both), so pods with identical loopback tuples
@@ -32,23 +43,26 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
-use core::intrinsics::{AtomicOrdering, atomic_cxchg};
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd, atomic_xsub};
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_ANY, BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RWND_INIT, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, sk_action,
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
+        BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RWND_INIT,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, sk_action,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_delete_elem},
-    macros::{map, sk_msg, sock_ops},
+    macros::{map, raw_tracepoint, sk_msg, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuHashMap, SockHash},
-    programs::{SkMsgContext, SockOpsContext},
+    programs::{RawTracePointContext, SkMsgContext, SockOpsContext},
 };
 use fastpath_common::{
-    AF_INET, AF_INET6, ActiveConn, Endpoint, Ip, IpKey, PendingSyn, PodInfo, PodStats, SockKey,
-    SockState, config_index, map_capacity, pod_flags, sock_role, sock_state,
+    AF_INET, AF_INET6, ActiveConn, DEFAULT_QUEUE_LIMIT_BYTES, Endpoint, Ip, IpKey, PendingSyn,
+    PodInfo, PodStats, RxQueue, SockKey, SockState, config_index, map_capacity, pod_flags,
+    rxq_state, sock_role, sock_state,
 };
 
 #[map(name = "FP_PODS")]
@@ -81,7 +95,22 @@ static FP_CONFIG: Array<u32> = Array::pinned(config_index::LEN, 0);
 #[map(name = "FP_META")]
 static FP_META: Array<u64> = Array::pinned(fastpath_common::meta_index::LEN, 0);
 
+#[map(name = "FP_RXQ")]
+static FP_RXQ: HashMap<u64, RxQueue> = HashMap::pinned(map_capacity::RXQ, 0);
+
+// The tracepoint knows a socket by its kernel address only.
+#[map(name = "FP_SK_COOKIES")]
+static FP_SK_COOKIES: HashMap<u64, u64> = HashMap::pinned(map_capacity::RXQ, 0);
+
+const TCP_FIN_WAIT1: u32 = 4;
 const TCP_CLOSE: u32 = 7;
+const MSG_PEEK: i32 = 2;
+
+/// The callbacks a paired socket asks for: state changes, and every segment in or out (none
+/// flow while it is paired; after a demotion they are the moments to leave the sockhash).
+const PAIRED_CB_FLAGS: u32 = BPF_SOCK_OPS_STATE_CB_FLAG
+    | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG
+    | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
 
 fn config(index: u32) -> u32 {
     FP_CONFIG.get(index).copied().unwrap_or(0)
@@ -159,6 +188,12 @@ fn sock_key(ctx: &SockOpsContext, netns: u64) -> Option<SockKey> {
     })
 }
 
+/// The socket's kernel address (what `sock:sock_recv_length` reports). Reading it as a number
+/// needs CAP_PERFMON, which the agent has.
+fn socket_address(ctx: &SockOpsContext) -> u64 {
+    unsafe { (*ctx.ops).__bindgen_anon_2.sk as u64 }
+}
+
 fn socket_cookie(ctx: &SockOpsContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
@@ -202,6 +237,81 @@ fn paired_peer(p: *mut SockState) -> u64 {
     unsafe { core::ptr::read_volatile(&raw const (*p).peer) }
 }
 
+// cpu v1 (what aya-build asks bpf-linker for) has atomic add without a fetched result; a
+// compare-and-swap that changes nothing is the fully ordered read.
+fn atomic_add(p: *mut u64, v: u64) {
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(p, v) };
+}
+
+fn atomic_sub(p: *mut u64, v: u64) {
+    unsafe { atomic_xsub::<u64, u64, { AtomicOrdering::SeqCst }>(p, v) };
+}
+
+fn atomic_read(p: *mut u64) -> u64 {
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, 0, 0).0
+    }
+}
+
+fn rxq_cas(q: *mut RxQueue, from: u64, to: u64) -> bool {
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+            &raw mut (*q).state,
+            from,
+            to,
+        )
+        .1
+    }
+}
+
+fn rxq_state(q: *mut RxQueue) -> u64 {
+    atomic_read(unsafe { &raw mut (*q).state })
+}
+
+/// Bytes queued for the reader; the counter wraps, and a transient negative (an upgrade's
+/// overlapping fexits counted a read twice) reads as empty.
+fn rxq_queued(q: *mut RxQueue) -> u64 {
+    let n = atomic_read(unsafe { &raw mut (*q).queued }) as i64;
+    if n > 0 { n as u64 } else { 0 }
+}
+
+fn queue_limit() -> u64 {
+    match config(config_index::QUEUE_LIMIT_KIB) {
+        0 => DEFAULT_QUEUE_LIMIT_BYTES,
+        kib => (kib as u64) << 10,
+    }
+}
+
+/// Takes both sides of a connection off the fast path. True for the caller that demoted it.
+fn demote(q: *mut RxQueue) -> bool {
+    let won = rxq_cas(q, rxq_state::OPEN, rxq_state::DEMOTED);
+    let peer = unsafe { core::ptr::read_volatile(&raw const (*q).peer) };
+    if let Some(p) = FP_RXQ.get_ptr_mut(&peer) {
+        let _ = rxq_cas(p, rxq_state::OPEN, rxq_state::DEMOTED);
+    }
+    won
+}
+
+/// A demoted socket whose queue is read empty leaves the sockhash. Nothing can be redirected
+/// into it any more: a writer adds to `queued` before it reads the state, and this reads
+/// `queued` after it saw the state DEMOTED (both with full barriers).
+fn leave_if_drained(ctx: &SockOpsContext) {
+    let cookie = socket_cookie(ctx);
+    let Some(q) = FP_RXQ.get_ptr_mut(&cookie) else {
+        return;
+    };
+    if rxq_state(q) != rxq_state::DEMOTED || rxq_queued(q) != 0 {
+        return;
+    }
+    if rxq_cas(q, rxq_state::DEMOTED, rxq_state::LEFT) {
+        sockhash_delete(&cookie);
+        clear_cb_flags(
+            ctx,
+            BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
+        );
+    }
+}
+
 fn request_cb_flags(ctx: &SockOpsContext, flags: u32) {
     let _ = ctx.set_cb_flags((ctx.cb_flags() | flags) as i32);
 }
@@ -215,9 +325,19 @@ pub fn fastpath_sockops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
     if op == BPF_SOCK_OPS_STATE_CB {
         // Only sockets this program flagged get here.
-        if ctx.arg(1) == TCP_CLOSE {
-            on_close(&ctx);
+        match ctx.arg(1) {
+            TCP_CLOSE => on_close(&ctx),
+            TCP_FIN_WAIT1 => {
+                on_half_close(&ctx);
+                leave_if_drained(&ctx);
+            }
+            _ => leave_if_drained(&ctx),
         }
+        return 1;
+    }
+    if op == BPF_SOCK_OPS_PARSE_HDR_OPT_CB || op == BPF_SOCK_OPS_HDR_OPT_LEN_CB {
+        // A segment in or out of a paired socket (flagged by this program).
+        leave_if_drained(&ctx);
         return 1;
     }
     if op != BPF_SOCK_OPS_RWND_INIT
@@ -338,6 +458,8 @@ fn on_active_established(ctx: &SockOpsContext, netns: u64) {
         give_up(ctx);
         return;
     }
+    request_cb_flags(ctx, PAIRED_CB_FLAGS);
+    let _ = FP_SK_COOKIES.insert(&socket_address(ctx), &cookie, BPF_ANY as u64);
     if let Some(s) = stats(netns) {
         s.sockets_enrolled += 1;
     }
@@ -395,10 +517,32 @@ fn on_passive_established(ctx: &SockOpsContext, pod: &PodInfo, netns: u64) {
     let inserted = FP_SOCKS
         .update(&mut sock, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64)
         .is_ok();
-    if inserted && FP_PAIRS.insert(&own_key, &me, BPF_ANY as u64).is_ok() {
+    let server_rxq = RxQueue {
+        queued: 0,
+        peer: active.cookie,
+        state: rxq_state::OPEN,
+        netns,
+    };
+    let client_rxq = RxQueue {
+        queued: 0,
+        peer: own,
+        state: rxq_state::OPEN,
+        netns: active.client.netns,
+    };
+    let own_address = socket_address(ctx);
+    if inserted
+        && FP_SK_COOKIES
+            .insert(&own_address, &own, BPF_ANY as u64)
+            .is_ok()
+        && FP_RXQ.insert(&own, &server_rxq, BPF_ANY as u64).is_ok()
+        && FP_RXQ
+            .insert(&active.cookie, &client_rxq, BPF_ANY as u64)
+            .is_ok()
+        && FP_PAIRS.insert(&own_key, &me, BPF_ANY as u64).is_ok()
+    {
         unsafe { (*cs).peer = own };
         if state_cas(cs, sock_state::PENDING, sock_state::PAIRED).is_ok() {
-            request_cb_flags(ctx, BPF_SOCK_OPS_STATE_CB_FLAG);
+            request_cb_flags(ctx, PAIRED_CB_FLAGS);
             if let Some(s) = stats(netns) {
                 s.sockets_enrolled += 1;
                 s.connections_paired += 1;
@@ -407,6 +551,9 @@ fn on_passive_established(ctx: &SockOpsContext, pod: &PodInfo, netns: u64) {
         }
         let _ = FP_PAIRS.remove(&own_key);
     }
+    let _ = FP_RXQ.remove(&own);
+    let _ = FP_RXQ.remove(&active.cookie);
+    let _ = FP_SK_COOKIES.remove(&own_address);
     // Not paired: the client wrote over TCP already, or an insert failed. Neither socket may
     // stay in the sockhash without a peer, and the client must never be redirected.
     if inserted {
@@ -418,7 +565,22 @@ fn on_passive_established(ctx: &SockOpsContext, pod: &PodInfo, netns: u64) {
     sockhash_delete(&active.cookie);
 }
 
+/// This side shut down its writes: the connection leaves the fast path.
+fn on_half_close(ctx: &SockOpsContext) {
+    let cookie = socket_cookie(ctx);
+    let Some(q) = FP_RXQ.get_ptr_mut(&cookie) else {
+        return;
+    };
+    if demote(q) {
+        if let Some(s) = stats(unsafe { (*q).netns }) {
+            s.shutdown_demotions += 1;
+        }
+    }
+}
+
 fn on_close(ctx: &SockOpsContext) {
+    let _ = FP_RXQ.remove(&socket_cookie(ctx));
+    let _ = FP_SK_COOKIES.remove(&socket_address(ctx));
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let Some(key) = sock_key(ctx, netns) else {
         return;
@@ -473,9 +635,41 @@ pub fn fastpath_skmsg(ctx: SkMsgContext) -> u32 {
         },
         _ => 0,
     };
-    let redirected = peer != 0
-        && FP_SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64)
-            == sk_action::SK_PASS as i64;
+    if peer == 0 {
+        if let Some(s) = stats(netns) {
+            s.peer_misses += 1;
+        }
+        return sk_action::SK_PASS;
+    }
+    // Count the bytes into the reader's queue before looking at its state (see
+    // `leave_if_drained`). Pairs made by a build without queues have no entry: unbounded.
+    let rxq = FP_RXQ.get_ptr_mut(&peer);
+    if let Some(q) = rxq {
+        let queued = unsafe { &raw mut (*q).queued };
+        atomic_add(queued, size);
+        if rxq_state(q) != rxq_state::OPEN {
+            atomic_sub(queued, size);
+            return sk_action::SK_PASS;
+        }
+        // Over the limit, unless this message alone is (it goes into an empty queue).
+        let total = rxq_queued(q);
+        if total > size && total > queue_limit() {
+            atomic_sub(queued, size);
+            if demote(q) {
+                if let Some(s) = stats(netns) {
+                    s.queue_demotions += 1;
+                }
+            }
+            return sk_action::SK_PASS;
+        }
+    }
+    let redirected =
+        FP_SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64) == sk_action::SK_PASS as i64;
+    if !redirected {
+        if let Some(q) = rxq {
+            atomic_sub(unsafe { &raw mut (*q).queued }, size);
+        }
+    }
     if let Some(s) = stats(netns) {
         if redirected {
             s.msgs_redirected += 1;
@@ -486,6 +680,29 @@ pub fn fastpath_skmsg(ctx: SkMsgContext) -> u32 {
     }
     let _ = &FP_META;
     sk_action::SK_PASS
+}
+
+/// A reader took `ret` bytes out of a socket (`sock:sock_recv_length`, fired by every
+/// recvmsg on the node: sockets that are not paired cost one hash miss). Only paired sockets
+/// have an entry. While paired, a socket only receives redirected bytes; once demoted, it
+/// reads TCP bytes only when its redirect queue is empty, and those take the count below zero,
+/// which reads as empty, which is then true.
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn fastpath_rx_consumed(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(struct sock *sk, int ret, int flags)
+    let copied = ctx.arg::<u64>(1) as i32;
+    let flags = ctx.arg::<u64>(2) as i32;
+    if copied <= 0 || flags & MSG_PEEK != 0 {
+        return 0;
+    }
+    let sk = ctx.arg::<u64>(0);
+    let Some(cookie) = (unsafe { FP_SK_COOKIES.get(&sk) }) else {
+        return 0;
+    };
+    if let Some(q) = FP_RXQ.get_ptr_mut(cookie) {
+        atomic_sub(unsafe { &raw mut (*q).queued }, copied as u64);
+    }
+    0
 }
 
 #[cfg(not(test))]

@@ -28,6 +28,15 @@ impl Accel {
         a
     }
 
+    /// Loads the accelerator with settings changed by `configure`; asserts the self-test passed.
+    pub fn start_configured(tag: &str, configure: impl FnOnce(&mut AccelSettings)) -> Self {
+        let mut a = Self::unstarted(tag);
+        configure(&mut a.settings);
+        let state = start(&a.settings);
+        assert_eq!(state, AccelState::Active, "accelerator start");
+        a
+    }
+
     /// The fixture without calling [`start`].
     pub fn unstarted(tag: &str) -> Self {
         let lock = crate::serial_guard("cgroup-sockops");
@@ -41,6 +50,7 @@ impl Accel {
             pin_dir: pins.path().join("fastpath"),
             cgroup_root: None,
             run_dir: run_dir.clone(),
+            max_queued_bytes: fastpath_common::DEFAULT_QUEUE_LIMIT_BYTES,
         };
         Self {
             settings,

@@ -36,11 +36,16 @@ fn probes_load_and_pass_the_verifier() {
         types.contains(&(prog_names::SK_MSG.into(), ProgramType::SkMsg)),
         "{types:?}"
     );
+    assert!(
+        types.contains(&(prog_names::RX_CONSUMED.into(), ProgramType::RawTracePoint)),
+        "{types:?}"
+    );
 
     for (name, prog) in ebpf.programs_mut() {
         let loaded = match prog {
             Program::SockOps(p) => p.load(),
             Program::SkMsg(p) => p.load(),
+            Program::RawTracePoint(p) => p.load(),
             other => panic!("unexpected program {name}: {:?}", other.prog_type()),
         };
         loaded.unwrap_or_else(|e| panic!("{name} must pass the verifier: {e:#?}"));

@@ -10,9 +10,12 @@
 //! - [`uninstall`]: the explicit uninstall command (never called on SIGTERM).
 //!
 //! Pins under `pin_dir`: the maps by name (`FP_*`), `prog_sockops`, `prog_skmsg`,
-//! `link_sockops` (cgroup link on the cgroup v2 root) and `link_skmsg` (sockhash link). The
-//! pinned links keep everything attached when the installer exits; a restart of the same
-//! build loads nothing; a new build swaps programs in the pinned links with BPF_LINK_UPDATE.
+//! `prog_rx_consumed`, `link_sockops` (cgroup link on the cgroup v2 root), `link_skmsg`
+//! (sockhash link) and `link_rx_consumed` (raw tracepoint `sock:sock_recv_length`, which
+//! counts what readers take from their redirect queues). The pinned links keep everything
+//! attached when the installer exits; a restart of the same build loads nothing; a new build
+//! swaps programs in the cgroup and sockhash links with BPF_LINK_UPDATE, and attaches its
+//! tracepoint before the old one is unpinned (tracepoint links cannot be updated).
 mod plan;
 pub mod pods;
 pub mod selftest;
@@ -22,11 +25,11 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuHashMap},
-    programs::{CgroupAttachMode, SkMsg, SockOps, links::FdLink},
+    programs::{CgroupAttachMode, RawTracePoint, SkMsg, SockOps, links::FdLink},
 };
 use fastpath_common::{
-    ALL_MAPS, IpKey, MAP_ABI_VERSION, MAP_LAYOUTS, PodInfo, PodStats, config_index, map_names,
-    meta_index, prog_names,
+    ALL_MAPS, IpKey, MAP_ABI_VERSION, MAP_LAYOUTS, PodInfo, PodStats, RX_CONSUMED_TRACEPOINT,
+    config_index, map_names, meta_index, prog_names,
 };
 use std::{
     os::fd::AsFd as _,
@@ -41,6 +44,8 @@ pub const PIN_PROG_SOCKOPS: &str = "prog_sockops";
 pub const PIN_PROG_SKMSG: &str = "prog_skmsg";
 pub const PIN_LINK_SOCKOPS: &str = "link_sockops";
 pub const PIN_LINK_SKMSG: &str = "link_skmsg";
+pub const PIN_PROG_RX_CONSUMED: &str = "prog_rx_consumed";
+pub const PIN_LINK_RX_CONSUMED: &str = "link_rx_consumed";
 
 /// Where and whether to accelerate.
 #[derive(Clone, Debug)]
@@ -56,6 +61,9 @@ pub struct AccelSettings {
     /// `cni_agent_run_dir` (`/var/run/istio-cni`): the plugin keeps its per-pod enrollment
     /// records under `fastpath/pods/` there (counter labels, re-enrollment after an upgrade).
     pub run_dir: PathBuf,
+    /// Bytes a reader may have queued before its connection goes back to TCP
+    /// (`FASTPATH_MAX_QUEUED_BYTES`).
+    pub max_queued_bytes: u64,
 }
 
 impl AccelSettings {
@@ -68,6 +76,7 @@ impl AccelSettings {
             bpffs,
             cgroup_root: None,
             run_dir: PathBuf::from("/var/run/istio-cni"),
+            max_queued_bytes: fastpath_common::DEFAULT_QUEUE_LIMIT_BYTES,
         }
     }
 }
@@ -134,6 +143,7 @@ pub fn start_with(
         return AccelState::Disabled;
     }
     let outcome = load_or_reuse(settings).and_then(|()| {
+        set_queue_limit(&settings.pin_dir, settings.max_queued_bytes)?;
         let report = self_test(&settings.pin_dir)?;
         log::info!("accelerator self-test: {}", report.summary());
         match report.failure() {
@@ -171,6 +181,14 @@ fn pinned_map(pin_dir: &Path, name: &str) -> Result<Map> {
 fn set_enabled(pin_dir: &Path, on: bool) -> Result<()> {
     let mut cfg: Array<MapData, u32> = pinned_map(pin_dir, map_names::CONFIG)?.try_into()?;
     cfg.set(config_index::ACCEL_ENABLED, on as u32, 0)?;
+    Ok(())
+}
+
+fn set_queue_limit(pin_dir: &Path, bytes: u64) -> Result<()> {
+    let kib = u32::try_from(bytes.div_ceil(1024))
+        .with_context(|| format!("queue limit of {bytes} bytes is too large"))?;
+    let mut cfg: Array<MapData, u32> = pinned_map(pin_dir, map_names::CONFIG)?.try_into()?;
+    cfg.set(config_index::QUEUE_LIMIT_KIB, kib, 0)?;
     Ok(())
 }
 
@@ -233,6 +251,7 @@ fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
     let pinned = plan::Pinned {
         sockops_link: pin(dir, PIN_LINK_SOCKOPS).exists(),
         skmsg_link: pin(dir, PIN_LINK_SKMSG).exists(),
+        rx_consumed_link: pin(dir, PIN_LINK_RX_CONSUMED).exists(),
         object_hash: stored.map(|s| s.1),
     };
     if plan::reuse_everything(&pinned, &verdicts, ours) {
@@ -308,6 +327,8 @@ fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
     }
     replace_program_pin(skmsg.fd()?.as_fd(), &pin(dir, PIN_PROG_SKMSG))?;
 
+    attach_rx_consumed(&mut ebpf, dir)?;
+
     write_meta(dir, ours)?;
     // Fresh enrollment maps (first start, reboot, layout change): pods recorded by the plugin
     // are enrolled again.
@@ -322,6 +343,35 @@ fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
     }
     restrict_pins(dir)?;
     Ok(())
+}
+
+/// Loads the raw tracepoint that counts what readers take from their redirect queues,
+/// attaches it, and only then unpins the previous build's (so no read goes uncounted; one
+/// counted twice during the overlap reads as an emptier queue, which the probes clamp).
+/// Without it no queue is bounded, so it is required.
+fn attach_rx_consumed(ebpf: &mut aya::Ebpf, dir: &Path) -> Result<()> {
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut(prog_names::RX_CONSUMED)
+        .ok_or_else(|| anyhow!("no {} in the object", prog_names::RX_CONSUMED))?
+        .try_into()?;
+    prog.load()
+        .context("verifier rejected the recvmsg tracepoint program")?;
+    let id = prog.attach(RX_CONSUMED_TRACEPOINT).with_context(|| {
+        format!(
+            "attach to tracepoint sock:{RX_CONSUMED_TRACEPOINT} (Linux 6.4+), needed to bound \
+             redirect queues"
+        )
+    })?;
+    let link: FdLink = prog.take_link(id)?.into();
+    let link_pin = pin(dir, PIN_LINK_RX_CONSUMED);
+    // bpffs refuses names with a dot.
+    let staged = pin(dir, &format!("{PIN_LINK_RX_CONSUMED}_new"));
+    let _ = std::fs::remove_file(&staged);
+    link.pin(&staged)?;
+    std::fs::rename(&staged, &link_pin)
+        .with_context(|| format!("replace {}", link_pin.display()))?;
+    log::info!("recvmsg tracepoint: attached and pinned");
+    replace_program_pin(prog.fd()?.as_fd(), &pin(dir, PIN_PROG_RX_CONSUMED))
 }
 
 fn replace_program_pin(prog: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result<()> {
@@ -381,6 +431,8 @@ fn add(into: &mut PodStats, s: &PodStats) {
     into.peer_misses += s.peer_misses;
     into.connections_paired += s.connections_paired;
     into.early_data_fallbacks += s.early_data_fallbacks;
+    into.queue_demotions += s.queue_demotions;
+    into.shutdown_demotions += s.shutdown_demotions;
 }
 
 /// Per-pod counters for /metrics. Empty when the accelerator is not pinned.
@@ -431,7 +483,7 @@ pub fn status_report(settings: &AccelSettings) -> Result<String> {
         "this build: map ABI {MAP_ABI_VERSION}, object {:016x}",
         plan::object_hash(crate::probes::OBJECT)
     )?;
-    for link in [PIN_LINK_SOCKOPS, PIN_LINK_SKMSG] {
+    for link in [PIN_LINK_SOCKOPS, PIN_LINK_SKMSG, PIN_LINK_RX_CONSUMED] {
         match sys::obj_get(&pin(dir, link)).map_err(anyhow::Error::from) {
             Ok(fd) => {
                 let ids = sys::link_ids(fd.as_fd())?;
@@ -444,7 +496,7 @@ pub fn status_report(settings: &AccelSettings) -> Result<String> {
             Err(e) => writeln!(s, "link {link}: not pinned ({e})")?,
         }
     }
-    for prog in [PIN_PROG_SOCKOPS, PIN_PROG_SKMSG] {
+    for prog in [PIN_PROG_SOCKOPS, PIN_PROG_SKMSG, PIN_PROG_RX_CONSUMED] {
         match aya::programs::ProgramInfo::from_pin(pin(dir, prog)) {
             Ok(info) => writeln!(
                 s,
@@ -480,6 +532,12 @@ pub fn status_report(settings: &AccelSettings) -> Result<String> {
             "acceleration switch: {}",
             if on != 0 { "on" } else { "off" }
         )?;
+        let kib = cfg.get(&config_index::QUEUE_LIMIT_KIB, 0).unwrap_or(0);
+        let limit = match kib {
+            0 => fastpath_common::DEFAULT_QUEUE_LIMIT_BYTES,
+            k => u64::from(k) << 10,
+        };
+        writeln!(s, "redirect queue limit: {limit} bytes per reader")?;
     }
     Ok(s)
 }
@@ -493,7 +551,7 @@ pub fn uninstall(settings: &AccelSettings) -> Result<()> {
         return Ok(());
     }
     let _ = set_enabled(dir, false);
-    let mut names: Vec<PathBuf> = [PIN_LINK_SOCKOPS, PIN_LINK_SKMSG]
+    let mut names: Vec<PathBuf> = [PIN_LINK_SOCKOPS, PIN_LINK_SKMSG, PIN_LINK_RX_CONSUMED]
         .iter()
         .map(|n| pin(dir, n))
         .collect();

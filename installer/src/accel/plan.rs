@@ -133,6 +133,7 @@ pub fn map_verdict(
 pub struct Pinned {
     pub sockops_link: bool,
     pub skmsg_link: bool,
+    pub rx_consumed_link: bool,
     pub object_hash: Option<u64>,
 }
 
@@ -140,6 +141,7 @@ pub struct Pinned {
 pub fn reuse_everything(pinned: &Pinned, verdicts: &[MapVerdict], our_hash: u64) -> bool {
     pinned.sockops_link
         && pinned.skmsg_link
+        && pinned.rx_consumed_link
         && pinned.object_hash == Some(our_hash)
         && verdicts.iter().all(|v| *v == MapVerdict::Reuse)
 }
@@ -258,6 +260,7 @@ mod tests {
         let p = Pinned {
             sockops_link: true,
             skmsg_link: true,
+            rx_consumed_link: true,
             object_hash: Some(5),
         };
         assert!(reuse_everything(&p, &[MapVerdict::Reuse], 5));
@@ -268,6 +271,12 @@ mod tests {
             ..p
         };
         assert!(!reuse_everything(&no_link, &[MapVerdict::Reuse], 5));
+        // A build from before flow control pinned no fexit link: load, do not reuse.
+        let no_fexit = Pinned {
+            rx_consumed_link: false,
+            ..p
+        };
+        assert!(!reuse_everything(&no_fexit, &[MapVerdict::Reuse], 5));
     }
 
     #[test]

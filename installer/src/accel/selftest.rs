@@ -8,6 +8,9 @@
 //!   in order, messages are counted as redirected, and FIONREAD on a paired socket is right;
 //! - unpaired peer: a connection to an excluded port is never put in the sockhash, so
 //!   FIONREAD stays right;
+//! - queue accounting: after a paired exchange is read in full, both sockets' redirect queues
+//!   count zero (the recvmsg tracepoint saw every read; else no queue would be bounded, or
+//!   every connection would leave the fast path);
 //! - informational: a socket placed in the sockhash without a peer: does FIONREAD report the
 //!   bytes MSG_PEEK sees? (0 on kernels with 929e30f93125 and no SK_SKB verdict; the probes
 //!   never leave a socket in that state, which is why this is reported and not fatal);
@@ -17,7 +20,7 @@
 use super::{pinned_map, sys};
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::maps::{Array, HashMap, MapData, PerCpuHashMap, SockHash};
-use fastpath_common::{PodInfo, PodStats, config_index, map_names};
+use fastpath_common::{PodInfo, PodStats, RxQueue, config_index, map_names, rxq_state};
 use std::{
     io::{Read as _, Write as _},
     net::{Shutdown, TcpListener, TcpStream},
@@ -26,12 +29,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-const EXCLUDED_PORT: u16 = 9;
+/// A port the self-test's pod excludes. Unprivileged (≥ 1024): Istio's chart grants the agent
+/// no CAP_NET_BIND_SERVICE. The namespace is private, so any port is free.
+const EXCLUDED_PORT: u16 = 15999;
 
 #[derive(Debug, Default)]
 pub struct Report {
     pub paired: Option<String>,
     pub unpaired_peer: Option<String>,
+    pub queue_accounting: Option<String>,
     /// `Some(true)` when a socket left unpaired in the sockhash shows FIONREAD = 0.
     pub unpaired_fionread_broken: Option<bool>,
     /// `Some(true)` when a blocking recv() on a paired socket returned EAGAIN.
@@ -42,15 +48,20 @@ pub struct Report {
 impl Report {
     /// The first failed check, if any.
     pub fn failure(&self) -> Option<String> {
-        self.paired.clone().or(self.unpaired_peer.clone())
+        self.paired
+            .clone()
+            .or(self.unpaired_peer.clone())
+            .or(self.queue_accounting.clone())
     }
 
     pub fn summary(&self) -> String {
         format!(
-            "paired transfer {}, unaccelerated peer {}, {} messages redirected; kernel FIONREAD \
-             on an unpaired sockhash socket: {}; blocking recv on a paired socket: {}",
+            "paired transfer {}, unaccelerated peer {}, queue accounting {}, {} messages \
+             redirected; kernel FIONREAD on an unpaired sockhash socket: {}; blocking recv on a \
+             paired socket: {}",
             self.paired.as_deref().unwrap_or("ok"),
             self.unpaired_peer.as_deref().unwrap_or("ok"),
+            self.queue_accounting.as_deref().unwrap_or("ok"),
             self.redirected_msgs,
             match self.unpaired_fionread_broken {
                 Some(true) => "broken (never used by fastpath)",
@@ -92,6 +103,7 @@ fn in_private_netns(pin_dir: &Path) -> Result<Report> {
     let mut report = Report {
         paired: paired_transfer().err().map(|e| format!("{e:#}")),
         unpaired_peer: unaccelerated_peer().err().map(|e| format!("{e:#}")),
+        queue_accounting: queue_accounting(pin_dir).err().map(|e| format!("{e:#}")),
         unpaired_fionread_broken: unpaired_in_sockhash(pin_dir).ok(),
         blocking_recv_eagain: blocking_recv_eagain().ok(),
         redirected_msgs: 0,
@@ -220,6 +232,58 @@ fn paired_transfer() -> Result<()> {
         read_exact_timeout(&mut c2, data.len())? == data,
         "stream 2 reply altered"
     );
+    Ok(())
+}
+
+fn socket_cookie(s: &TcpStream) -> Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: SO_COOKIE into a u64 we own, with its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    ensure!(rc == 0, "SO_COOKIE: {}", std::io::Error::last_os_error());
+    Ok(cookie)
+}
+
+fn queue_accounting(pin_dir: &Path) -> Result<()> {
+    let queues: HashMap<MapData, u64, RxQueue> = pinned_map(pin_dir, map_names::RXQ)?.try_into()?;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let mut c = TcpStream::connect(listener.local_addr()?)?;
+    let (mut s, _) = listener.accept()?;
+    let data = pattern(0xacc7, 300 * 1024 + 5);
+    let reply = data.clone();
+    let writer = std::thread::spawn(move || c.write_all(&reply).map(|()| c));
+    ensure!(
+        read_exact_timeout(&mut s, data.len())? == data,
+        "stream altered"
+    );
+    let mut c = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    s.write_all(&data[..4096])?;
+    ensure!(
+        read_exact_timeout(&mut c, 4096)? == data[..4096],
+        "reply altered"
+    );
+    for (side, sock) in [("client", &c), ("server", &s)] {
+        let q = queues
+            .get(&socket_cookie(sock)?, 0)
+            .with_context(|| format!("the {side} socket has no redirect queue entry"))?;
+        ensure!(
+            q.queued == 0 && q.state == rxq_state::OPEN,
+            "after every byte was read, the {side}'s redirect queue counts {} bytes (state {}): \
+             the kernel's sock:sock_recv_length tracepoint did not report the reads",
+            q.queued as i64,
+            q.state
+        );
+    }
     Ok(())
 }
 

@@ -1,0 +1,238 @@
+//! Flow control of paired connections. Redirected bytes skip TCP's flow control, so a writer
+//! faster than its reader would pile bytes up in the reader's queue until the node's TCP memory
+//! ran out (then sends fail with ENOMEM). The probes bound each reader's queue: past the limit
+//! the connection is demoted to TCP, in order, and its sockets leave the sockhash once their
+//! queues are read. A half-close demotes too.
+use fastpath_common::{RxQueue, map_names, rxq_state};
+use fastpath_tests::accel::{Accel, Pod, fionread, pattern, read_exact_retry};
+use std::{
+    io::{ErrorKind, Read as _, Write as _},
+    net::{Shutdown, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    time::{Duration, Instant},
+};
+
+const LIMIT: u64 = 1 << 20;
+
+fn socket_cookie(s: &TcpStream) -> u64 {
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: SO_COOKIE into a u64 we own, with its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "SO_COOKIE: {}", std::io::Error::last_os_error());
+    cookie
+}
+
+fn rx_queue(accel: &Accel, s: &TcpStream) -> Option<RxQueue> {
+    use aya::maps::{HashMap, Map, MapData};
+    let data = MapData::from_pin(accel.pin_dir().join(map_names::RXQ)).unwrap();
+    let map: HashMap<MapData, u64, RxQueue> = Map::from_map_data(data).unwrap().try_into().unwrap();
+    map.get(&socket_cookie(s), 0).ok()
+}
+
+/// Waits until the sockhash holds `n` sockets.
+fn wait_sockhash(accel: &Accel, n: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let have = accel.map_entries(map_names::SOCKS);
+        if have == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: sockhash holds {have}, want {n}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Writes without blocking until the socket has accepted nothing for `quiet`.
+fn write_until_stalled(s: &mut TcpStream, data: &[u8], quiet: Duration) -> usize {
+    s.set_nonblocking(true).unwrap();
+    let mut off = 0;
+    let mut last_progress = Instant::now();
+    while off < data.len() && last_progress.elapsed() < quiet {
+        let end = (off + 64 * 1024).min(data.len());
+        match s.write(&data[off..end]) {
+            Ok(n) => {
+                off += n;
+                last_progress = Instant::now();
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => panic!("write after {off} bytes: {e}"),
+        }
+    }
+    s.set_nonblocking(false).unwrap();
+    off
+}
+
+#[test]
+fn a_reader_that_does_not_read_stops_the_writer_and_the_stream_stays_exact() {
+    if !fastpath_tests::require_privileges("a_reader_that_does_not_read_stops_the_writer") {
+        return;
+    }
+    let accel = Accel::start_configured("flowctl", |s| s.max_queued_bytes = LIMIT);
+    let pod = Pod::new("fpflow");
+    accel.enroll(&pod, None);
+    let total = 96 << 20;
+    let data = pattern(0xf10c, total);
+    pod.run(|| {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        wait_sockhash(&accel, 2, "after pairing");
+        assert_eq!(rx_queue(&accel, &s).map(|q| q.state), Some(rxq_state::OPEN));
+
+        // Nobody reads: the writer must stall, after about the limit plus TCP's own buffers.
+        // Unbounded, every byte would be accepted at once (the queue grows without limit).
+        let accepted = write_until_stalled(&mut c, &data, Duration::from_millis(300));
+        eprintln!("a writer with no reader got {accepted} bytes in before it stalled");
+        assert!(
+            accepted as u64 >= LIMIT,
+            "only {accepted} bytes accepted: the first {LIMIT} should have been redirected"
+        );
+        assert!(
+            accepted < 32 << 20,
+            "{accepted} bytes accepted with nobody reading: the reader's queue is not bounded"
+        );
+        let st = accel.stats(pod.cookie());
+        assert_eq!(st.queue_demotions, 1, "{st:?}");
+        assert!(st.msgs_redirected > 0, "{st:?}");
+        let q = rx_queue(&accel, &s).expect("server queue entry");
+        assert_eq!(q.state, rxq_state::DEMOTED, "{q:?}");
+        assert!(
+            q.queued > 0 && q.queued <= LIMIT + (64 << 10),
+            "queued {} after the demotion",
+            q.queued
+        );
+
+        // Now read: the redirected part, then the TCP part, in order, every byte.
+        let rest = data[accepted..].to_vec();
+        let writer = std::thread::spawn(move || {
+            c.write_all(&rest).unwrap();
+            c
+        });
+        let mut got = vec![0u8; total];
+        read_exact_retry(&mut s, &mut got, Duration::from_secs(60));
+        let mut c = writer.join().unwrap();
+        let first_bad = got.iter().zip(&data).position(|(a, b)| a != b);
+        assert_eq!(first_bad, None, "stream altered across the demotion");
+
+        // Both sockets are plain TCP sockets again, and FIONREAD tells the truth.
+        wait_sockhash(&accel, 0, "after the queues were read");
+        assert_eq!(rx_queue(&accel, &s).map(|q| q.state), Some(rxq_state::LEFT));
+        c.write_all(&[9u8; 1000]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fionread(&s) < 1000 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(fionread(&s), 1000, "FIONREAD after the demotion");
+        s.write_all(b"pong").unwrap();
+        let mut pong = [0u8; 4];
+        read_exact_retry(&mut c, &mut pong, Duration::from_secs(5));
+        assert_eq!(&pong, b"pong");
+    });
+    // Closed sockets leave nothing behind.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while accel.map_entries(map_names::RXQ) + accel.map_entries(map_names::SK_COOKIES) > 0 {
+        assert!(Instant::now() < deadline, "queue entries left after close");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_reader_that_keeps_up_is_never_demoted() {
+    if !fastpath_tests::require_privileges("a_reader_that_keeps_up_is_never_demoted") {
+        return;
+    }
+    let accel = Accel::start_configured("flowok", |s| s.max_queued_bytes = LIMIT);
+    let pod = Pod::new("fpflowok");
+    accel.enroll(&pod, None);
+    let total = 64 << 20;
+    let data = pattern(0x600d, total);
+    pod.run(|| {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        // Writes of 256 KiB, each read before the next is written: the queue never holds
+        // more than one write, however much flows.
+        let mut w = c.try_clone().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let chunks: Vec<Vec<u8>> = data.chunks(256 << 10).map(|c| c.to_vec()).collect();
+        let writer = std::thread::spawn(move || {
+            for chunk in chunks {
+                w.write_all(&chunk).unwrap();
+                rx.recv().unwrap();
+            }
+        });
+        let mut got = Vec::with_capacity(total);
+        let mut buf = vec![0u8; 256 << 10];
+        while got.len() < total {
+            read_exact_retry(&mut s, &mut buf, Duration::from_secs(10));
+            got.extend_from_slice(&buf);
+            let _ = tx.send(());
+        }
+        writer.join().unwrap();
+        assert!(got == data, "stream altered");
+        let st = accel.stats(pod.cookie());
+        assert_eq!(st.queue_demotions, 0, "{st:?}");
+        assert!(st.bytes_redirected >= total as u64, "{st:?}");
+        let q = rx_queue(&accel, &s).expect("server queue entry");
+        assert_eq!((q.state, q.queued), (rxq_state::OPEN, 0), "{q:?}");
+        drop(c);
+    });
+}
+
+#[test]
+fn a_half_close_demotes_and_blocking_readers_get_every_byte() {
+    if !fastpath_tests::require_privileges("a_half_close_demotes") {
+        return;
+    }
+    let accel = Accel::start("halfclose");
+    let pod = Pod::new("fphalf");
+    accel.enroll(&pod, None);
+    let rounds = 40;
+    pod.run(|| {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            for i in 0..rounds {
+                let (mut s, _) = l.accept().unwrap();
+                let mut request = Vec::new();
+                s.read_to_end(&mut request).unwrap();
+                assert_eq!(request, pattern(i, 10_000), "request {i}");
+                s.write_all(&pattern(i + 1000, 1 << 20)).unwrap();
+            }
+        });
+        for i in 0..rounds {
+            let mut c = TcpStream::connect(addr).unwrap();
+            // Blocking reads: a spurious EAGAIN would fail read_to_end.
+            c.set_read_timeout(None).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+            c.write_all(&pattern(i, 10_000)).unwrap();
+            c.shutdown(Shutdown::Write).unwrap();
+            let mut response = Vec::new();
+            c.read_to_end(&mut response)
+                .unwrap_or_else(|e| panic!("round {i}: blocking read after a half-close: {e}"));
+            assert!(
+                response == pattern(i + 1000, 1 << 20),
+                "round {i}: response altered"
+            );
+        }
+        server.join().unwrap();
+    });
+    let st = accel.stats(pod.cookie());
+    assert!(st.connections_paired >= rounds, "{st:?}");
+    assert!(st.shutdown_demotions >= rounds, "{st:?}");
+    wait_sockhash(&accel, 0, "after every connection closed");
+}
