@@ -295,9 +295,11 @@ fn demote(q: *mut RxQueue) -> bool {
 /// A demoted socket whose queue is read empty leaves the sockhash. Nothing can be redirected
 /// into it any more: a writer adds to `queued` before it reads the state, and this reads
 /// `queued` after it saw the state DEMOTED (both with full barriers).
+#[inline(never)]
 fn leave_if_drained(ctx: &SockOpsContext) {
     let cookie = socket_cookie(ctx);
     let Some(q) = FP_RXQ.get_ptr_mut(&cookie) else {
+        stop_watching_unless_pending(ctx);
         return;
     };
     if rxq_state(q) != rxq_state::DEMOTED || rxq_queued(q) != 0 {
@@ -305,6 +307,26 @@ fn leave_if_drained(ctx: &SockOpsContext) {
     }
     if rxq_cas(q, rxq_state::DEMOTED, rxq_state::LEFT) {
         sockhash_delete(&cookie);
+        clear_cb_flags(
+            ctx,
+            BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
+        );
+    }
+}
+
+/// A client asks for the per-segment callbacks at ACTIVE_ESTABLISHED, before it knows whether
+/// it will pair. One that did not (it wrote first, or a twin claimed its server) would run
+/// this program on every segment for the rest of its life: stop that, unless it still waits
+/// for its server.
+#[inline(never)]
+fn stop_watching_unless_pending(ctx: &SockOpsContext) {
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(key) = sock_key(ctx, netns) else {
+        return;
+    };
+    let pending =
+        matches!(unsafe { FP_PAIRS.get(&key) }, Some(st) if st.state == sock_state::PENDING);
+    if !pending {
         clear_cb_flags(
             ctx,
             BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
@@ -366,6 +388,7 @@ pub fn fastpath_sockops(ctx: SockOpsContext) -> u32 {
 }
 
 /// A request socket of an enrolled listener: the SYN-ACK has not left yet.
+#[inline(never)]
 fn on_syn(ctx: &SockOpsContext, pod: &PodInfo, netns: u64) {
     if port_excluded(pod, ctx.local_port()) {
         return;
@@ -379,6 +402,7 @@ fn on_syn(ctx: &SockOpsContext, pod: &PodInfo, netns: u64) {
 }
 
 /// An enrolled client is about to send its SYN.
+#[inline(never)]
 fn on_connect(ctx: &SockOpsContext, pod: &PodInfo, netns: u64) {
     if port_excluded(pod, remote_port(ctx)) {
         return;
@@ -401,6 +425,7 @@ fn on_connect(ctx: &SockOpsContext, pod: &PodInfo, netns: u64) {
 }
 
 /// The client's SYN-ACK arrived; its ACK and connect()'s return come after this.
+#[inline(never)]
 fn on_active_established(ctx: &SockOpsContext, netns: u64) {
     let Some(key) = sock_key(ctx, netns) else {
         return;
@@ -466,6 +491,7 @@ fn on_active_established(ctx: &SockOpsContext, netns: u64) {
 }
 
 /// The server's handshake completed; accept() cannot have returned this socket yet.
+#[inline(never)]
 fn on_passive_established(ctx: &SockOpsContext, pod: &PodInfo, netns: u64) {
     let Some(ip) = remote_ip(ctx) else { return };
     let client = endpoint(ip, remote_port(ctx), netns);
@@ -566,6 +592,7 @@ fn on_passive_established(ctx: &SockOpsContext, pod: &PodInfo, netns: u64) {
 }
 
 /// This side shut down its writes: the connection leaves the fast path.
+#[inline(never)]
 fn on_half_close(ctx: &SockOpsContext) {
     let cookie = socket_cookie(ctx);
     let Some(q) = FP_RXQ.get_ptr_mut(&cookie) else {
@@ -578,6 +605,7 @@ fn on_half_close(ctx: &SockOpsContext) {
     }
 }
 
+#[inline(never)]
 fn on_close(ctx: &SockOpsContext) {
     let _ = FP_RXQ.remove(&socket_cookie(ctx));
     let _ = FP_SK_COOKIES.remove(&socket_address(ctx));

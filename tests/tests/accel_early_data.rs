@@ -161,6 +161,33 @@ fn client_that_wrote_before_its_server_established_stays_on_tcp() {
         let mut buf = vec![0u8; 50_000];
         let peeked = c.peek(&mut buf).unwrap();
         assert_eq!(fionread(&c), peeked);
+        read_exact_retry(&mut (&c), &mut buf, Duration::from_secs(10));
+
+        // The client asked for per-segment callbacks (for a demotion) before it knew it would
+        // not pair; its first segment turns them off, so an unpaired connection does not run
+        // sock_ops on every segment.
+        let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).unwrap();
+        let prog = accel.pin_dir().join("prog_sockops");
+        let runs = || {
+            aya::programs::ProgramInfo::from_pin(&prog)
+                .unwrap()
+                .run_count()
+        };
+        c.set_nodelay(true).unwrap();
+        s.set_nodelay(true).unwrap();
+        let before = runs();
+        let round_trips = 2000;
+        for _ in 0..round_trips {
+            (&c).write_all(&[1]).unwrap();
+            read_exact_retry(&mut s, &mut b[..1], Duration::from_secs(10));
+            s.write_all(&[2]).unwrap();
+            read_exact_retry(&mut (&c), &mut b[..1], Duration::from_secs(10));
+        }
+        let ran = runs() - before;
+        assert!(
+            ran < round_trips / 2,
+            "sock_ops ran {ran} times during {round_trips} round trips of an unpaired connection"
+        );
     });
     let st = accel.stats(pod.cookie());
     eprintln!("early data, forced: {st:?}");

@@ -189,3 +189,64 @@ fn nginx_proxy_with_unaccelerated_upstream_and_direct_large_responses_never_stal
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(accel.map_entries(map_names::SOCKS), 0);
 }
+
+/// Demotion under nginx: a local origin writes large responses into nginx's upstream socket
+/// faster than the proxy passes them on (unbuffered, to a rate-limited client), so the
+/// upstream connection (and the client's) pass the queue limit and go back to TCP mid-stream.
+/// nginx (epoll, edge-triggered, EPOLLRDHUP) must read the rest from TCP without stalling.
+#[test]
+fn nginx_reading_a_connection_demoted_mid_stream_never_stalls() {
+    if !fastpath_tests::require_privileges("nginx_demoted_never_stalls") {
+        return;
+    }
+    let accel = Accel::start_configured("demoted", |s| s.max_queued_bytes = 1 << 20);
+    let mesh = Pod::new("fpngd");
+    accel.enroll(&mesh, None);
+    let www = accel.run_dir.join("www");
+    big_files(&www);
+    let _origin = Nginx::start(
+        &mesh,
+        &accel.run_dir.join("ngx-origin"),
+        &format!(
+            "server {{ listen 127.0.0.1:8091; root {}; }}",
+            www.display()
+        ),
+    );
+    let _proxy = Nginx::start(
+        &mesh,
+        &accel.run_dir.join("ngx-proxy"),
+        "upstream origin { server 127.0.0.1:8091; keepalive 4; }\n\
+         server { listen 127.0.0.1:8090; location / { proxy_pass http://origin; \
+         proxy_buffering off; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }",
+    );
+    wait_port(&mesh, "127.0.0.1:8091");
+    wait_port(&mesh, "127.0.0.1:8090");
+    for round in 0..3 {
+        let out = mesh
+            .ns
+            .exec(&[
+                "curl",
+                "-s",
+                "--max-time",
+                "60",
+                "--limit-rate",
+                "40M",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{size_download}",
+                "http://127.0.0.1:8090/30m",
+            ])
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "round {round}: curl failed (a stall ends in the timeout): {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "31457280");
+    }
+    let st = accel.stats(mesh.cookie());
+    eprintln!("nginx through demotions: {st:?}");
+    assert!(st.queue_demotions >= 1, "no connection was demoted: {st:?}");
+}

@@ -15,8 +15,10 @@
 //!   bytes MSG_PEEK sees? (0 on kernels with 929e30f93125 and no SK_SKB verdict; the probes
 //!   never leave a socket in that state, which is why this is reported and not fatal);
 //! - informational: does a blocking recv() on a paired socket fail with EAGAIN when it is
-//!   woken without data (here: by its own shutdown(SHUT_WR) being acknowledged)? 6.18.44 does;
-//!   event-driven programs retry, programs using blocking sockets see an error.
+//!   woken without data (here: a reader already blocked when another thread's
+//!   shutdown(SHUT_WR) of the same socket is acknowledged)? 6.18.44 does. A read that starts
+//!   after the half-close is not affected: the half-close demotes the connection to TCP.
+//!   Event-driven programs retry; programs using blocking sockets see an error.
 use super::{pinned_map, sys};
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::maps::{Array, HashMap, MapData, PerCpuHashMap, SockHash};
