@@ -268,8 +268,9 @@ fn rxq_state(q: *mut RxQueue) -> u64 {
     atomic_read(unsafe { &raw mut (*q).state })
 }
 
-/// Bytes queued for the reader; the counter wraps, and a transient negative (an upgrade's
-/// overlapping fexits counted a read twice) reads as empty.
+/// Bytes queued for the reader. The counter wraps; below zero reads as empty, which is true:
+/// it goes below zero only once a demoted socket reads TCP bytes, and a reader takes TCP bytes
+/// only when its redirect queue is empty.
 fn rxq_queued(q: *mut RxQueue) -> u64 {
     let n = atomic_read(unsafe { &raw mut (*q).queued }) as i64;
     if n > 0 { n as u64 } else { 0 }
@@ -679,8 +680,10 @@ pub fn fastpath_skmsg(ctx: SkMsgContext) -> u32 {
             atomic_sub(queued, size);
             return sk_action::SK_PASS;
         }
-        // Over the limit, unless this message alone is (it goes into an empty queue).
-        let total = rxq_queued(q);
+        // Over the limit, unless this message alone is (it goes into an empty queue). The
+        // bound need not be exact: a plain read (the ordered one was the state's, above).
+        let total = unsafe { core::ptr::read_volatile(queued) } as i64;
+        let total = if total > 0 { total as u64 } else { 0 };
         if total > size && total > queue_limit() {
             atomic_sub(queued, size);
             if demote(q) {

@@ -4,7 +4,8 @@
 //! explicit uninstall removes everything.
 use fastpath_common::{map_names, meta_index};
 use fastpath_installer::accel::{
-    self, AccelState, PIN_LINK_SKMSG, PIN_LINK_SOCKOPS, PIN_PROG_SKMSG, PIN_PROG_SOCKOPS, sys,
+    self, AccelState, PIN_LINK_RX_CONSUMED, PIN_LINK_SKMSG, PIN_LINK_SOCKOPS, PIN_PROG_SKMSG,
+    PIN_PROG_SOCKOPS, sys,
 };
 use fastpath_tests::accel::{Accel, Pod, read_exact_retry};
 use std::{
@@ -31,6 +32,7 @@ struct Ids {
     maps: Vec<u32>,
     links: (u32, u32),
     progs: (u32, u32),
+    rx_link: u32,
 }
 
 fn ids(dir: &Path) -> Ids {
@@ -43,7 +45,14 @@ fn ids(dir: &Path) -> Ids {
             .collect(),
         links: (so.id, sm.id),
         progs: (so.prog_id, sm.prog_id),
+        rx_link: link(dir, PIN_LINK_RX_CONSUMED).id,
     }
+}
+
+fn attached_link_ids() -> Vec<u32> {
+    aya::programs::loaded_links()
+        .filter_map(|l| l.ok().map(|l| l.id()))
+        .collect()
 }
 
 /// A live paired connection inside `pod`, used before and after each lifecycle step.
@@ -190,6 +199,13 @@ fn restart_upgrade_migration_and_uninstall_with_live_connections() {
     assert_eq!(upgraded.links, first.links, "links kept");
     assert_ne!(upgraded.progs.0, first.progs.0, "sock_ops program replaced");
     assert_ne!(upgraded.progs.1, first.progs.1, "sk_msg program replaced");
+    // The tracepoint link cannot be updated: the old one is detached, the new one attached.
+    assert_ne!(upgraded.rx_link, first.rx_link, "tracepoint link replaced");
+    let attached = attached_link_ids();
+    assert!(
+        attached.contains(&upgraded.rx_link) && !attached.contains(&first.rx_link),
+        "exactly the new tracepoint link is attached: {attached:?}"
+    );
     live.exercise();
     let r2 = redirected(&fixture);
     assert!(
@@ -223,12 +239,14 @@ fn restart_upgrade_migration_and_uninstall_with_live_connections() {
     accel::uninstall(&fixture.settings).unwrap();
     assert!(!dir.exists(), "pin directory removed");
     std::thread::sleep(Duration::from_millis(100));
-    let live_links: Vec<u32> = aya::programs::loaded_links()
-        .filter_map(|l| l.ok().map(|l| l.id()))
-        .collect();
+    let live_links = attached_link_ids();
     assert!(
         !live_links.contains(&first.links.0),
         "sock_ops link detached"
+    );
+    assert!(
+        !live_links.contains(&migrated.rx_link),
+        "tracepoint link detached"
     );
     let live_progs: Vec<u32> = aya::programs::loaded_programs()
         .filter_map(|p| p.ok().map(|p| p.id()))

@@ -14,8 +14,8 @@
 //! (sockhash link) and `link_rx_consumed` (raw tracepoint `sock:sock_recv_length`, which
 //! counts what readers take from their redirect queues). The pinned links keep everything
 //! attached when the installer exits; a restart of the same build loads nothing; a new build
-//! swaps programs in the cgroup and sockhash links with BPF_LINK_UPDATE, and attaches its
-//! tracepoint before the old one is unpinned (tracepoint links cannot be updated).
+//! swaps programs in the cgroup and sockhash links with BPF_LINK_UPDATE, and replaces the
+//! tracepoint link (which cannot be updated) by detaching the old one, then attaching its own.
 mod plan;
 pub mod pods;
 pub mod selftest;
@@ -345,10 +345,12 @@ fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
     Ok(())
 }
 
-/// Loads the raw tracepoint that counts what readers take from their redirect queues,
-/// attaches it, and only then unpins the previous build's (so no read goes uncounted; one
-/// counted twice during the overlap reads as an emptier queue, which the probes clamp).
-/// Without it no queue is bounded, so it is required.
+/// Loads the raw tracepoint that counts what readers take from their redirect queues and
+/// attaches it in place of the previous build's. The previous one is detached first: two
+/// attached at once would count a read twice, and a queue counted emptier than it is could
+/// let a demoted socket leave the sockhash with bytes still queued (they would be lost). A
+/// read missed in the gap only keeps a queue counted fuller than it is, which is safe.
+/// Without the tracepoint no queue is bounded, so it is required.
 fn attach_rx_consumed(ebpf: &mut aya::Ebpf, dir: &Path) -> Result<()> {
     let prog: &mut RawTracePoint = ebpf
         .program_mut(prog_names::RX_CONSUMED)
@@ -356,6 +358,12 @@ fn attach_rx_consumed(ebpf: &mut aya::Ebpf, dir: &Path) -> Result<()> {
         .try_into()?;
     prog.load()
         .context("verifier rejected the recvmsg tracepoint program")?;
+    let link_pin = pin(dir, PIN_LINK_RX_CONSUMED);
+    match std::fs::remove_file(&link_pin) {
+        Ok(()) => log::info!("recvmsg tracepoint: previous build's detached"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("remove {}", link_pin.display())),
+    }
     let id = prog.attach(RX_CONSUMED_TRACEPOINT).with_context(|| {
         format!(
             "attach to tracepoint sock:{RX_CONSUMED_TRACEPOINT} (Linux 6.4+), needed to bound \
@@ -363,13 +371,7 @@ fn attach_rx_consumed(ebpf: &mut aya::Ebpf, dir: &Path) -> Result<()> {
         )
     })?;
     let link: FdLink = prog.take_link(id)?.into();
-    let link_pin = pin(dir, PIN_LINK_RX_CONSUMED);
-    // bpffs refuses names with a dot.
-    let staged = pin(dir, &format!("{PIN_LINK_RX_CONSUMED}_new"));
-    let _ = std::fs::remove_file(&staged);
-    link.pin(&staged)?;
-    std::fs::rename(&staged, &link_pin)
-        .with_context(|| format!("replace {}", link_pin.display()))?;
+    link.pin(&link_pin)?;
     log::info!("recvmsg tracepoint: attached and pinned");
     replace_program_pin(prog.fd()?.as_fd(), &pin(dir, PIN_PROG_RX_CONSUMED))
 }
