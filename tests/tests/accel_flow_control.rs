@@ -236,3 +236,56 @@ fn a_half_close_demotes_and_blocking_readers_get_every_byte() {
     assert!(st.shutdown_demotions >= rounds, "{st:?}");
     wait_sockhash(&accel, 0, "after every connection closed");
 }
+
+/// A writer faster than its (reading) peer: the connection is demoted once, both sockets
+/// leave the sockhash while the stream goes on (plain TCP from then on: FIONREAD, splice and
+/// TCP's flow control are the kernel's own again), and every byte arrives in order.
+#[test]
+fn a_fast_writer_to_a_reading_peer_goes_plain_after_its_demotion() {
+    if !fastpath_tests::require_privileges("a_fast_writer_goes_plain") {
+        return;
+    }
+    let accel = Accel::start_configured("flowfast", |s| s.max_queued_bytes = LIMIT);
+    let pod = Pod::new("fpflowfast");
+    accel.enroll(&pod, None);
+    const CHUNK: usize = 64 << 10;
+    const CHUNKS: usize = 4096; // 256 MiB
+    pod.run(|| {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 256 << 10];
+            let mut got = 0usize;
+            while got < CHUNK * CHUNKS {
+                let n = match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+                    Err(e) => panic!("read after {got} bytes: {e}"),
+                };
+                for (k, b) in buf[..n].iter().enumerate() {
+                    let at = got + k;
+                    assert_eq!(*b, (at / CHUNK) as u8, "byte {at} out of order");
+                }
+                got += n;
+            }
+            got
+        });
+        let mut left_at = None;
+        for i in 0..CHUNKS {
+            c.write_all(&[i as u8; CHUNK]).unwrap();
+            if left_at.is_none() && i % 64 == 63 && accel.map_entries(map_names::SOCKS) == 0 {
+                left_at = Some(i + 1);
+            }
+        }
+        assert_eq!(reader.join().unwrap(), CHUNK * CHUNKS);
+        let st = accel.stats(pod.cookie());
+        assert_eq!(st.queue_demotions, 1, "{st:?}");
+        assert!(
+            left_at.is_some_and(|n| n < CHUNKS),
+            "both sockets left the sockhash while the stream went on ({left_at:?} of {CHUNKS} \
+             chunks written then)"
+        );
+    });
+}

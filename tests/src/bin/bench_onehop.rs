@@ -4,8 +4,10 @@
 //! their order rotates every repetition; the reported figure is the median over repetitions.
 //!
 //! Loads a private accelerator (pins under /sys/fs/bpf/fastpath-bench-<pid>, removed at exit);
-//! "plain" runs in a network namespace that is not enrolled, "accel" in one that is. Last,
-//! "bystander" compares plain ping-pong with the programs attached and detached.
+//! "plain" runs in a network namespace that is not enrolled, "accel" in one that is. Then the
+//! same hop in mesh pods (Istio's iptables rules loaded, so netfilter and conntrack see every
+//! plain packet on loopback, as in a sidecar pod). Last, "bystander" compares plain ping-pong
+//! with the programs attached and detached.
 //!
 //! Usage: bench_onehop [--reps N] [--rtts N] [--stream-mib N]
 //! JSON summary on stdout, a table on stderr.
@@ -255,7 +257,12 @@ fn main() {
             run_dir: run_dir.clone(),
             max_queued_bytes: fastpath_common::DEFAULT_QUEUE_LIMIT_BYTES,
         },
-        namespaces: vec![format!("fpbplain{pid}"), format!("fpbaccel{pid}")],
+        namespaces: vec![
+            format!("fpbplain{pid}"),
+            format!("fpbaccel{pid}"),
+            format!("fpbplainipt{pid}"),
+            format!("fpbaccelipt{pid}"),
+        ],
     };
     // Release builds abort on panic, so Drop would not run: clean up from the hook.
     let cleanup = (setup.settings.clone(), setup.namespaces.clone());
@@ -278,6 +285,23 @@ fn main() {
             .success();
         assert!(ok, "create netns {ns}");
     }
+    // The last two are mesh pods: Istio's rules (the plugin's golden text) are loaded, so
+    // netfilter and conntrack see every packet on their loopback, as in a real sidecar pod.
+    let rules = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../testdata/istio/basic.txt.golden"
+    );
+    for ns in &setup.namespaces[2..] {
+        let ok = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ip netns exec {ns} iptables-restore --noflush < {rules}"
+            ))
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "load Istio's rules in {ns}");
+    }
     let state = accel::start(&setup.settings);
     assert_eq!(state, AccelState::Active, "the accelerator must load");
     let accel_path = format!("/var/run/netns/{}", setup.namespaces[1]);
@@ -290,9 +314,23 @@ fn main() {
         ..Default::default()
     };
     fastpath_cni_plugin::accel::enroll_at(&enrollment, &setup.settings.pin_dir).unwrap();
+    let accel_ipt_path = format!("/var/run/netns/{}", setup.namespaces[3]);
+    let enrollment_ipt = fastpath_cni_plugin::accel::PodEnrollment {
+        netns_path: &accel_ipt_path,
+        namespace: "bench",
+        name: "accel-istio-rules",
+        container_id: &setup.namespaces[3],
+        run_dir: run_dir.to_str().unwrap(),
+        ..Default::default()
+    };
+    fastpath_cni_plugin::accel::enroll_at(&enrollment_ipt, &setup.settings.pin_dir).unwrap();
     let bench = Bench {
         plain_ns: setup.namespaces[0].clone(),
         accel_ns: setup.namespaces[1].clone(),
+    };
+    let bench_ipt = Bench {
+        plain_ns: setup.namespaces[2].clone(),
+        accel_ns: setup.namespaces[3].clone(),
     };
 
     let mut pingpong = Vec::new();
@@ -331,6 +369,33 @@ fn main() {
                 "plain": entry(0), "accel": entry(1), "uds": entry(2),
                 "plain_over_accel_p50": ratio,
                 "accel_over_uds_p50": m50[1] / m50[2],
+            }));
+        }
+    }
+    // The same hop inside a mesh pod (Istio's rules loaded): plain vs accelerated.
+    let mut pingpong_ipt = Vec::new();
+    for place in [Placement::SameCpu, Placement::CrossCpu] {
+        for size in [64, 1024] {
+            let mut p50 = [vec![], vec![]];
+            for rep in 0..reps {
+                for k in 0..2 {
+                    let idx = (k + rep) % 2;
+                    let mode = [Mode::Plain, Mode::Accel][idx];
+                    let mut v = bench_ipt.ping_pong(mode, place, size, rtts);
+                    p50[idx].push(percentile(&mut v, 0.5));
+                }
+            }
+            let [plain, accel] = p50.map(median);
+            table += &format!(
+                "ping-pong in a mesh pod {:5} {:6} B | plain {plain:7.2} | accel {accel:7.2} | plain/accel p50 {:.2}x\n",
+                place.name(),
+                size,
+                plain / accel
+            );
+            pingpong_ipt.push(json!({
+                "cpu": place.name(), "size": size,
+                "plain_p50_us": plain, "accel_p50_us": accel,
+                "plain_over_accel_p50": plain / accel,
             }));
         }
     }
@@ -390,7 +455,8 @@ fn main() {
         "{}",
         serde_json::to_string_pretty(&json!({
             "reps": reps, "round_trips": rtts, "stream_mib": stream_mib,
-            "pingpong": pingpong, "stream": streams, "bystander": bystander,
+            "pingpong": pingpong, "pingpong_in_mesh_pod": pingpong_ipt,
+            "stream": streams, "bystander": bystander,
         }))
         .unwrap()
     );
