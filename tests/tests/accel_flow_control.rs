@@ -8,34 +8,18 @@ use fastpath_tests::accel::{Accel, Pod, fionread, pattern, read_exact_retry};
 use std::{
     io::{ErrorKind, Read as _, Write as _},
     net::{Shutdown, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
+    os::fd::AsFd as _,
     time::{Duration, Instant},
 };
 
 const LIMIT: u64 = 1 << 20;
 
-fn socket_cookie(s: &TcpStream) -> u64 {
-    let mut cookie = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: SO_COOKIE into a u64 we own, with its size.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0, "SO_COOKIE: {}", std::io::Error::last_os_error());
-    cookie
-}
-
 fn rx_queue(accel: &Accel, s: &TcpStream) -> Option<RxQueue> {
     use aya::maps::{HashMap, Map, MapData};
     let data = MapData::from_pin(accel.pin_dir().join(map_names::RXQ)).unwrap();
     let map: HashMap<MapData, u64, RxQueue> = Map::from_map_data(data).unwrap().try_into().unwrap();
-    map.get(&socket_cookie(s), 0).ok()
+    let cookie = fastpath_installer::accel::sys::socket_cookie(s.as_fd()).unwrap();
+    map.get(&cookie, 0).ok()
 }
 
 /// Waits until the sockhash holds `n` sockets.

@@ -26,7 +26,7 @@ use fastpath_common::{PodInfo, PodStats, RxQueue, config_index, map_names, rxq_s
 use std::{
     io::{Read as _, Write as _},
     net::{Shutdown, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
+    os::fd::{AsFd as _, AsRawFd as _},
     path::Path,
     time::{Duration, Instant},
 };
@@ -237,23 +237,6 @@ fn paired_transfer() -> Result<()> {
     Ok(())
 }
 
-fn socket_cookie(s: &TcpStream) -> Result<u64> {
-    let mut cookie = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: SO_COOKIE into a u64 we own, with its size.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    ensure!(rc == 0, "SO_COOKIE: {}", std::io::Error::last_os_error());
-    Ok(cookie)
-}
-
 fn queue_accounting(pin_dir: &Path) -> Result<()> {
     let queues: HashMap<MapData, u64, RxQueue> = pinned_map(pin_dir, map_names::RXQ)?.try_into()?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
@@ -276,7 +259,7 @@ fn queue_accounting(pin_dir: &Path) -> Result<()> {
     );
     for (side, sock) in [("client", &c), ("server", &s)] {
         let q = queues
-            .get(&socket_cookie(sock)?, 0)
+            .get(&sys::socket_cookie(sock.as_fd())?, 0)
             .with_context(|| format!("the {side} socket has no redirect queue entry"))?;
         ensure!(
             q.queued == 0 && q.state == rxq_state::OPEN,

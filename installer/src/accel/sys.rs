@@ -218,6 +218,26 @@ pub fn ensure_bpffs(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The socket cookie of a socket (`SO_COOKIE`): its key in the sockhash and in `FP_RXQ`.
+pub fn socket_cookie(socket: BorrowedFd<'_>) -> Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt into a u64 we own, with its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).context("getsockopt(SO_COOKIE)");
+    }
+    Ok(cookie)
+}
+
 /// The netns cookie of the calling thread's network namespace.
 pub fn current_netns_cookie() -> Result<u64> {
     // SAFETY: plain socket/getsockopt/close on a descriptor we own.

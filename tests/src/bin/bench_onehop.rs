@@ -304,26 +304,19 @@ fn main() {
     }
     let state = accel::start(&setup.settings);
     assert_eq!(state, AccelState::Active, "the accelerator must load");
-    let accel_path = format!("/var/run/netns/{}", setup.namespaces[1]);
-    let enrollment = fastpath_cni_plugin::accel::PodEnrollment {
-        netns_path: &accel_path,
-        namespace: "bench",
-        name: "accel",
-        container_id: &setup.namespaces[1],
-        run_dir: run_dir.to_str().unwrap(),
-        ..Default::default()
-    };
-    fastpath_cni_plugin::accel::enroll_at(&enrollment, &setup.settings.pin_dir).unwrap();
-    let accel_ipt_path = format!("/var/run/netns/{}", setup.namespaces[3]);
-    let enrollment_ipt = fastpath_cni_plugin::accel::PodEnrollment {
-        netns_path: &accel_ipt_path,
-        namespace: "bench",
-        name: "accel-istio-rules",
-        container_id: &setup.namespaces[3],
-        run_dir: run_dir.to_str().unwrap(),
-        ..Default::default()
-    };
-    fastpath_cni_plugin::accel::enroll_at(&enrollment_ipt, &setup.settings.pin_dir).unwrap();
+    // The accelerated namespaces (bare, and with Istio's rules) are enrolled as pods.
+    for ns in [&setup.namespaces[1], &setup.namespaces[3]] {
+        let netns_path = format!("/var/run/netns/{ns}");
+        let enrollment = fastpath_cni_plugin::accel::PodEnrollment {
+            netns_path: &netns_path,
+            namespace: "bench",
+            name: ns,
+            container_id: ns,
+            run_dir: run_dir.to_str().unwrap(),
+            ..Default::default()
+        };
+        fastpath_cni_plugin::accel::enroll_at(&enrollment, &setup.settings.pin_dir).unwrap();
+    }
     let bench = Bench {
         plain_ns: setup.namespaces[0].clone(),
         accel_ns: setup.namespaces[1].clone(),
