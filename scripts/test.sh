@@ -13,3 +13,10 @@ cargo build --workspace --exclude fastpath-probes --bins
 cargo test --workspace --exclude fastpath-probes "$@"
 # The bench's own parsers and report logic.
 /usr/bin/python3 -m unittest discover -s bench -p 'test_*.py' 2>&1 | tail -3
+# A test that failed half-way must not leave its accelerator attached to the node (it would
+# run for every later test, benchmark and pod): every scratch pin directory is gone.
+leaked=$(ls -d /sys/fs/bpf/fastpath-test-* 2>/dev/null || true)
+if [ -n "$leaked" ]; then
+  echo "test: pins left behind under bpffs (programs still attached): $leaked" >&2
+  exit 1
+fi

@@ -74,14 +74,11 @@ impl ScratchBpffsDir {
 }
 
 impl Drop for ScratchBpffsDir {
+    /// Unpins everything below, subdirectories included (a pin directory an installer made in
+    /// it): a test that fails half-way must not leave programs attached to the node's root
+    /// cgroup and tracepoints for every later test and benchmark.
     fn drop(&mut self) {
-        // bpffs has no recursive rmdir: unlink the pins first.
-        if let Ok(entries) = std::fs::read_dir(&self.0) {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

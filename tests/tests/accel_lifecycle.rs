@@ -287,18 +287,11 @@ fn disabled_or_unusable_kernel_leaves_traffic_alone() {
         }
         other => panic!("expected Unavailable, got {other:?}"),
     }
-    // Whatever got pinned before the failure does not accelerate anything.
-    let pod = Pod::new("fpstate");
-    fixture.enroll(&pod, None);
-    pod.run(|| {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (mut s, _) = l.accept().unwrap();
-        c.write_all(b"x").unwrap();
-        let mut b = [0u8; 1];
-        read_exact_retry(&mut s, &mut b, Duration::from_secs(5));
-    });
-    assert_eq!(fixture.stats(pod.cookie()).connections_paired, 0);
+    // Whatever got pinned before the failure is detached again: nothing of ours runs.
+    assert!(
+        !fixture.pin_dir().exists(),
+        "unavailable: nothing left pinned"
+    );
 }
 
 #[test]
@@ -321,15 +314,64 @@ fn a_failed_self_test_leaves_acceleration_off_until_one_passes() {
         }
         other => panic!("expected Unavailable, got {other:?}"),
     }
-    // The programs are pinned, but the switch is off: an enrolled pod's sockets stay on TCP.
-    let pod = Pod::new("fpselftest");
-    fixture.enroll(&pod, None);
-    pair_new_connection(&pod);
-    assert_eq!(fixture.stats(pod.cookie()).connections_paired, 0);
-    assert_eq!(fixture.map_entries(fastpath_common::map_names::SOCKS), 0);
+    // Nothing was accelerated yet, so nothing stays attached: the programs would only cost
+    // every connection and every read on the node.
+    assert!(
+        !fixture.pin_dir().exists(),
+        "failed self-test: nothing left pinned"
+    );
 
     // A later start whose self-test passes turns it on for new connections.
     assert_eq!(accel::start(&fixture.settings), AccelState::Active);
+    let pod = Pod::new("fpselftest");
+    fixture.enroll(&pod, None);
     pair_new_connection(&pod);
-    assert!(fixture.stats(pod.cookie()).connections_paired > 0);
+    let paired = fixture.stats(pod.cookie()).connections_paired;
+    assert!(paired > 0);
+
+    // A self-test that fails while connections are accelerated (an upgrade to a kernel or
+    // build that fails it): those finish on their programs, new ones are not accelerated.
+    let mut live = Live::open(&pod);
+    let failing = |_: &Path| {
+        Ok(accel::selftest::Report {
+            paired: Some("checksum mismatch after 4096 bytes".into()),
+            ..Default::default()
+        })
+    };
+    assert!(matches!(
+        accel::start_with(&fixture.settings, failing),
+        AccelState::Unavailable { .. }
+    ));
+    assert!(fixture.pin_dir().exists(), "live pairs keep their programs");
+    let before = fixture.stats(pod.cookie());
+    live.exercise();
+    pair_new_connection(&pod);
+    let after = fixture.stats(pod.cookie());
+    assert!(
+        after.msgs_redirected > before.msgs_redirected,
+        "the live pair is still redirected"
+    );
+    assert_eq!(
+        after.connections_paired, before.connections_paired,
+        "no new pair"
+    );
+
+    // Once they are closed, the next start that is off detaches everything.
+    drop(live);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while fixture.map_entries(fastpath_common::map_names::SOCKS) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "live pair left the sockhash on close"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(matches!(
+        accel::start_with(&fixture.settings, failing),
+        AccelState::Unavailable { .. }
+    ));
+    assert!(
+        !fixture.pin_dir().exists(),
+        "idle again: nothing left pinned"
+    );
 }

@@ -140,6 +140,7 @@ pub fn start_with(
             log::debug!("acceleration disabled; no pinned accelerator to switch off ({e:#})");
         }
         log::info!("acceleration disabled by configuration");
+        detach_if_idle(settings);
         return AccelState::Disabled;
     }
     let outcome = load_or_reuse(settings).and_then(|()| {
@@ -163,9 +164,45 @@ pub fn start_with(
             let _ = set_enabled(&settings.pin_dir, false);
             let reason = format!("{e:#}").replace('\n', " ");
             log::warn!("acceleration unavailable, traffic is redirected without it: {reason}");
+            detach_if_idle(settings);
             AccelState::Unavailable { reason }
         }
     }
+}
+
+/// With acceleration off, attached programs would only cost: sock_ops runs for every TCP
+/// connection on the node, the tracepoint for every recvmsg. They are detached (all pins
+/// removed) unless sockets are still accelerated: those finish on their programs, and the
+/// next start that finds none detaches.
+fn detach_if_idle(settings: &AccelSettings) {
+    if !settings.pin_dir.exists() {
+        return;
+    }
+    match accelerated_sockets(&settings.pin_dir) {
+        Ok(0) => match uninstall(settings) {
+            Ok(()) => log::info!("acceleration off: programs detached, nothing left attached"),
+            Err(e) => log::warn!("acceleration off: detaching the programs failed: {e:#}"),
+        },
+        Ok(n) => log::info!(
+            "acceleration off: {n} sockets are still accelerated, so the programs stay attached \
+             (with no new connection accelerated) until a start finds none"
+        ),
+        Err(e) => log::warn!(
+            "acceleration off: cannot count accelerated sockets ({e:#}); the programs stay \
+             attached, with no new connection accelerated"
+        ),
+    }
+}
+
+/// Sockets in the pinned sockhash (0 when there is none).
+fn accelerated_sockets(pin_dir: &Path) -> Result<usize> {
+    let socks = match sys::obj_get(&pin(pin_dir, map_names::SOCKS)) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).context("open the sockhash"),
+    };
+    let ids = sys::map_ids(socks.as_fd())?;
+    sys::map_entry_count(socks.as_fd(), ids.key_size)
 }
 
 fn pin(settings_dir: &Path, name: &str) -> PathBuf {
