@@ -44,6 +44,8 @@ pub mod map_names {
     pub const RXQ: &str = "FP_RXQ";
     /// Paired sockets by kernel address (what the recvmsg tracepoint reports) -> socket cookie.
     pub const SK_COOKIES: &str = "FP_SK_COOKIES";
+    /// Demoted sockets still in the sockhash: socket cookie -> 0 (the installer's sweep list).
+    pub const DEMOTED: &str = "FP_DEMOTED";
 }
 
 /// Program names, as in the probes' ELF sections.
@@ -279,7 +281,7 @@ pub struct PodStats {
 }
 
 /// All map names, for pinning, status and uninstall.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 12] = [
     map_names::PODS,
     map_names::POD_IPS,
     map_names::SOCKS,
@@ -291,6 +293,7 @@ pub const ALL_MAPS: [&str; 11] = [
     map_names::META,
     map_names::RXQ,
     map_names::SK_COOKIES,
+    map_names::DEMOTED,
 ];
 
 /// Indexes into [`map_names::META`].
@@ -359,7 +362,7 @@ const fn layout<K, V>(name: &'static str, map_type: u32, max_entries: u32) -> Ma
 }
 
 /// The layout of every map of this build, in [`ALL_MAPS`] order.
-pub const MAP_LAYOUTS: [MapLayout; 11] = [
+pub const MAP_LAYOUTS: [MapLayout; 12] = [
     layout::<u64, PodInfo>(map_names::PODS, map_type::HASH, map_capacity::PODS),
     layout::<IpKey, u64>(map_names::POD_IPS, map_type::HASH, map_capacity::POD_IPS),
     // aya-ebpf declares sockhash values as u32 (a socket fd from userspace).
@@ -376,6 +379,7 @@ pub const MAP_LAYOUTS: [MapLayout; 11] = [
     layout::<u32, u64>(map_names::META, map_type::ARRAY, meta_index::LEN),
     layout::<u64, RxQueue>(map_names::RXQ, map_type::HASH, map_capacity::RXQ),
     layout::<u64, u64>(map_names::SK_COOKIES, map_type::HASH, map_capacity::RXQ),
+    layout::<u64, u64>(map_names::DEMOTED, map_type::HASH, map_capacity::RXQ),
 ];
 
 /// Where the plugin keeps one JSON file per enrolled pod, under `cni_agent_run_dir`

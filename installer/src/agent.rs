@@ -32,6 +32,21 @@ enum Msg {
 }
 
 /// Runs until SIGTERM/SIGINT, keeping `entry` (the rendered plugin entry) installed. Returns the process exit code.
+/// Takes drained demoted sockets out of the sockhash every 100 ms (see
+/// [`accel::sweep_demoted`]), until the pins are gone (uninstalled).
+fn sweep_demoted_forever(pin_dir: &Path) {
+    while pin_dir.exists() {
+        std::thread::sleep(Duration::from_millis(100));
+        match accel::sweep_demoted(pin_dir) {
+            Ok(0) => {}
+            Ok(n) => {
+                log::debug!(target: SCOPE, "acceleration: {n} drained demoted sockets left the sockhash")
+            }
+            Err(e) => log::debug!(target: SCOPE, "acceleration: sweep of demoted sockets: {e:#}"),
+        }
+    }
+}
+
 pub fn run(cfg: Config, entry: serde_json::Map<String, serde_json::Value>) -> i32 {
     log::info!(target: SCOPE, "install-cni (fastpath {}) starting", env!("CARGO_PKG_VERSION"));
     log::info!(target: SCOPE, "{}", describe(&cfg));
@@ -79,6 +94,9 @@ pub fn run(cfg: Config, entry: serde_json::Map<String, serde_json::Value>) -> i3
             // SAFETY: malloc_trim has no preconditions.
             unsafe {
                 libc::malloc_trim(0);
+            }
+            if state.get() == Some(&AccelState::Active) {
+                sweep_demoted_forever(&settings.pin_dir);
             }
         });
         if let Err(e) = spawned {

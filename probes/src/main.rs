@@ -98,6 +98,10 @@ static FP_META: Array<u64> = Array::pinned(fastpath_common::meta_index::LEN, 0);
 #[map(name = "FP_RXQ")]
 static FP_RXQ: HashMap<u64, RxQueue> = HashMap::pinned(map_capacity::RXQ, 0);
 
+// Demoted sockets (keys only): what the installer sweeps.
+#[map(name = "FP_DEMOTED")]
+static FP_DEMOTED: HashMap<u64, u64> = HashMap::pinned(map_capacity::RXQ, 0);
+
 // The tracepoint knows a socket by its kernel address only.
 #[map(name = "FP_SK_COOKIES")]
 static FP_SK_COOKIES: HashMap<u64, u64> = HashMap::pinned(map_capacity::RXQ, 0);
@@ -283,12 +287,19 @@ fn queue_limit() -> u64 {
     }
 }
 
-/// Takes both sides of a connection off the fast path. True for the caller that demoted it.
-fn demote(q: *mut RxQueue) -> bool {
+/// Takes both sides of a connection off the fast path (`q` is the entry of socket `cookie`).
+/// True for the caller that demoted it. Both sockets are listed in FP_DEMOTED, where the
+/// installer looks for drained ones that no segment came to take out of the sockhash.
+fn demote(q: *mut RxQueue, cookie: u64) -> bool {
     let won = rxq_cas(q, rxq_state::OPEN, rxq_state::DEMOTED);
+    if won {
+        let _ = FP_DEMOTED.insert(&cookie, &0, BPF_ANY as u64);
+    }
     let peer = unsafe { core::ptr::read_volatile(&raw const (*q).peer) };
     if let Some(p) = FP_RXQ.get_ptr_mut(&peer) {
-        let _ = rxq_cas(p, rxq_state::OPEN, rxq_state::DEMOTED);
+        if rxq_cas(p, rxq_state::OPEN, rxq_state::DEMOTED) {
+            let _ = FP_DEMOTED.insert(&peer, &0, BPF_ANY as u64);
+        }
     }
     won
 }
@@ -308,6 +319,7 @@ fn leave_if_drained(ctx: &SockOpsContext) {
     }
     if rxq_cas(q, rxq_state::DEMOTED, rxq_state::LEFT) {
         sockhash_delete(&cookie);
+        let _ = FP_DEMOTED.remove(&cookie);
         clear_cb_flags(
             ctx,
             BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
@@ -599,7 +611,7 @@ fn on_half_close(ctx: &SockOpsContext) {
     let Some(q) = FP_RXQ.get_ptr_mut(&cookie) else {
         return;
     };
-    if demote(q) {
+    if demote(q, cookie) {
         if let Some(s) = stats(unsafe { (*q).netns }) {
             s.shutdown_demotions += 1;
         }
@@ -608,7 +620,9 @@ fn on_half_close(ctx: &SockOpsContext) {
 
 #[inline(never)]
 fn on_close(ctx: &SockOpsContext) {
-    let _ = FP_RXQ.remove(&socket_cookie(ctx));
+    let cookie = socket_cookie(ctx);
+    let _ = FP_RXQ.remove(&cookie);
+    let _ = FP_DEMOTED.remove(&cookie);
     let _ = FP_SK_COOKIES.remove(&socket_address(ctx));
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let Some(key) = sock_key(ctx, netns) else {
@@ -686,7 +700,7 @@ pub fn fastpath_skmsg(ctx: SkMsgContext) -> u32 {
         let total = if total > 0 { total as u64 } else { 0 };
         if total > size && total > queue_limit() {
             atomic_sub(queued, size);
-            if demote(q) {
+            if demote(q, peer) {
                 if let Some(s) = stats(netns) {
                     s.queue_demotions += 1;
                 }

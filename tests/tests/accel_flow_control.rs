@@ -273,3 +273,94 @@ fn a_fast_writer_to_a_reading_peer_goes_plain_after_its_demotion() {
         );
     });
 }
+
+/// A reader that empties its redirect queue after the last TCP segment arrived gets no
+/// segment or state change that would take it out of the sockhash, where this kernel reports
+/// FIONREAD = 0 over the TCP bytes waiting behind. The running agent's sweep (every 100 ms)
+/// takes it out.
+#[test]
+fn a_drained_reader_that_gets_no_more_segments_is_swept_out_of_the_sockhash() {
+    if !fastpath_tests::require_privileges("a_drained_reader_is_swept") {
+        return;
+    }
+    let accel = Accel::start_configured("flowsweep", |s| s.max_queued_bytes = LIMIT);
+    let pod = Pod::new("fpflowsweep");
+    accel.enroll(&pod, None);
+    let data = pattern(0x5eef, 2 << 20);
+    pod.run(|| {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        wait_sockhash(&accel, 2, "after pairing");
+        // 16 KiB writes until the connection is demoted: the write that demoted it took TCP
+        // and fits the reader's window, so the writer has nothing left to send, and no
+        // zero-window probe will come either.
+        let mut total = 0;
+        for chunk in data.chunks(16 << 10) {
+            c.write_all(chunk).unwrap();
+            total += chunk.len();
+            if rx_queue(&accel, &s).is_some_and(|q| q.state == rxq_state::DEMOTED) {
+                break;
+            }
+        }
+        let data = &data[..total];
+        // Every segment has arrived and been acknowledged (delayed ACKs included).
+        std::thread::sleep(Duration::from_millis(200));
+        let q = rx_queue(&accel, &s).expect("reader's queue entry");
+        assert_eq!(q.state, rxq_state::DEMOTED, "{q:?}");
+        let redirected = q.queued as usize;
+        assert!(redirected > 0 && redirected < total, "{q:?}");
+        // Read exactly the redirected bytes: the queue is empty, the TCP bytes wait behind.
+        let mut got = vec![0u8; total];
+        read_exact_retry(&mut s, &mut got[..redirected], Duration::from_secs(5));
+        let waiting = total - redirected;
+        // The writer left at its first TCP segment; nothing took the drained reader out.
+        assert_eq!(
+            (accel.map_entries(map_names::SOCKS), fionread(&s)),
+            (1, 0),
+            "the reader stays in the sockhash, where FIONREAD hides the TCP bytes behind"
+        );
+        // The agent, started on these pins (same build: it reuses them), sweeps every 100 ms.
+        let host = fastpath_tests::installer::Host::new("sweep");
+        host.write(
+            "10-lo.conflist",
+            r#"{"cniVersion": "1.0.0", "name": "fp-sweep", "plugins": [{"type": "loopback"}]}"#,
+        );
+        let mut agent = fastpath_tests::installer::Agent::start(
+            &host,
+            &[
+                ("FASTPATH_ACCELERATION", "true"),
+                ("FASTPATH_BPF_PIN_DIR", accel.pin_dir().to_str().unwrap()),
+                ("FASTPATH_MAX_QUEUED_BYTES", &LIMIT.to_string()),
+            ],
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while accel.map_entries(map_names::SOCKS) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not sweep the drained reader out; its log:\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        agent.terminate();
+        // FIONREAD is TCP's again: it counts the bytes that arrived (the rest still waits in
+        // the writer's send queue for window, and flows as the reader reads).
+        let after = fionread(&s);
+        assert!(
+            after > 0 && after <= waiting,
+            "FIONREAD after the sweep: {after} (of {waiting} on the way)"
+        );
+        read_exact_retry(&mut s, &mut got[redirected..], Duration::from_secs(5));
+        assert!(got == data, "stream altered");
+        assert_eq!(
+            fastpath_installer::accel::sweep_demoted(accel.pin_dir()).unwrap(),
+            0
+        );
+        assert_eq!(
+            accel.map_entries(map_names::DEMOTED),
+            0,
+            "sweep list emptied"
+        );
+    });
+}

@@ -24,12 +24,12 @@ pub mod sys;
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuHashMap},
+    maps::{Array, HashMap, Map, MapData, PerCpuHashMap, SockHash},
     programs::{CgroupAttachMode, RawTracePoint, SkMsg, SockOps, links::FdLink},
 };
 use fastpath_common::{
     ALL_MAPS, IpKey, MAP_ABI_VERSION, MAP_LAYOUTS, PodInfo, PodStats, RX_CONSUMED_TRACEPOINT,
-    config_index, map_names, meta_index, prog_names,
+    RxQueue, config_index, map_names, meta_index, prog_names, rxq_state,
 };
 use std::{
     os::fd::AsFd as _,
@@ -192,6 +192,42 @@ fn detach_if_idle(settings: &AccelSettings) {
              attached, with no new connection accelerated"
         ),
     }
+}
+
+/// Takes drained, demoted sockets out of the sockhash; returns how many. sock_ops does this
+/// at a socket's next state change or segment, but a reader that empties its redirect queue
+/// after the last TCP segment arrived gets neither: it would stay in the sockhash, where this
+/// kernel reports FIONREAD = 0 over the TCP bytes waiting behind, until its connection ends.
+/// The agent calls this every 100 ms.
+///
+/// The state is read before `queued`, in two lookups: a writer adds to `queued` before it reads
+/// the state, so a writer that still saw the connection open has its bytes counted here.
+pub fn sweep_demoted(pin_dir: &Path) -> Result<usize> {
+    let mut demoted: HashMap<MapData, u64, u64> =
+        pinned_map(pin_dir, map_names::DEMOTED)?.try_into()?;
+    let cookies: Vec<u64> = demoted.keys().filter_map(Result::ok).collect();
+    if cookies.is_empty() {
+        return Ok(0);
+    }
+    let queues: HashMap<MapData, u64, RxQueue> = pinned_map(pin_dir, map_names::RXQ)?.try_into()?;
+    let mut socks: SockHash<MapData, u64> = pinned_map(pin_dir, map_names::SOCKS)?.try_into()?;
+    let mut released = 0;
+    for cookie in cookies {
+        let demoted_now = matches!(queues.get(&cookie, 0), Ok(q) if q.state == rxq_state::DEMOTED);
+        if !demoted_now {
+            // Left the sockhash already, or closed.
+            let _ = demoted.remove(&cookie);
+            continue;
+        }
+        let drained = matches!(queues.get(&cookie, 0), Ok(q) if q.queued as i64 <= 0);
+        if drained {
+            if socks.remove(&cookie).is_ok() {
+                released += 1;
+            }
+            let _ = demoted.remove(&cookie);
+        }
+    }
+    Ok(released)
 }
 
 /// Sockets in the pinned sockhash (0 when there is none).
