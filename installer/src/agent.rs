@@ -31,7 +31,6 @@ enum Msg {
     Shutdown(i32),
 }
 
-/// Runs until SIGTERM/SIGINT, keeping `entry` (the rendered plugin entry) installed. Returns the process exit code.
 /// Takes drained demoted sockets out of the sockhash every 100 ms (see
 /// [`accel::sweep_demoted`]), until the pins are gone (uninstalled).
 fn sweep_demoted_forever(pin_dir: &Path) {
@@ -47,6 +46,7 @@ fn sweep_demoted_forever(pin_dir: &Path) {
     }
 }
 
+/// Runs until SIGTERM/SIGINT, keeping `entry` (the rendered plugin entry) installed. Returns the process exit code.
 pub fn run(cfg: Config, entry: serde_json::Map<String, serde_json::Value>) -> i32 {
     log::info!(target: SCOPE, "install-cni (fastpath {}) starting", env!("CARGO_PKG_VERSION"));
     log::info!(target: SCOPE, "{}", describe(&cfg));

@@ -358,12 +358,12 @@ pub struct Template {
     pub origin: String,
 }
 
-/// The file name Istio gives the standalone config.
 /// Bounds of `FASTPATH_MAX_QUEUED_BYTES`: below 64 KiB connections would leave the fast path
 /// on ordinary bursts; above 1 GiB a few slow readers could exhaust the node's TCP memory.
 const MIN_QUEUED_BYTES: u64 = 64 << 10;
 const MAX_QUEUED_BYTES: u64 = 1 << 30;
 
+/// The file name Istio gives the standalone config.
 pub const STANDALONE_CONF_NAME: &str = "YYY-istio-cni.conf";
 /// The plugin's kubeconfig file name (fixed in Istio).
 pub const KUBECONFIG_NAME: &str = "istio-cni-kubeconfig";
@@ -657,6 +657,25 @@ mod tests {
         assert!(e.contains("MOUNTED_CNI_NET_DIR"), "{e}");
         let e = build(&[], &[("AMBIENT_ENABLED", "true")]).unwrap_err();
         assert!(e.contains("AMBIENT_ENABLED"), "{e}");
+        for bad in ["1000", "2147483648", "-1", "2MiB"] {
+            let e = build(&[], &[("FASTPATH_MAX_QUEUED_BYTES", bad)]).unwrap_err();
+            assert!(
+                e.contains(&format!("FASTPATH_MAX_QUEUED_BYTES=\"{bad}\"")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn queue_limit_defaults_to_2_mib_and_takes_bytes() {
+        assert_eq!(build(&[], &[]).unwrap().accel.max_queued_bytes, 2 << 20);
+        assert_eq!(
+            build(&["--fastpath-max-queued-bytes=65536"], &[])
+                .unwrap()
+                .accel
+                .max_queued_bytes,
+            65536
+        );
     }
 
     #[test]
