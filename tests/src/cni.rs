@@ -22,6 +22,48 @@ pub struct Runtime {
     pub env: Vec<(String, String)>,
 }
 
+impl Runtime {
+    /// The reference plugins (`/usr/lib/cni`) and the built `istio-cni`, results cached under
+    /// `cache_dir`.
+    pub fn with_built_plugin(cache_dir: PathBuf, env: Vec<(String, String)>) -> Self {
+        let plugin_dir = crate::bin_path("istio-cni")
+            .parent()
+            .expect("the plugin binary has a directory")
+            .to_path_buf();
+        Self {
+            cni_path: vec![PathBuf::from("/usr/lib/cni"), plugin_dir],
+            cache_dir,
+            env,
+        }
+    }
+}
+
+/// A test's own CNI network: a unique bridge name and a scratch directory (IPAM, cache, API
+/// state), both removed on drop.
+pub struct ScratchNet {
+    pub bridge: String,
+    pub dir: PathBuf,
+}
+
+impl ScratchNet {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let bridge = crate::unique_name(prefix);
+        let dir = std::env::temp_dir().join(format!("fastpath-{bridge}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        Ok(Self { bridge, dir })
+    }
+}
+
+impl Drop for ScratchNet {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// One attachment: a container's interface in a network namespace.
 #[derive(Clone, Debug)]
 pub struct Attachment {

@@ -6,7 +6,7 @@
 //! Subnet 10.247.10.0/24 (accelerator range), bridge `fpac<pid>x<n>`.
 use fastpath_common::map_names;
 use fastpath_tests::accel::{Accel, read_exact_retry};
-use fastpath_tests::cni::{Attachment, Runtime};
+use fastpath_tests::cni::{Attachment, Runtime, ScratchNet};
 use fastpath_tests::kube_api::{FakeKubeApi, Trust, sidecar_pod};
 use fastpath_tests::netns::NetNs;
 use serde_json::{Value, json};
@@ -14,8 +14,6 @@ use std::{
     io::Write as _,
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd as _,
-    path::PathBuf,
-    process::Command,
     time::Duration,
 };
 
@@ -44,27 +42,17 @@ fn in_netns<T: Send>(netns: &str, uid: Option<u32>, f: impl FnOnce() -> T + Send
 struct Node {
     api: FakeKubeApi,
     rt: Runtime,
-    bridge: String,
-    dir: PathBuf,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    net: ScratchNet,
 }
 
 fn conflist(node: &Node, run_dir: &std::path::Path) -> Value {
     json!({
         "cniVersion": "1.0.0",
-        "name": format!("net-{}", node.bridge),
+        "name": format!("net-{}", node.net.bridge),
         "plugins": [
             {
-                "type": "bridge", "bridge": node.bridge, "isGateway": true, "ipMasq": false,
-                "ipam": {"type": "host-local", "dataDir": node.dir.join("ipam"),
+                "type": "bridge", "bridge": node.net.bridge, "isGateway": true, "ipMasq": false,
+                "ipam": {"type": "host-local", "dataDir": node.net.dir.join("ipam"),
                          "ranges": [[{"subnet": "10.247.10.0/24"}]]}
             },
             {
@@ -85,32 +73,24 @@ fn plugin_enrolls_pods_and_every_sidecar_hop_is_paired() {
         return;
     }
     let accel = Accel::start("plugin");
-    let bridge = fastpath_tests::unique_name("fpac");
-    let dir = std::env::temp_dir().join(format!("fastpath-{bridge}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let api = FakeKubeApi::start(&dir.join("api"), TOKEN).unwrap();
+    let net = ScratchNet::new("fpac").unwrap();
+    let api = FakeKubeApi::start(&net.dir.join("api"), TOKEN).unwrap();
     api.write_kubeconfig(
         &accel.run_dir.join("istio-cni-kubeconfig"),
         Trust::Ca,
         TOKEN,
     )
     .unwrap();
-    let plugin_dir = fastpath_tests::bin_path("istio-cni")
-        .parent()
-        .unwrap()
-        .to_path_buf();
     let node = Node {
         api,
-        rt: Runtime {
-            cni_path: vec![PathBuf::from("/usr/lib/cni"), plugin_dir],
-            cache_dir: dir.join("cache"),
-            env: vec![(
+        rt: Runtime::with_built_plugin(
+            net.dir.join("cache"),
+            vec![(
                 fastpath_cni_plugin::accel::PIN_DIR_ENV.into(),
                 accel.pin_dir().display().to_string(),
             )],
-        },
-        bridge,
-        dir,
+        ),
+        net,
     };
     let list = conflist(&node, &accel.run_dir);
     let lo = json!({"cniVersion": "1.0.0", "name": "lo", "plugins": [{"type": "loopback"}]});

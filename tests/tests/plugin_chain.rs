@@ -4,7 +4,7 @@
 //!
 //! Subnets: 10.248.1-19.0/24 (this file), bridges `fpc<pid><n>`.
 use anyhow::Result;
-use fastpath_tests::cni::{Attachment, RunsFailed, Runtime};
+use fastpath_tests::cni::{Attachment, RunsFailed, Runtime, ScratchNet};
 use fastpath_tests::kube_api::{FakeKubeApi, Trust, plain_pod, sidecar_pod};
 use fastpath_tests::netns::NetNs;
 use serde_json::{Value, json};
@@ -19,43 +19,29 @@ const TOKEN: &str = "test-sa-token";
 
 /// A throwaway "node": CNI dirs, run dir with kubeconfig, bridge, API server.
 struct Node {
-    dir: PathBuf,
+    net: ScratchNet,
     api: FakeKubeApi,
     rt: Runtime,
-    bridge: String,
     subnet: u8,
-    name: String,
 }
 
 impl Node {
     fn new(subnet: u8) -> Result<Self> {
-        let name = fastpath_tests::unique_name("fpc");
-        let dir = std::env::temp_dir().join(format!("fastpath-{name}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("run"))?;
-        let api = FakeKubeApi::start(&dir.join("api"), TOKEN)?;
-        api.write_kubeconfig(&dir.join("run/istio-cni-kubeconfig"), Trust::Ca, TOKEN)?;
-        let plugin_dir = fastpath_tests::bin_path("istio-cni")
-            .parent()
-            .unwrap()
-            .to_path_buf();
-        let rt = Runtime {
-            cni_path: vec![PathBuf::from("/usr/lib/cni"), plugin_dir],
-            cache_dir: dir.join("cache"),
-            env: vec![],
-        };
+        let net = ScratchNet::new("fpc")?;
+        std::fs::create_dir_all(net.dir.join("run"))?;
+        let api = FakeKubeApi::start(&net.dir.join("api"), TOKEN)?;
+        api.write_kubeconfig(&net.dir.join("run/istio-cni-kubeconfig"), Trust::Ca, TOKEN)?;
+        let rt = Runtime::with_built_plugin(net.dir.join("cache"), vec![]);
         Ok(Self {
-            bridge: name.clone(),
-            dir,
+            net,
             api,
             rt,
             subnet,
-            name,
         })
     }
 
     fn run_dir(&self) -> PathBuf {
-        self.dir.join("run")
+        self.net.dir.join("run")
     }
 
     /// The istio-cni conflist entry (Istio's keys) plus `extra`.
@@ -83,13 +69,13 @@ impl Node {
     fn conflist(&self, extra: &Value) -> Value {
         json!({
             "cniVersion": "1.0.0",
-            "name": format!("net-{}", self.name),
+            "name": format!("net-{}", self.net.bridge),
             "plugins": [
                 {
-                    "type": "bridge", "bridge": self.bridge, "isGateway": true, "ipMasq": false,
+                    "type": "bridge", "bridge": self.net.bridge, "isGateway": true, "ipMasq": false,
                     "ipam": {
                         "type": "host-local",
-                        "dataDir": self.dir.join("ipam"),
+                        "dataDir": self.net.dir.join("ipam"),
                         "ranges": [[{"subnet": format!("10.248.{}.0/24", self.subnet)}]]
                     }
                 },
@@ -124,15 +110,6 @@ impl Node {
         let list = self.conflist(extra);
         let res = self.rt.add(&list, &att).map(|(r, _)| r);
         (Pod { netns, att, list }, res)
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -222,6 +199,17 @@ fn exchange(client: &mut TcpStream, server: &mut TcpStream) {
     assert_eq!(&buf, b"ping");
 }
 
+/// CHECK on `pod` fails, and the plugin's error details name `what`.
+fn check_fails_naming(node: &Node, pod: &Pod, what: &str) {
+    let err = node
+        .rt
+        .check(&pod.list, &pod.att)
+        .expect_err(&format!("CHECK must see what is missing: {what}"));
+    let runs = &err.downcast_ref::<RunsFailed>().unwrap().0;
+    let e: Value = serde_json::from_str(&runs.last().unwrap().stdout).unwrap();
+    assert!(e["details"].as_str().unwrap().contains(what), "{e}");
+}
+
 #[test]
 fn plugin_chain_mesh_pod_traffic_is_redirected() {
     if !fastpath_tests::require_privileges("plugin_chain_mesh_pod_traffic_is_redirected") {
@@ -307,9 +295,10 @@ fn plugin_chain_mesh_pod_traffic_is_redirected() {
 
     // DEL, DEL again, DEL without netns.
     let ipam_file = node
+        .net
         .dir
         .join("ipam")
-        .join(format!("net-{}", node.name))
+        .join(format!("net-{}", node.net.bridge))
         .join(mesh_ip.to_string());
     assert!(ipam_file.exists());
     node.rt.del(&mesh.list, &mesh.att).expect("DEL");
@@ -772,19 +761,7 @@ fn plugin_chain_tproxy_dns_legacy_and_check() {
     pod.netns
         .exec_ok(&["ip", "-4", "rule", "del", "fwmark", "1337", "lookup", "133"])
         .unwrap();
-    let err = node
-        .rt
-        .check(&pod.list, &pod.att)
-        .expect_err("CHECK must see the missing ip rule");
-    let runs = &err.downcast_ref::<RunsFailed>().unwrap().0;
-    let e: Value = serde_json::from_str(&runs.last().unwrap().stdout).unwrap();
-    assert!(
-        e["details"]
-            .as_str()
-            .unwrap()
-            .contains("fwmark 0x539 lookup 133"),
-        "{e}"
-    );
+    check_fails_naming(&node, &pod, "fwmark 0x539 lookup 133");
     pod.netns
         .exec_ok(&["ip", "-4", "rule", "add", "fwmark", "1337", "lookup", "133"])
         .unwrap();
@@ -794,19 +771,7 @@ fn plugin_chain_tproxy_dns_legacy_and_check() {
     pod.netns
         .exec_ok(&["iptables-legacy", "-t", "mangle", "-F", "ISTIO_DIVERT"])
         .unwrap();
-    let err = node
-        .rt
-        .check(&pod.list, &pod.att)
-        .expect_err("CHECK must see the flushed chain");
-    let runs = &err.downcast_ref::<RunsFailed>().unwrap().0;
-    let e: Value = serde_json::from_str(&runs.last().unwrap().stdout).unwrap();
-    assert!(
-        e["details"]
-            .as_str()
-            .unwrap()
-            .contains("mangle/ISTIO_DIVERT"),
-        "{e}"
-    );
+    check_fails_naming(&node, &pod, "mangle/ISTIO_DIVERT");
     node.rt.del(&pod.list, &pod.att).unwrap();
 }
 
