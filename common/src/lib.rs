@@ -46,6 +46,9 @@ pub mod map_names {
     pub const SK_COOKIES: &str = "FP_SK_COOKIES";
     /// Demoted sockets still in the sockhash: socket cookie -> 0 (the installer's sweep list).
     pub const DEMOTED: &str = "FP_DEMOTED";
+    /// How many [`SK_COOKIES`] entries fall in each slot ([`crate::sk_filter_slot`]): the
+    /// recvmsg tracepoint looks a socket up there only when its slot is not zero.
+    pub const SK_FILTER: &str = "FP_SK_FILTER";
 }
 
 /// Program names, as in the probes' ELF sections.
@@ -281,7 +284,7 @@ pub struct PodStats {
 }
 
 /// All map names, for pinning, status and uninstall.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 13] = [
     map_names::PODS,
     map_names::POD_IPS,
     map_names::SOCKS,
@@ -294,6 +297,7 @@ pub const ALL_MAPS: [&str; 12] = [
     map_names::RXQ,
     map_names::SK_COOKIES,
     map_names::DEMOTED,
+    map_names::SK_FILTER,
 ];
 
 /// Indexes into [`map_names::META`].
@@ -330,6 +334,16 @@ pub mod map_capacity {
     pub const STATS: u32 = 16384;
     /// One entry per socket in the sockhash.
     pub const RXQ: u32 = SOCKS;
+    /// Slots of the recvmsg prefilter: at a few thousand paired sockets, most slots are empty.
+    pub const SK_FILTER: u32 = 1 << 16;
+}
+
+/// The slot of a socket's kernel address in [`map_names::SK_FILTER`]. Socket objects sit a
+/// fixed stride apart in their slab; the golden-ratio multiply spreads such a stride over all
+/// slots, and the top bits are the best mixed.
+pub const fn sk_filter_slot(sk_address: u64) -> u32 {
+    (sk_address.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        >> (64 - map_capacity::SK_FILTER.trailing_zeros())) as u32
 }
 
 /// Kernel map types used (`enum bpf_map_type`).
@@ -362,7 +376,7 @@ const fn layout<K, V>(name: &'static str, map_type: u32, max_entries: u32) -> Ma
 }
 
 /// The layout of every map of this build, in [`ALL_MAPS`] order.
-pub const MAP_LAYOUTS: [MapLayout; 12] = [
+pub const MAP_LAYOUTS: [MapLayout; 13] = [
     layout::<u64, PodInfo>(map_names::PODS, map_type::HASH, map_capacity::PODS),
     layout::<IpKey, u64>(map_names::POD_IPS, map_type::HASH, map_capacity::POD_IPS),
     // aya-ebpf declares sockhash values as u32 (a socket fd from userspace).
@@ -380,6 +394,11 @@ pub const MAP_LAYOUTS: [MapLayout; 12] = [
     layout::<u64, RxQueue>(map_names::RXQ, map_type::HASH, map_capacity::RXQ),
     layout::<u64, u64>(map_names::SK_COOKIES, map_type::HASH, map_capacity::RXQ),
     layout::<u64, u64>(map_names::DEMOTED, map_type::HASH, map_capacity::RXQ),
+    layout::<u32, u64>(
+        map_names::SK_FILTER,
+        map_type::ARRAY,
+        map_capacity::SK_FILTER,
+    ),
 ];
 
 /// Where the plugin keeps one JSON file per enrolled pod, under `cni_agent_run_dir`
@@ -491,6 +510,29 @@ mod tests {
         assert!(Ip::v4(u32::from_be_bytes([127, 0, 0, 6]).to_be()).is_loopback());
         assert!(!Ip::v4(u32::from_be_bytes([10, 0, 0, 6]).to_be()).is_loopback());
         assert!(Ip::v6([0, 0, 0, 1u32.to_be()]).is_loopback());
+    }
+
+    /// Sockets of one slab, a fixed stride apart (TCP and TCPv6 objects), must land in about
+    /// as many distinct slots as random addresses would (4096 in 65536: ~3970 distinct), or
+    /// the tracepoint would look up bystanders whose slot a paired socket shares.
+    #[test]
+    fn filter_slots_spread_slab_strides() {
+        for stride in [2432u64, 2560, 4096] {
+            let mut used = [false; map_capacity::SK_FILTER as usize];
+            let mut distinct = 0;
+            for i in 0..4096u64 {
+                let slot = sk_filter_slot(0xffff_8881_0000_0000 + i * stride) as usize;
+                if !used[slot] {
+                    used[slot] = true;
+                    distinct += 1;
+                }
+            }
+            assert!(
+                distinct >= 3900,
+                "stride {stride}: {distinct} distinct slots of 4096"
+            );
+        }
+        assert!(sk_filter_slot(u64::MAX) < map_capacity::SK_FILTER);
     }
 
     #[test]

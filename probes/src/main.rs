@@ -56,13 +56,13 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_delete_elem},
     macros::{map, raw_tracepoint, sk_msg, sock_ops},
-    maps::{Array, HashMap, LruHashMap, PerCpuHashMap, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
     programs::{RawTracePointContext, SkMsgContext, SockOpsContext},
 };
 use fastpath_common::{
     AF_INET, AF_INET6, ActiveConn, DEFAULT_QUEUE_LIMIT_BYTES, Endpoint, Ip, IpKey, PendingSyn,
     PodInfo, PodStats, RxQueue, SockKey, SockState, config_index, map_capacity, pod_flags,
-    rxq_state, sock_role, sock_state,
+    rxq_state, sk_filter_slot, sock_role, sock_state,
 };
 
 #[map(name = "FP_PODS")]
@@ -105,6 +105,14 @@ static FP_DEMOTED: HashMap<u64, u64> = HashMap::pinned(map_capacity::RXQ, 0);
 // The tracepoint knows a socket by its kernel address only.
 #[map(name = "FP_SK_COOKIES")]
 static FP_SK_COOKIES: HashMap<u64, u64> = HashMap::pinned(map_capacity::RXQ, 0);
+
+// How many FP_SK_COOKIES entries each slot holds: what spares other sockets' reads a lookup.
+#[map(name = "FP_SK_FILTER")]
+static FP_SK_FILTER: Array<u64> = Array::pinned(map_capacity::SK_FILTER, 0);
+
+// Not pinned: one word per CPU to turn a socket pointer into a number (`address_value`).
+#[map(name = "FP_SCRATCH")]
+static FP_SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 const TCP_FIN_WAIT1: u32 = 4;
 const TCP_CLOSE: u32 = 7;
@@ -212,15 +220,17 @@ fn sockhash_delete(cookie: &u64) {
 }
 
 /// Compare-and-swap of a socket's state; `Err(current)` when it was not `from`.
-fn state_cas(p: *mut SockState, from: u64, to: u64) -> Result<u64, u64> {
+/// Compare-and-swap (BPF_CMPXCHG, a full barrier): `Ok(from)` when `*p` was `from` and is
+/// now `to`, else `Err` with what `*p` holds.
+fn cas(p: *mut u64, from: u64, to: u64) -> Result<u64, u64> {
     let (prev, ok) = unsafe {
-        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
-            &raw mut (*p).state,
-            from,
-            to,
-        )
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, from, to)
     };
     if ok { Ok(prev) } else { Err(prev) }
+}
+
+fn state_cas(p: *mut SockState, from: u64, to: u64) -> Result<u64, u64> {
+    cas(unsafe { &raw mut (*p).state }, from, to)
 }
 
 /// A plain (volatile) load: cpu v3 has no load-acquire. Callers that act on PAIRED re-check
@@ -252,20 +262,13 @@ fn atomic_sub(p: *mut u64, v: u64) {
 }
 
 fn atomic_read(p: *mut u64) -> u64 {
-    unsafe {
-        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, 0, 0).0
+    match cas(p, 0, 0) {
+        Ok(v) | Err(v) => v,
     }
 }
 
 fn rxq_cas(q: *mut RxQueue, from: u64, to: u64) -> bool {
-    unsafe {
-        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
-            &raw mut (*q).state,
-            from,
-            to,
-        )
-        .1
-    }
+    cas(unsafe { &raw mut (*q).state }, from, to).is_ok()
 }
 
 fn rxq_state(q: *mut RxQueue) -> u64 {
@@ -302,6 +305,54 @@ fn demote(q: *mut RxQueue, cookie: u64) -> bool {
         }
     }
     won
+}
+
+/// The filter slot of the socket sock_ops is called for (`sk` = [`socket_address`]). The
+/// verifier allows no arithmetic on that pointer, but its copy in a map value is a number.
+fn filter_slot_of(sk: u64) -> Option<*mut u64> {
+    FP_SCRATCH.set(0, sk, BPF_ANY as u64).ok()?;
+    let address = *FP_SCRATCH.get(0)?;
+    FP_SK_FILTER.get_ptr_mut(sk_filter_slot(address))
+}
+
+/// Lets the recvmsg tracepoint count this socket's reads: its address and cookie, and one
+/// more in its filter slot. Called before the pair is published, so no redirected byte can be
+/// read uncounted.
+fn count_reads_of(sk: u64, cookie: u64) -> bool {
+    if FP_SK_COOKIES
+        .insert(&sk, &cookie, BPF_NOEXIST as u64)
+        .is_ok()
+    {
+        if let Some(n) = filter_slot_of(sk) {
+            atomic_add(n, 1);
+        }
+        return true;
+    }
+    // The entry of a socket that was freed at this address without a close callback: it was
+    // counted in the slot already.
+    FP_SK_COOKIES.insert(&sk, &cookie, BPF_ANY as u64).is_ok()
+}
+
+/// Undoes [`count_reads_of`]. The slot never goes below zero: an entry the filter missed (one
+/// made by a build without it, before the installer counted it) must not take another
+/// socket's count; a slot counted too high only costs other sockets there a lookup.
+fn stop_counting_reads_of(sk: u64) {
+    if FP_SK_COOKIES.remove(&sk).is_err() {
+        return;
+    }
+    let Some(n) = filter_slot_of(sk) else {
+        return;
+    };
+    let mut seen = atomic_read(n);
+    for _ in 0..4 {
+        if seen == 0 {
+            return;
+        }
+        match cas(n, seen, seen - 1) {
+            Ok(_) => return,
+            Err(now) => seen = now,
+        }
+    }
 }
 
 /// A demoted socket whose queue is read empty leaves the sockhash. Nothing can be redirected
@@ -497,7 +548,7 @@ fn on_active_established(ctx: &SockOpsContext, netns: u64) {
         return;
     }
     request_cb_flags(ctx, PAIRED_CB_FLAGS);
-    let _ = FP_SK_COOKIES.insert(&socket_address(ctx), &cookie, BPF_ANY as u64);
+    count_reads_of(socket_address(ctx), cookie);
     if let Some(s) = stats(netns) {
         s.sockets_enrolled += 1;
     }
@@ -570,9 +621,7 @@ fn on_passive_established(ctx: &SockOpsContext, pod: &PodInfo, netns: u64) {
     };
     let own_address = socket_address(ctx);
     if inserted
-        && FP_SK_COOKIES
-            .insert(&own_address, &own, BPF_ANY as u64)
-            .is_ok()
+        && count_reads_of(own_address, own)
         && FP_RXQ.insert(&own, &server_rxq, BPF_ANY as u64).is_ok()
         && FP_RXQ
             .insert(&active.cookie, &client_rxq, BPF_ANY as u64)
@@ -592,7 +641,7 @@ fn on_passive_established(ctx: &SockOpsContext, pod: &PodInfo, netns: u64) {
     }
     let _ = FP_RXQ.remove(&own);
     let _ = FP_RXQ.remove(&active.cookie);
-    let _ = FP_SK_COOKIES.remove(&own_address);
+    stop_counting_reads_of(own_address);
     // Not paired: the client wrote over TCP already, or an insert failed. Neither socket may
     // stay in the sockhash without a peer, and the client must never be redirected.
     if inserted {
@@ -623,7 +672,7 @@ fn on_close(ctx: &SockOpsContext) {
     let cookie = socket_cookie(ctx);
     let _ = FP_RXQ.remove(&cookie);
     let _ = FP_DEMOTED.remove(&cookie);
-    let _ = FP_SK_COOKIES.remove(&socket_address(ctx));
+    stop_counting_reads_of(socket_address(ctx));
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let Some(key) = sock_key(ctx, netns) else {
         return;
@@ -728,8 +777,8 @@ pub fn fastpath_skmsg(ctx: SkMsgContext) -> u32 {
 }
 
 /// A reader took `ret` bytes out of a socket (`sock:sock_recv_length`, fired by every
-/// recvmsg on the node: sockets that are not paired cost one hash miss). Only paired sockets
-/// have an entry. While paired, a socket only receives redirected bytes; once demoted, it
+/// recvmsg on the node). Only paired sockets have an entry; the reads of all others stop at
+/// their empty filter slot, an array load, not a hash lookup. While paired, a socket only receives redirected bytes; once demoted, it
 /// reads TCP bytes only when its redirect queue is empty, and those take the count below zero,
 /// which reads as empty, which is then true.
 #[raw_tracepoint(tracepoint = "sock_recv_length")]
@@ -741,6 +790,10 @@ pub fn fastpath_rx_consumed(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let sk = ctx.arg::<u64>(0);
+    match FP_SK_FILTER.get(sk_filter_slot(sk)) {
+        Some(n) if *n != 0 => {}
+        _ => return 0,
+    }
     let Some(cookie) = (unsafe { FP_SK_COOKIES.get(&sk) }) else {
         return 0;
     };

@@ -134,6 +134,31 @@ fn a_reader_that_does_not_read_stops_the_writer_and_the_stream_stays_exact() {
     }
 }
 
+/// Sends `data` in writes of 256 KiB, each read before the next is written (the queue never
+/// holds more than one write, however much flows), and checks that it arrives intact.
+fn send_in_lockstep(c: &TcpStream, s: &mut TcpStream, data: &[u8]) {
+    const CHUNK: usize = 256 << 10;
+    assert_eq!(data.len() % CHUNK, 0);
+    let mut w = c.try_clone().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let chunks: Vec<Vec<u8>> = data.chunks(CHUNK).map(|c| c.to_vec()).collect();
+    let writer = std::thread::spawn(move || {
+        for chunk in chunks {
+            w.write_all(&chunk).unwrap();
+            rx.recv().unwrap();
+        }
+    });
+    let mut got = Vec::with_capacity(data.len());
+    let mut buf = vec![0u8; CHUNK];
+    while got.len() < data.len() {
+        read_exact_retry(s, &mut buf, Duration::from_secs(10));
+        got.extend_from_slice(&buf);
+        let _ = tx.send(());
+    }
+    writer.join().unwrap();
+    assert!(got == data, "stream altered");
+}
+
 #[test]
 fn a_reader_that_keeps_up_is_never_demoted() {
     if !fastpath_tests::require_privileges("a_reader_that_keeps_up_is_never_demoted") {
@@ -148,26 +173,7 @@ fn a_reader_that_keeps_up_is_never_demoted() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (mut s, _) = l.accept().unwrap();
-        // Writes of 256 KiB, each read before the next is written: the queue never holds
-        // more than one write, however much flows.
-        let mut w = c.try_clone().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let chunks: Vec<Vec<u8>> = data.chunks(256 << 10).map(|c| c.to_vec()).collect();
-        let writer = std::thread::spawn(move || {
-            for chunk in chunks {
-                w.write_all(&chunk).unwrap();
-                rx.recv().unwrap();
-            }
-        });
-        let mut got = Vec::with_capacity(total);
-        let mut buf = vec![0u8; 256 << 10];
-        while got.len() < total {
-            read_exact_retry(&mut s, &mut buf, Duration::from_secs(10));
-            got.extend_from_slice(&buf);
-            let _ = tx.send(());
-        }
-        writer.join().unwrap();
-        assert!(got == data, "stream altered");
+        send_in_lockstep(&c, &mut s, &data);
         let st = accel.stats(pod.cookie());
         assert_eq!(st.queue_demotions, 0, "{st:?}");
         assert!(st.bytes_redirected >= total as u64, "{st:?}");
@@ -362,5 +368,86 @@ fn a_drained_reader_that_gets_no_more_segments_is_swept_out_of_the_sockhash() {
             0,
             "sweep list emptied"
         );
+    });
+}
+
+/// The filter that spares other sockets' reads a lookup: one count per paired socket, back to
+/// zero when they close; a paired socket the filter misses has its reads ignored (so its
+/// queue is demoted for nothing), which is why the installer counts such sockets on upgrade.
+#[test]
+fn the_read_filter_counts_every_paired_socket_and_only_those() {
+    if !fastpath_tests::require_privileges("the_read_filter_counts_every_paired_socket") {
+        return;
+    }
+    use aya::maps::{Array, HashMap, Map, MapData};
+    let accel = Accel::start_configured("flowfilter", |s| s.max_queued_bytes = LIMIT);
+    let pod = Pod::new("fpflowfilter");
+    accel.enroll(&pod, None);
+    let pin_dir = accel.pin_dir().to_path_buf();
+    let filter = || -> Array<MapData, u64> {
+        let data = MapData::from_pin(pin_dir.join(map_names::SK_FILTER)).unwrap();
+        Map::from_map_data(data).unwrap().try_into().unwrap()
+    };
+    let filter_total = || filter().iter().map(Result::unwrap).sum::<u64>();
+    let zero_filter = || {
+        let mut f = filter();
+        for slot in 0..f.len() {
+            f.set(slot, 0, 0).unwrap();
+        }
+    };
+    let wait_unpaired = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while accel.map_entries(map_names::SK_COOKIES) > 0 {
+            assert!(Instant::now() < deadline, "{what}: sockets still listed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let data = pattern(0xf117, 4 * LIMIT as usize);
+    pod.run(|| {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let pair = || {
+            let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (s, _) = l.accept().unwrap();
+            (c, s)
+        };
+        let conns: Vec<_> = (0..8).map(|_| pair()).collect();
+        wait_sockhash(&accel, 16, "eight connections paired");
+        assert_eq!(filter_total(), 16, "one count per paired socket");
+        let cookies: HashMap<MapData, u64, u64> =
+            Map::from_map_data(MapData::from_pin(pin_dir.join(map_names::SK_COOKIES)).unwrap())
+                .unwrap()
+                .try_into()
+                .unwrap();
+        for sk in cookies.keys().map(Result::unwrap) {
+            let slot = fastpath_common::sk_filter_slot(sk);
+            assert_ne!(
+                filter().get(&slot, 0).unwrap(),
+                0,
+                "slot {slot} of a paired socket"
+            );
+        }
+        drop(conns);
+        wait_unpaired("after close");
+        assert_eq!(filter_total(), 0, "counts left after every socket closed");
+
+        // Missed by the filter: the reader keeps up, but its reads are not seen.
+        let (c, mut s) = pair();
+        wait_sockhash(&accel, 2, "missed pair");
+        zero_filter();
+        send_in_lockstep(&c, &mut s, &data);
+        let q = rx_queue(&accel, &s).expect("reader's queue entry");
+        assert_eq!(q.state, rxq_state::DEMOTED, "unseen reads: {q:?}");
+        drop((c, s));
+        wait_unpaired("after the missed pair closed");
+
+        // Counted again by the installer: its reads are seen, it is never demoted.
+        let (c, mut s) = pair();
+        wait_sockhash(&accel, 2, "repaired pair");
+        zero_filter();
+        let counted = fastpath_installer::accel::count_unfiltered_readers(&pin_dir).unwrap();
+        assert_eq!(counted, 2, "both sockets of the pair counted");
+        send_in_lockstep(&c, &mut s, &data);
+        let q = rx_queue(&accel, &s).expect("reader's queue entry");
+        assert_eq!((q.state, q.queued), (rxq_state::OPEN, 0), "{q:?}");
     });
 }

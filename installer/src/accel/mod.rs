@@ -29,7 +29,7 @@ use aya::{
 };
 use fastpath_common::{
     ALL_MAPS, IpKey, MAP_ABI_VERSION, MAP_LAYOUTS, PodInfo, PodStats, RX_CONSUMED_TRACEPOINT,
-    RxQueue, config_index, map_names, meta_index, prog_names, rxq_state,
+    RxQueue, config_index, map_names, meta_index, prog_names, rxq_state, sk_filter_slot,
 };
 use std::{
     os::fd::AsFd as _,
@@ -230,6 +230,29 @@ pub fn sweep_demoted(pin_dir: &Path) -> Result<usize> {
     Ok(released)
 }
 
+/// Counts, in the recvmsg tracepoint's filter, every paired socket whose slot reads zero, and
+/// returns how many there were. Sockets paired by a build that kept no filter (an upgrade from
+/// one, or a downgrade and back) have none: the tracepoint would skip their reads, so their
+/// queues would look ever fuller until they were demoted for nothing. A slot counted too high
+/// only costs the other sockets that share it a lookup per read.
+pub fn count_unfiltered_readers(pin_dir: &Path) -> Result<usize> {
+    let cookies: HashMap<MapData, u64, u64> =
+        pinned_map(pin_dir, map_names::SK_COOKIES)?.try_into()?;
+    let mut filter: Array<MapData, u64> = pinned_map(pin_dir, map_names::SK_FILTER)?.try_into()?;
+    let mut missing = 0;
+    for sk in cookies.keys().filter_map(Result::ok) {
+        let slot = sk_filter_slot(sk);
+        if filter.get(&slot, 0)? == 0 {
+            // 2, not 1: this write is not atomic with the probes' increments, so a socket
+            // paired into the same slot between the read and the write may have its count
+            // overwritten; the spare one keeps the slot open for it.
+            filter.set(slot, 2, 0)?;
+            missing += 1;
+        }
+    }
+    Ok(missing)
+}
+
 /// Sockets in the pinned sockhash (0 when there is none).
 fn accelerated_sockets(pin_dir: &Path) -> Result<usize> {
     let socks = match sys::obj_get(&pin(pin_dir, map_names::SOCKS)) {
@@ -401,6 +424,10 @@ fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
     replace_program_pin(skmsg.fd()?.as_fd(), &pin(dir, PIN_PROG_SKMSG))?;
 
     attach_rx_consumed(&mut ebpf, dir)?;
+    match count_unfiltered_readers(dir)? {
+        0 => {}
+        n => log::info!("recvmsg tracepoint: counted {n} sockets paired by the previous build"),
+    }
 
     write_meta(dir, ours)?;
     // Fresh enrollment maps (first start, reboot, layout change): pods recorded by the plugin
@@ -613,6 +640,19 @@ pub fn status_report(settings: &AccelSettings) -> Result<String> {
             k => u64::from(k) << 10,
         };
         writeln!(s, "redirect queue limit: {limit} bytes per reader")?;
+    }
+    if let Ok(filter) = pinned_map(dir, map_names::SK_FILTER)
+        .and_then(|m| Array::<MapData, u64>::try_from(m).map_err(Into::into))
+    {
+        let used = filter
+            .iter()
+            .filter(|v| matches!(v, Ok(n) if *n != 0))
+            .count();
+        writeln!(
+            s,
+            "recvmsg filter: {used} of {} slots hold paired sockets",
+            filter.len()
+        )?;
     }
     Ok(s)
 }
