@@ -9,8 +9,10 @@
 //! plain packet on loopback, as in a sidecar pod). Last, "bystander" compares plain ping-pong
 //! with the programs attached and detached.
 //!
-//! Usage: bench_onehop [--reps N] [--rtts N] [--stream-mib N]
-//! JSON summary on stdout, a table on stderr.
+//! Usage: bench_onehop [--reps N] [--rtts N] [--stream-mib N] [--only SECTION]
+//! SECTION is pingpong, mesh, stream or bystander (all when absent; a partial run is for
+//! quick comparisons, `scripts/bench.sh` runs them all). JSON summary on stdout, a table on
+//! stderr.
 use fastpath_installer::accel::{self, AccelSettings, AccelState};
 use serde_json::json;
 use std::{
@@ -213,11 +215,16 @@ fn median(mut v: Vec<f64>) -> f64 {
     percentile(&mut v, 0.5)
 }
 
-fn arg(name: &str, default: usize) -> usize {
+fn arg_text(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+fn arg(name: &str, default: usize) -> usize {
+    arg_text(name)
         .map(|v| v.parse().expect("a number"))
         .unwrap_or(default)
 }
@@ -246,6 +253,8 @@ fn main() {
     let reps = arg("--reps", 5);
     let rtts = arg("--rtts", 20000);
     let stream_mib = arg("--stream-mib", 1024);
+    let only = arg_text("--only");
+    let section = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let pid = std::process::id();
     let run_dir = std::env::temp_dir().join(format!("fp-bench-{pid}"));
     let setup = Setup {
@@ -328,7 +337,10 @@ fn main() {
 
     let mut pingpong = Vec::new();
     let mut table = String::new();
-    for place in [Placement::SameCpu, Placement::CrossCpu] {
+    for place in [Placement::SameCpu, Placement::CrossCpu]
+        .into_iter()
+        .filter(|_| section("pingpong"))
+    {
         for size in SIZES {
             let mut p50 = [vec![], vec![], vec![]];
             let mut p99 = [vec![], vec![], vec![]];
@@ -367,7 +379,10 @@ fn main() {
     }
     // The same hop inside a mesh pod (Istio's rules loaded): plain vs accelerated.
     let mut pingpong_ipt = Vec::new();
-    for place in [Placement::SameCpu, Placement::CrossCpu] {
+    for place in [Placement::SameCpu, Placement::CrossCpu]
+        .into_iter()
+        .filter(|_| section("mesh"))
+    {
         for size in [64, 1024] {
             let mut p50 = [vec![], vec![]];
             for rep in 0..reps {
@@ -393,7 +408,10 @@ fn main() {
         }
     }
     let mut streams = Vec::new();
-    for place in [Placement::SameCpu, Placement::CrossCpu] {
+    for place in [Placement::SameCpu, Placement::CrossCpu]
+        .into_iter()
+        .filter(|_| section("stream"))
+    {
         let mut gib = [vec![], vec![], vec![]];
         for rep in 0..reps {
             for k in 0..3 {
@@ -420,27 +438,30 @@ fn main() {
     // What a connection the accelerator does not take over pays for its programs being
     // attached (sock_ops at set-up, the recvmsg tracepoint on every read): plain 64 B
     // ping-pong on one CPU, with the programs attached and detached, interleaved.
-    let mut on_off = [vec![], vec![]];
-    for rep in 0..reps {
-        for k in 0..2 {
-            let attached = (k + rep) % 2 == 0;
-            if attached {
-                assert_eq!(accel::start(&setup.settings), AccelState::Active);
-            } else {
-                accel::uninstall(&setup.settings).unwrap();
+    let mut bystander = serde_json::Value::Null;
+    if section("bystander") {
+        let mut on_off = [vec![], vec![]];
+        for rep in 0..reps {
+            for k in 0..2 {
+                let attached = (k + rep) % 2 == 0;
+                if attached {
+                    assert_eq!(accel::start(&setup.settings), AccelState::Active);
+                } else {
+                    accel::uninstall(&setup.settings).unwrap();
+                }
+                let mut v = bench.ping_pong(Mode::Plain, Placement::SameCpu, 64, rtts);
+                on_off[usize::from(!attached)].push(percentile(&mut v, 0.5));
             }
-            let mut v = bench.ping_pong(Mode::Plain, Placement::SameCpu, 64, rtts);
-            on_off[usize::from(!attached)].push(percentile(&mut v, 0.5));
         }
+        let [on, off] = on_off.map(median);
+        table += &format!(
+            "bystander (plain, same CPU, 64 B) | programs attached {on:.2} µs | detached {off:.2} µs | {:.3}x\n",
+            on / off
+        );
+        bystander = json!({
+            "attached_p50_us": on, "detached_p50_us": off, "attached_over_detached": on / off,
+        });
     }
-    let [on, off] = on_off.map(median);
-    table += &format!(
-        "bystander (plain, same CPU, 64 B) | programs attached {on:.2} µs | detached {off:.2} µs | {:.3}x\n",
-        on / off
-    );
-    let bystander = json!({
-        "attached_p50_us": on, "detached_p50_us": off, "attached_over_detached": on / off,
-    });
     eprintln!(
         "p50 / p99 round trip in µs, median of {reps} interleaved runs of {rtts} round trips\n{table}"
     );
