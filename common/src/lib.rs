@@ -46,9 +46,12 @@ pub mod map_names {
     pub const SK_COOKIES: &str = "FP_SK_COOKIES";
     /// Demoted sockets still in the sockhash: socket cookie -> 0 (the installer's sweep list).
     pub const DEMOTED: &str = "FP_DEMOTED";
-    /// How many [`SK_COOKIES`] entries fall in each slot ([`crate::sk_filter_slot`]): the
-    /// recvmsg tracepoint looks a socket up there only when its slot is not zero.
+    /// How many [`SK_COUNTED`] sockets fall in each slot ([`crate::sk_filter_slot`]): the
+    /// recvmsg tracepoint looks a socket up in [`SK_COOKIES`] only when its slot is not zero.
     pub const SK_FILTER: &str = "FP_SK_FILTER";
+    /// Paired sockets counted in [`SK_FILTER`]: kernel address -> the same. A socket listed in
+    /// [`SK_COOKIES`] but not here was paired by a build without the filter.
+    pub const SK_COUNTED: &str = "FP_SK_COUNTED";
 }
 
 /// Program names, as in the probes' ELF sections.
@@ -284,7 +287,7 @@ pub struct PodStats {
 }
 
 /// All map names, for pinning, status and uninstall.
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 14] = [
     map_names::PODS,
     map_names::POD_IPS,
     map_names::SOCKS,
@@ -298,6 +301,7 @@ pub const ALL_MAPS: [&str; 13] = [
     map_names::SK_COOKIES,
     map_names::DEMOTED,
     map_names::SK_FILTER,
+    map_names::SK_COUNTED,
 ];
 
 /// Indexes into [`map_names::META`].
@@ -320,7 +324,11 @@ pub mod config_index {
     pub const SELFTEST_NETNS_HI: u32 = 2;
     /// The queue bound of [`crate::RxQueue`] in KiB (0 = [`crate::DEFAULT_QUEUE_LIMIT_BYTES`]).
     pub const QUEUE_LIMIT_KIB: u32 = 3;
-    pub const LEN: u32 = 4;
+    /// Non-zero: the recvmsg tracepoint looks every socket up, past the read filter. Set by
+    /// the installer while paired sockets may be missing from the filter (after an upgrade,
+    /// until those a build without it paired are gone).
+    pub const READ_FILTER_BYPASS: u32 = 4;
+    pub const LEN: u32 = 5;
 }
 
 /// Capacities of the maps (max_entries), shared by the probes and the loader's layout check.
@@ -376,7 +384,7 @@ const fn layout<K, V>(name: &'static str, map_type: u32, max_entries: u32) -> Ma
 }
 
 /// The layout of every map of this build, in [`ALL_MAPS`] order.
-pub const MAP_LAYOUTS: [MapLayout; 13] = [
+pub const MAP_LAYOUTS: [MapLayout; 14] = [
     layout::<u64, PodInfo>(map_names::PODS, map_type::HASH, map_capacity::PODS),
     layout::<IpKey, u64>(map_names::POD_IPS, map_type::HASH, map_capacity::POD_IPS),
     // aya-ebpf declares sockhash values as u32 (a socket fd from userspace).
@@ -399,6 +407,7 @@ pub const MAP_LAYOUTS: [MapLayout; 13] = [
         map_type::ARRAY,
         map_capacity::SK_FILTER,
     ),
+    layout::<u64, u64>(map_names::SK_COUNTED, map_type::HASH, map_capacity::RXQ),
 ];
 
 /// Where the plugin keeps one JSON file per enrolled pod, under `cni_agent_run_dir`

@@ -32,10 +32,19 @@ enum Msg {
 }
 
 /// Takes drained demoted sockets out of the sockhash every 100 ms (see
-/// [`accel::sweep_demoted`]), until the pins are gone (uninstalled).
-fn sweep_demoted_forever(pin_dir: &Path) {
-    while pin_dir.exists() {
+/// [`accel::sweep_demoted`]), and every 5 s puts the read filter back in use once it can be
+/// (see [`accel::refresh_read_filter`]), until the pins are gone (uninstalled).
+fn maintain_accelerator(pin_dir: &Path) {
+    for tick in 1u64.. {
+        if !pin_dir.exists() {
+            return;
+        }
         std::thread::sleep(Duration::from_millis(100));
+        if tick % 50 == 0
+            && let Err(e) = accel::refresh_read_filter(pin_dir)
+        {
+            log::debug!(target: SCOPE, "acceleration: read filter: {e:#}");
+        }
         match accel::sweep_demoted(pin_dir) {
             Ok(0) => {}
             Ok(n) => {
@@ -96,7 +105,7 @@ pub fn run(cfg: Config, entry: serde_json::Map<String, serde_json::Value>) -> i3
                 libc::malloc_trim(0);
             }
             if state.get() == Some(&AccelState::Active) {
-                sweep_demoted_forever(&settings.pin_dir);
+                maintain_accelerator(&settings.pin_dir);
             }
         });
         if let Err(e) = spawned {

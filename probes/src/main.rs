@@ -56,7 +56,7 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_delete_elem},
     macros::{map, raw_tracepoint, sk_msg, sock_ops},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap, SockHash},
     programs::{RawTracePointContext, SkMsgContext, SockOpsContext},
 };
 use fastpath_common::{
@@ -110,9 +110,10 @@ static FP_SK_COOKIES: HashMap<u64, u64> = HashMap::pinned(map_capacity::RXQ, 0);
 #[map(name = "FP_SK_FILTER")]
 static FP_SK_FILTER: Array<u64> = Array::pinned(map_capacity::SK_FILTER, 0);
 
-// Not pinned: one word per CPU to turn a socket pointer into a number (`address_value`).
-#[map(name = "FP_SCRATCH")]
-static FP_SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+// The sockets counted in FP_SK_FILTER: kernel address -> the same address. As a map value it
+// is a number; the verifier allows no arithmetic on the pointer sock_ops gives.
+#[map(name = "FP_SK_COUNTED")]
+static FP_SK_COUNTED: HashMap<u64, u64> = HashMap::pinned(map_capacity::RXQ, 0);
 
 const TCP_FIN_WAIT1: u32 = 4;
 const TCP_CLOSE: u32 = 7;
@@ -219,7 +220,6 @@ fn sockhash_delete(cookie: &u64) {
     }
 }
 
-/// Compare-and-swap of a socket's state; `Err(current)` when it was not `from`.
 /// Compare-and-swap (BPF_CMPXCHG, a full barrier): `Ok(from)` when `*p` was `from` and is
 /// now `to`, else `Err` with what `*p` holds.
 fn cas(p: *mut u64, from: u64, to: u64) -> Result<u64, u64> {
@@ -229,6 +229,7 @@ fn cas(p: *mut u64, from: u64, to: u64) -> Result<u64, u64> {
     if ok { Ok(prev) } else { Err(prev) }
 }
 
+/// Compare-and-swap of a socket's state; `Err(current)` when it was not `from`.
 fn state_cas(p: *mut SockState, from: u64, to: u64) -> Result<u64, u64> {
     cas(unsafe { &raw mut (*p).state }, from, to)
 }
@@ -307,42 +308,46 @@ fn demote(q: *mut RxQueue, cookie: u64) -> bool {
     won
 }
 
-/// The filter slot of the socket sock_ops is called for (`sk` = [`socket_address`]). The
-/// verifier allows no arithmetic on that pointer, but its copy in a map value is a number.
-fn filter_slot_of(sk: u64) -> Option<*mut u64> {
-    FP_SCRATCH.set(0, sk, BPF_ANY as u64).ok()?;
-    let address = *FP_SCRATCH.get(0)?;
-    FP_SK_FILTER.get_ptr_mut(sk_filter_slot(address))
+/// The filter slot of a socket listed in FP_SK_COUNTED.
+fn counted_slot(sk: u64) -> Option<*mut u64> {
+    let address = unsafe { FP_SK_COUNTED.get(&sk) }?;
+    FP_SK_FILTER.get_ptr_mut(sk_filter_slot(*address))
 }
 
-/// Lets the recvmsg tracepoint count this socket's reads: its address and cookie, and one
-/// more in its filter slot. Called before the pair is published, so no redirected byte can be
-/// read uncounted.
+/// Lets the recvmsg tracepoint count this socket's reads (`sk` = [`socket_address`]): its
+/// address and cookie, and one more in its filter slot. Called before the pair is published,
+/// so no redirected byte can be read uncounted. False: the socket must not be paired.
 fn count_reads_of(sk: u64, cookie: u64) -> bool {
-    if FP_SK_COOKIES
-        .insert(&sk, &cookie, BPF_NOEXIST as u64)
-        .is_ok()
-    {
-        if let Some(n) = filter_slot_of(sk) {
-            atomic_add(n, 1);
-        }
+    if FP_SK_COOKIES.insert(&sk, &cookie, BPF_ANY as u64).is_err() {
+        return false;
+    }
+    if unsafe { FP_SK_COUNTED.get(&sk) }.is_some() {
+        // Left by a socket freed at this address without a close callback: its count in the
+        // slot is this socket's now.
         return true;
     }
-    // The entry of a socket that was freed at this address without a close callback: it was
-    // counted in the slot already.
-    FP_SK_COOKIES.insert(&sk, &cookie, BPF_ANY as u64).is_ok()
+    if FP_SK_COUNTED.insert(&sk, &sk, BPF_NOEXIST as u64).is_ok() {
+        if let Some(n) = counted_slot(sk) {
+            atomic_add(n, 1);
+            return true;
+        }
+        let _ = FP_SK_COUNTED.remove(&sk);
+    }
+    let _ = FP_SK_COOKIES.remove(&sk);
+    false
 }
 
-/// Undoes [`count_reads_of`]. The slot never goes below zero: an entry the filter missed (one
-/// made by a build without it, before the installer counted it) must not take another
-/// socket's count; a slot counted too high only costs other sockets there a lookup.
+/// Undoes [`count_reads_of`]. A socket that a build without the filter paired was never
+/// counted, and takes nothing from its slot.
 fn stop_counting_reads_of(sk: u64) {
-    if FP_SK_COOKIES.remove(&sk).is_err() {
-        return;
-    }
-    let Some(n) = filter_slot_of(sk) else {
+    let _ = FP_SK_COOKIES.remove(&sk);
+    let Some(n) = counted_slot(sk) else {
         return;
     };
+    if FP_SK_COUNTED.remove(&sk).is_err() {
+        return;
+    }
+    // Exact counts never go below zero; should one ever read zero here, it stays there.
     let mut seen = atomic_read(n);
     for _ in 0..4 {
         if seen == 0 {
@@ -542,13 +547,19 @@ fn on_active_established(ctx: &SockOpsContext, netns: u64) {
         give_up(ctx);
         return;
     }
+    let address = socket_address(ctx);
+    if !count_reads_of(address, cookie) {
+        sockhash_delete(&cookie);
+        give_up(ctx);
+        return;
+    }
     if FP_ACTIVE.insert(&me, &active, BPF_NOEXIST as u64).is_err() {
+        stop_counting_reads_of(address);
         sockhash_delete(&cookie);
         give_up(ctx);
         return;
     }
     request_cb_flags(ctx, PAIRED_CB_FLAGS);
-    count_reads_of(socket_address(ctx), cookie);
     if let Some(s) = stats(netns) {
         s.sockets_enrolled += 1;
     }
@@ -777,10 +788,11 @@ pub fn fastpath_skmsg(ctx: SkMsgContext) -> u32 {
 }
 
 /// A reader took `ret` bytes out of a socket (`sock:sock_recv_length`, fired by every
-/// recvmsg on the node). Only paired sockets have an entry; the reads of all others stop at
-/// their empty filter slot, an array load, not a hash lookup. While paired, a socket only receives redirected bytes; once demoted, it
-/// reads TCP bytes only when its redirect queue is empty, and those take the count below zero,
-/// which reads as empty, which is then true.
+/// recvmsg on the node). Only paired sockets have an entry; the reads of other sockets stop
+/// at their filter slot, an array load, when it is empty (most are: a shared slot costs the
+/// lookup). While paired, a socket only receives redirected bytes; once demoted, it reads TCP
+/// bytes only when its redirect queue is empty, and those take the count below zero, which
+/// reads as empty, which is then true.
 #[raw_tracepoint(tracepoint = "sock_recv_length")]
 pub fn fastpath_rx_consumed(ctx: RawTracePointContext) -> i32 {
     // TP_PROTO(struct sock *sk, int ret, int flags)
@@ -790,9 +802,11 @@ pub fn fastpath_rx_consumed(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let sk = ctx.arg::<u64>(0);
-    match FP_SK_FILTER.get(sk_filter_slot(sk)) {
-        Some(n) if *n != 0 => {}
-        _ => return 0,
+    if config(config_index::READ_FILTER_BYPASS) == 0 {
+        match FP_SK_FILTER.get(sk_filter_slot(sk)) {
+            Some(n) if *n != 0 => {}
+            _ => return 0,
+        }
     }
     let Some(cookie) = (unsafe { FP_SK_COOKIES.get(&sk) }) else {
         return 0;

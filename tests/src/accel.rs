@@ -74,6 +74,15 @@ impl Accel {
             .unwrap_or_default()
     }
 
+    /// One of this accelerator's pinned maps, typed (`aya::maps::HashMap<MapData, K, V>`, ...).
+    pub fn map<T>(&self, name: &str) -> T
+    where
+        T: TryFrom<aya::maps::Map>,
+        T::Error: std::fmt::Debug,
+    {
+        pinned_map(self.pin_dir(), name)
+    }
+
     /// Number of entries in a pinned map.
     pub fn map_entries(&self, name: &str) -> usize {
         use fastpath_installer::accel::sys;
@@ -152,6 +161,19 @@ impl Pod {
     pub fn sh(&self, cmd: &str) -> String {
         self.ns.exec_ok(&["sh", "-c", cmd]).unwrap()
     }
+}
+
+/// A map pinned in `dir`, typed.
+pub fn pinned_map<T>(dir: &Path, name: &str) -> T
+where
+    T: TryFrom<aya::maps::Map>,
+    T::Error: std::fmt::Debug,
+{
+    let data = aya::maps::MapData::from_pin(dir.join(name)).unwrap();
+    aya::maps::Map::from_map_data(data)
+        .unwrap()
+        .try_into()
+        .unwrap()
 }
 
 /// Connects two pods with a veth pair: `a` gets 10.247.`subnet`.1/24, `b` .2/24.

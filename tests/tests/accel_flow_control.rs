@@ -3,7 +3,10 @@
 //! ran out (then sends fail with ENOMEM). The probes bound each reader's queue: past the limit
 //! the connection is demoted to TCP, in order, and its sockets leave the sockhash once their
 //! queues are read. A half-close demotes too.
-use fastpath_common::{RxQueue, map_names, rxq_state};
+use fastpath_common::{RxQueue, config_index, map_names, rxq_state};
+use fastpath_installer::accel::{
+    AccelState, ReadFilter, refresh_read_filter, start, status_report,
+};
 use fastpath_tests::accel::{Accel, Pod, fionread, pattern, read_exact_retry};
 use std::{
     io::{ErrorKind, Read as _, Write as _},
@@ -15,9 +18,7 @@ use std::{
 const LIMIT: u64 = 1 << 20;
 
 fn rx_queue(accel: &Accel, s: &TcpStream) -> Option<RxQueue> {
-    use aya::maps::{HashMap, Map, MapData};
-    let data = MapData::from_pin(accel.pin_dir().join(map_names::RXQ)).unwrap();
-    let map: HashMap<MapData, u64, RxQueue> = Map::from_map_data(data).unwrap().try_into().unwrap();
+    let map: aya::maps::HashMap<_, u64, RxQueue> = accel.map(map_names::RXQ);
     let cookie = fastpath_installer::accel::sys::socket_cookie(s.as_fd()).unwrap();
     map.get(&cookie, 0).ok()
 }
@@ -157,6 +158,32 @@ fn send_in_lockstep(c: &TcpStream, s: &mut TcpStream, data: &[u8]) {
     }
     writer.join().unwrap();
     assert!(got == data, "stream altered");
+}
+
+/// The agent on this accelerator's pins (the same build: it reuses them).
+fn start_agent(
+    accel: &Accel,
+    tag: &str,
+) -> (
+    fastpath_tests::installer::Host,
+    fastpath_tests::installer::Agent,
+) {
+    let host = fastpath_tests::installer::Host::new(tag);
+    host.write(
+        "10-lo.conflist",
+        &format!(
+            r#"{{"cniVersion": "1.0.0", "name": "fp-{tag}", "plugins": [{{"type": "loopback"}}]}}"#
+        ),
+    );
+    let agent = fastpath_tests::installer::Agent::start(
+        &host,
+        &[
+            ("FASTPATH_ACCELERATION", "true"),
+            ("FASTPATH_BPF_PIN_DIR", accel.pin_dir().to_str().unwrap()),
+            ("FASTPATH_MAX_QUEUED_BYTES", &LIMIT.to_string()),
+        ],
+    );
+    (host, agent)
 }
 
 #[test]
@@ -327,19 +354,7 @@ fn a_drained_reader_that_gets_no_more_segments_is_swept_out_of_the_sockhash() {
             "the reader stays in the sockhash, where FIONREAD hides the TCP bytes behind"
         );
         // The agent, started on these pins (same build: it reuses them), sweeps every 100 ms.
-        let host = fastpath_tests::installer::Host::new("sweep");
-        host.write(
-            "10-lo.conflist",
-            r#"{"cniVersion": "1.0.0", "name": "fp-sweep", "plugins": [{"type": "loopback"}]}"#,
-        );
-        let mut agent = fastpath_tests::installer::Agent::start(
-            &host,
-            &[
-                ("FASTPATH_ACCELERATION", "true"),
-                ("FASTPATH_BPF_PIN_DIR", accel.pin_dir().to_str().unwrap()),
-                ("FASTPATH_MAX_QUEUED_BYTES", &LIMIT.to_string()),
-            ],
-        );
+        let (_host, mut agent) = start_agent(&accel, "sweep");
         let deadline = Instant::now() + Duration::from_secs(10);
         while accel.map_entries(map_names::SOCKS) > 0 {
             assert!(
@@ -372,22 +387,19 @@ fn a_drained_reader_that_gets_no_more_segments_is_swept_out_of_the_sockhash() {
 }
 
 /// The filter that spares other sockets' reads a lookup: one count per paired socket, back to
-/// zero when they close; a paired socket the filter misses has its reads ignored (so its
-/// queue is demoted for nothing), which is why the installer counts such sockets on upgrade.
+/// zero when they close. A paired socket the filter misses has its reads ignored (its queue is
+/// demoted for nothing), so after an upgrade from a build without the filter, the tracepoint
+/// looks every read up until the sockets that build paired are gone.
 #[test]
 fn the_read_filter_counts_every_paired_socket_and_only_those() {
     if !fastpath_tests::require_privileges("the_read_filter_counts_every_paired_socket") {
         return;
     }
-    use aya::maps::{Array, HashMap, Map, MapData};
+    use aya::maps::{Array, HashMap, MapData};
     let accel = Accel::start_configured("flowfilter", |s| s.max_queued_bytes = LIMIT);
     let pod = Pod::new("fpflowfilter");
     accel.enroll(&pod, None);
-    let pin_dir = accel.pin_dir().to_path_buf();
-    let filter = || -> Array<MapData, u64> {
-        let data = MapData::from_pin(pin_dir.join(map_names::SK_FILTER)).unwrap();
-        Map::from_map_data(data).unwrap().try_into().unwrap()
-    };
+    let filter = || -> Array<MapData, u64> { accel.map(map_names::SK_FILTER) };
     let filter_total = || filter().iter().map(Result::unwrap).sum::<u64>();
     let zero_filter = || {
         let mut f = filter();
@@ -413,11 +425,7 @@ fn the_read_filter_counts_every_paired_socket_and_only_those() {
         let conns: Vec<_> = (0..8).map(|_| pair()).collect();
         wait_sockhash(&accel, 16, "eight connections paired");
         assert_eq!(filter_total(), 16, "one count per paired socket");
-        let cookies: HashMap<MapData, u64, u64> =
-            Map::from_map_data(MapData::from_pin(pin_dir.join(map_names::SK_COOKIES)).unwrap())
-                .unwrap()
-                .try_into()
-                .unwrap();
+        let cookies: HashMap<MapData, u64, u64> = accel.map(map_names::SK_COOKIES);
         for sk in cookies.keys().map(Result::unwrap) {
             let slot = fastpath_common::sk_filter_slot(sk);
             assert_ne!(
@@ -440,12 +448,60 @@ fn the_read_filter_counts_every_paired_socket_and_only_those() {
         drop((c, s));
         wait_unpaired("after the missed pair closed");
 
-        // Counted again by the installer: its reads are seen, it is never demoted.
+        // Paired by a build without the filter (listed, never counted), then an upgrade: the
+        // new tracepoint looks every read up until those sockets are gone.
         let (c, mut s) = pair();
-        wait_sockhash(&accel, 2, "repaired pair");
+        wait_sockhash(&accel, 2, "pair of the previous build");
+        let mut counted: HashMap<MapData, u64, u64> = accel.map(map_names::SK_COUNTED);
+        for sk in counted.keys().map(Result::unwrap).collect::<Vec<_>>() {
+            counted.remove(&sk).unwrap();
+        }
         zero_filter();
-        let counted = fastpath_installer::accel::count_unfiltered_readers(&pin_dir).unwrap();
-        assert_eq!(counted, 2, "both sockets of the pair counted");
+        let mut meta: Array<MapData, u64> = accel.map(map_names::META);
+        meta.set(fastpath_common::meta_index::OBJECT_HASH, 0x0bad, 0)
+            .unwrap();
+        assert_eq!(start(&accel.settings), AccelState::Active, "upgrade");
+        assert_eq!(
+            refresh_read_filter(accel.pin_dir()).unwrap(),
+            ReadFilter::Bypassed { uncounted: 2 }
+        );
+        let status = status_report(&accel.settings).unwrap();
+        assert!(status.contains("bypassed: 2 paired sockets"), "{status}");
+        send_in_lockstep(&c, &mut s, &data);
+        let q = rx_queue(&accel, &s).expect("reader's queue entry");
+        assert_eq!(
+            (q.state, q.queued),
+            (rxq_state::OPEN, 0),
+            "reads seen: {q:?}"
+        );
+        // The agent puts the filter back in use once they are gone (it checks every 5 s).
+        let (_host, mut agent) = start_agent(&accel, "filter");
+        let bypass = || {
+            let cfg: Array<MapData, u32> = accel.map(map_names::CONFIG);
+            cfg.get(&config_index::READ_FILTER_BYPASS, 0).unwrap()
+        };
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(bypass(), 1, "in use while sockets are missing from it");
+        drop((c, s));
+        wait_unpaired("after the previous build's pair closed");
+        assert_eq!(
+            filter_total(),
+            0,
+            "uncounted sockets took nothing from the filter"
+        );
+        let deadline = Instant::now() + Duration::from_secs(12);
+        while bypass() != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the agent left the filter bypassed; its log:\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        agent.terminate();
+        let (c, mut s) = pair();
+        wait_sockhash(&accel, 2, "pair after the filter is back in use");
+        assert_eq!(filter_total(), 2, "new pairs are counted");
         send_in_lockstep(&c, &mut s, &data);
         let q = rx_queue(&accel, &s).expect("reader's queue entry");
         assert_eq!((q.state, q.queued), (rxq_state::OPEN, 0), "{q:?}");

@@ -29,7 +29,7 @@ use aya::{
 };
 use fastpath_common::{
     ALL_MAPS, IpKey, MAP_ABI_VERSION, MAP_LAYOUTS, PodInfo, PodStats, RX_CONSUMED_TRACEPOINT,
-    RxQueue, config_index, map_names, meta_index, prog_names, rxq_state, sk_filter_slot,
+    RxQueue, config_index, map_names, meta_index, prog_names, rxq_state,
 };
 use std::{
     os::fd::AsFd as _,
@@ -147,6 +147,14 @@ pub fn start_with(
         set_queue_limit(&settings.pin_dir, settings.max_queued_bytes)?;
         let report = self_test(&settings.pin_dir)?;
         log::info!("accelerator self-test: {}", report.summary());
+        match refresh_read_filter(&settings.pin_dir) {
+            Ok(ReadFilter::InUse) => {}
+            Ok(ReadFilter::Bypassed { uncounted }) => log::info!(
+                "recvmsg tracepoint: {uncounted} sockets paired by the previous build are not in \
+                 its read filter; every read is looked up until they close"
+            ),
+            Err(e) => log::warn!("recvmsg tracepoint: read filter left off: {e:#}"),
+        }
         match report.failure() {
             None => Ok(()),
             Some(why) => Err(anyhow!("kernel self-test failed: {why}")),
@@ -230,27 +238,52 @@ pub fn sweep_demoted(pin_dir: &Path) -> Result<usize> {
     Ok(released)
 }
 
-/// Counts, in the recvmsg tracepoint's filter, every paired socket whose slot reads zero, and
-/// returns how many there were. Sockets paired by a build that kept no filter (an upgrade from
-/// one, or a downgrade and back) have none: the tracepoint would skip their reads, so their
-/// queues would look ever fuller until they were demoted for nothing. A slot counted too high
-/// only costs the other sockets that share it a lookup per read.
-pub fn count_unfiltered_readers(pin_dir: &Path) -> Result<usize> {
+/// Whether the recvmsg tracepoint trusts its read filter ([`config_index::READ_FILTER_BYPASS`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadFilter {
+    /// Reads of sockets whose filter slot is empty are skipped without a lookup.
+    InUse,
+    /// Every read is looked up: `uncounted` paired sockets are missing from the filter.
+    Bypassed { uncounted: usize },
+}
+
+/// Paired sockets missing from the read filter: listed in FP_SK_COOKIES, not in FP_SK_COUNTED.
+/// Only a build without the filter pairs such sockets.
+fn uncounted_paired_sockets(pin_dir: &Path) -> Result<usize> {
     let cookies: HashMap<MapData, u64, u64> =
         pinned_map(pin_dir, map_names::SK_COOKIES)?.try_into()?;
-    let mut filter: Array<MapData, u64> = pinned_map(pin_dir, map_names::SK_FILTER)?.try_into()?;
-    let mut missing = 0;
-    for sk in cookies.keys().filter_map(Result::ok) {
-        let slot = sk_filter_slot(sk);
-        if filter.get(&slot, 0)? == 0 {
-            // 2, not 1: this write is not atomic with the probes' increments, so a socket
-            // paired into the same slot between the read and the write may have its count
-            // overwritten; the spare one keeps the slot open for it.
-            filter.set(slot, 2, 0)?;
-            missing += 1;
-        }
+    let counted: HashMap<MapData, u64, u64> =
+        pinned_map(pin_dir, map_names::SK_COUNTED)?.try_into()?;
+    Ok(cookies
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|sk| counted.get(sk, 0).is_err())
+        .count())
+}
+
+fn set_read_filter_bypass(pin_dir: &Path, on: bool) -> Result<()> {
+    let mut cfg: Array<MapData, u32> = pinned_map(pin_dir, map_names::CONFIG)?.try_into()?;
+    cfg.set(config_index::READ_FILTER_BYPASS, on as u32, 0)?;
+    Ok(())
+}
+
+/// Puts the read filter in use once no paired socket is missing from it, and returns its
+/// state. Sockets go missing only while a build without the filter pairs them; after its
+/// programs are replaced, their number only falls. Cheap while the filter is in use; the agent
+/// calls it every few seconds.
+pub fn refresh_read_filter(pin_dir: &Path) -> Result<ReadFilter> {
+    let cfg: Array<MapData, u32> = pinned_map(pin_dir, map_names::CONFIG)?.try_into()?;
+    if cfg.get(&config_index::READ_FILTER_BYPASS, 0)? == 0 {
+        return Ok(ReadFilter::InUse);
     }
-    Ok(missing)
+    match uncounted_paired_sockets(pin_dir)? {
+        0 => {
+            set_read_filter_bypass(pin_dir, false)?;
+            log::info!("recvmsg tracepoint: read filter in use");
+            Ok(ReadFilter::InUse)
+        }
+        uncounted => Ok(ReadFilter::Bypassed { uncounted }),
+    }
 }
 
 /// Sockets in the pinned sockhash (0 when there is none).
@@ -423,11 +456,11 @@ fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
     }
     replace_program_pin(skmsg.fd()?.as_fd(), &pin(dir, PIN_PROG_SKMSG))?;
 
+    // The programs replaced may have paired sockets without counting them in the read filter
+    // (a build without it, or one still running when its link was swapped): the new
+    // tracepoint looks every read up until start() finds none left.
+    set_read_filter_bypass(dir, true)?;
     attach_rx_consumed(&mut ebpf, dir)?;
-    match count_unfiltered_readers(dir)? {
-        0 => {}
-        n => log::info!("recvmsg tracepoint: counted {n} sockets paired by the previous build"),
-    }
 
     write_meta(dir, ours)?;
     // Fresh enrollment maps (first start, reboot, layout change): pods recorded by the plugin
@@ -648,9 +681,14 @@ pub fn status_report(settings: &AccelSettings) -> Result<String> {
             .iter()
             .filter(|v| matches!(v, Ok(n) if *n != 0))
             .count();
+        let state = match uncounted_paired_sockets(dir) {
+            Ok(0) => "in use".to_string(),
+            Ok(n) => format!("bypassed: {n} paired sockets of a previous build are not in it"),
+            Err(e) => format!("unknown ({e:#})"),
+        };
         writeln!(
             s,
-            "recvmsg filter: {used} of {} slots hold paired sockets",
+            "recvmsg read filter: {state}; {used} of {} slots hold paired sockets",
             filter.len()
         )?;
     }
