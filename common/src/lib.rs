@@ -325,8 +325,8 @@ pub mod config_index {
     /// The queue bound of [`crate::RxQueue`] in KiB (0 = [`crate::DEFAULT_QUEUE_LIMIT_BYTES`]).
     pub const QUEUE_LIMIT_KIB: u32 = 3;
     /// Non-zero: the recvmsg tracepoint looks every socket up, past the read filter. Set by
-    /// the installer while paired sockets may be missing from the filter (after an upgrade,
-    /// until those a build without it paired are gone).
+    /// the installer whenever it attaches new programs, and cleared once no paired socket is
+    /// missing from the filter (those a build without it paired are gone).
     pub const READ_FILTER_BYPASS: u32 = 4;
     pub const LEN: u32 = 5;
 }

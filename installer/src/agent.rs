@@ -41,6 +41,7 @@ fn maintain_accelerator(pin_dir: &Path) {
         }
         std::thread::sleep(Duration::from_millis(100));
         if tick % 50 == 0
+            && accel::read_filter_bypassed(pin_dir).unwrap_or(false)
             && let Err(e) = accel::refresh_read_filter(pin_dir)
         {
             log::debug!(target: SCOPE, "acceleration: read filter: {e:#}");

@@ -322,8 +322,14 @@ fn count_reads_of(sk: u64, cookie: u64) -> bool {
         return false;
     }
     if unsafe { FP_SK_COUNTED.get(&sk) }.is_some() {
-        // Left by a socket freed at this address without a close callback: its count in the
-        // slot is this socket's now.
+        // Left by a socket freed at this address without a close callback (or by a build that
+        // did not keep the two in step): its count is this socket's now. Should the slot read
+        // zero, one more keeps it open; too high only costs other sockets a lookup.
+        if let Some(n) = counted_slot(sk) {
+            if atomic_read(n) == 0 {
+                atomic_add(n, 1);
+            }
+        }
         return true;
     }
     if FP_SK_COUNTED.insert(&sk, &sk, BPF_NOEXIST as u64).is_ok() {
@@ -443,6 +449,9 @@ pub fn fastpath_sockops(ctx: SockOpsContext) -> u32 {
         return 1;
     };
     if pod.flags & pod_flags::ACCELERATE == 0 || !accel_enabled(netns) {
+        if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+            release_waiting_client(&ctx, netns);
+        }
         return 1;
     }
     let is_fullsock = unsafe { (*ctx.ops).is_fullsock } != 0;
@@ -661,6 +670,31 @@ fn on_passive_established(ctx: &SockOpsContext, pod: &PodInfo, netns: u64) {
         s.enroll_failures += 1;
     }
     let _ = state_cas(cs, sock_state::PENDING, sock_state::TAINTED);
+    sockhash_delete(&active.cookie);
+}
+
+/// The server's handshake completed, but it will not pair: acceleration was switched off (or
+/// its pod opted out) after its SYN was seen. Its client, if it is waiting in the sockhash,
+/// must not stay there without a peer.
+#[inline(never)]
+fn release_waiting_client(ctx: &SockOpsContext, netns: u64) {
+    let Some(ip) = remote_ip(ctx) else { return };
+    let client = endpoint(ip, remote_port(ctx), netns);
+    let _ = FP_PENDING.remove(&client);
+    let Some(active) = (unsafe { FP_ACTIVE.get(&client) }).copied() else {
+        return;
+    };
+    let ops = unsafe { &*ctx.ops };
+    // Another socket bound to the same endpoint (see `on_passive_established`).
+    if ops.rcv_nxt != active.snd_una || ops.snd_nxt != active.rcv_nxt {
+        return;
+    }
+    if FP_ACTIVE.remove(&client).is_err() {
+        return;
+    }
+    if let Some(cs) = FP_PAIRS.get_ptr_mut(&active.client) {
+        let _ = state_cas(cs, sock_state::PENDING, sock_state::TAINTED);
+    }
     sockhash_delete(&active.cookie);
 }
 

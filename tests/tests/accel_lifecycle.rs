@@ -95,7 +95,9 @@ fn pair_new_connection(pod: &Pod) {
 }
 
 /// A hash map of another layout (key 8 B, value 4 B), pinned at `path`.
-fn pin_foreign_map(path: &Path) {
+/// Pins, in place of `path`, a new map of this layout (`BPF_MAP_TYPE_*`, key and value
+/// sizes, max entries).
+fn pin_foreign_map(path: &Path, layout: [u32; 4]) {
     #[repr(C)]
     struct Create {
         map_type: u32,
@@ -104,11 +106,12 @@ fn pin_foreign_map(path: &Path) {
         max_entries: u32,
     }
     let mut attr = [0u8; 128];
+    let [map_type, key_size, value_size, max_entries] = layout;
     let c = Create {
-        map_type: 1,
-        key_size: 8,
-        value_size: 4,
-        max_entries: 4,
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
     };
     // SAFETY: plain bytes of a repr(C) struct into a zeroed bpf_attr.
     unsafe {
@@ -240,7 +243,7 @@ fn restart_upgrade_migration_and_uninstall_with_live_connections() {
 
     // A map whose layout changed is recreated; the enrollment map is rebuilt from the
     // plugin's records.
-    pin_foreign_map(&dir.join(map_names::PODS));
+    pin_foreign_map(&dir.join(map_names::PODS), [1, 8, 4, 4]);
     let old_pods_id = map_id(&dir, map_names::PODS);
     assert_eq!(accel::start(&fixture.settings), AccelState::Active);
     let migrated = ids(&dir);
@@ -257,6 +260,30 @@ fn restart_upgrade_migration_and_uninstall_with_live_connections() {
     let before = fixture.stats(pod.cookie()).connections_paired;
     pair_new_connection(&pod);
     assert_eq!(fixture.stats(pod.cookie()).connections_paired, before + 1);
+    live.exercise();
+
+    // FP_CONFIG as the build before this one had it (4 switches) is recreated with its
+    // values: the new programs read them from the swap on, and start() writes acceleration on
+    // only after the self-test.
+    pin_foreign_map(&dir.join(map_names::CONFIG), [2, 4, 4, 4]);
+    let mut old_config: Array<MapData, u32> = pinned_map(&dir, map_names::CONFIG);
+    old_config
+        .set(fastpath_common::config_index::ACCEL_ENABLED, 1, 0)
+        .unwrap();
+    let state = accel::start_with(&fixture.settings, |pin_dir| {
+        let config: Array<MapData, u32> = pinned_map(pin_dir, map_names::CONFIG);
+        assert_eq!(
+            config.len(),
+            fastpath_common::config_index::LEN,
+            "FP_CONFIG recreated"
+        );
+        let enabled = config
+            .get(&fastpath_common::config_index::ACCEL_ENABLED, 0)
+            .unwrap();
+        assert_eq!(enabled, 1, "acceleration stayed on through the recreation");
+        accel::selftest::run(pin_dir)
+    });
+    assert_eq!(state, AccelState::Active);
     live.exercise();
 
     // Explicit uninstall: pins gone, links detached, programs unloaded.

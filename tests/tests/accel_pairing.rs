@@ -441,3 +441,59 @@ fn twin_sockets_on_one_endpoint_never_sit_unpaired() {
     );
     drop(right);
 }
+
+/// Acceleration is switched off between the client's half of a handshake and the server's:
+/// the client already sits in the sockhash waiting for its peer, and the server will not pair
+/// it. It must leave the sockhash when the server establishes, or FIONREAD would read 0 over
+/// every byte the server sends it over TCP.
+#[test]
+fn a_client_whose_server_will_not_pair_leaves_the_sockhash() {
+    if !fastpath_tests::require_privileges(
+        "a_client_whose_server_will_not_pair_leaves_the_sockhash",
+    ) {
+        return;
+    }
+    use aya::maps::{Array, MapData};
+    let accel = Accel::start("stranded");
+    let pod = Pod::new("fpstrand");
+    accel.enroll(&pod, None);
+    pod.run(|| {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        // The server's half waits: the handshake's final ACK (a bare ACK) is dropped.
+        let rule =
+            format!("INPUT -p tcp --dport {port} --tcp-flags SYN,ACK,FIN,RST,PSH ACK -j DROP");
+        pod.sh(&format!("iptables -I {rule}"));
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while accel.map_entries(map_names::SOCKS) != 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the client did not wait in the sockhash"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut config: Array<MapData, u32> = accel.map(map_names::CONFIG);
+        config
+            .set(fastpath_common::config_index::ACCEL_ENABLED, 0, 0)
+            .unwrap();
+        pod.sh(&format!("iptables -D {rule}"));
+        // The server's SYN-ACK is sent again after about a second; the client's answer
+        // completes the server's handshake.
+        let (mut s, _) = l.accept().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while accel.map_entries(map_names::SOCKS) != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the client stays in the sockhash without a peer"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        s.write_all(&pattern(7, 1000)).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(fionread(&c), 1000, "FIONREAD sees the server's bytes");
+        let mut got = vec![0; 1000];
+        c.read_exact(&mut got).unwrap();
+        assert!(got == pattern(7, 1000));
+    });
+}

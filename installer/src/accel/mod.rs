@@ -145,16 +145,17 @@ pub fn start_with(
     }
     let outcome = load_or_reuse(settings).and_then(|()| {
         set_queue_limit(&settings.pin_dir, settings.max_queued_bytes)?;
+        // Before the self-test, so that it counts reads through the filter; after it too,
+        // for a socket an old program paired while its link was being swapped.
+        let refresh = || {
+            if let Err(e) = refresh_read_filter(&settings.pin_dir) {
+                log::warn!("recvmsg tracepoint: every read stays looked up: {e:#}");
+            }
+        };
+        refresh();
         let report = self_test(&settings.pin_dir)?;
         log::info!("accelerator self-test: {}", report.summary());
-        match refresh_read_filter(&settings.pin_dir) {
-            Ok(ReadFilter::InUse) => {}
-            Ok(ReadFilter::Bypassed { uncounted }) => log::info!(
-                "recvmsg tracepoint: {uncounted} sockets paired by the previous build are not in \
-                 its read filter; every read is looked up until they close"
-            ),
-            Err(e) => log::warn!("recvmsg tracepoint: read filter left off: {e:#}"),
-        }
+        refresh();
         match report.failure() {
             None => Ok(()),
             Some(why) => Err(anyhow!("kernel self-test failed: {why}")),
@@ -267,23 +268,65 @@ fn set_read_filter_bypass(pin_dir: &Path, on: bool) -> Result<()> {
     Ok(())
 }
 
-/// Puts the read filter in use once no paired socket is missing from it, and returns its
-/// state. Sockets go missing only while a build without the filter pairs them; after its
-/// programs are replaced, their number only falls. Cheap while the filter is in use; the agent
-/// calls it every few seconds.
-pub fn refresh_read_filter(pin_dir: &Path) -> Result<ReadFilter> {
+/// Whether the recvmsg tracepoint looks every read up ([`config_index::READ_FILTER_BYPASS`]).
+pub fn read_filter_bypassed(pin_dir: &Path) -> Result<bool> {
     let cfg: Array<MapData, u32> = pinned_map(pin_dir, map_names::CONFIG)?.try_into()?;
-    if cfg.get(&config_index::READ_FILTER_BYPASS, 0)? == 0 {
-        return Ok(ReadFilter::InUse);
-    }
-    match uncounted_paired_sockets(pin_dir)? {
-        0 => {
-            set_read_filter_bypass(pin_dir, false)?;
-            log::info!("recvmsg tracepoint: read filter in use");
-            Ok(ReadFilter::InUse)
+    Ok(cfg.get(&config_index::READ_FILTER_BYPASS, 0)? != 0)
+}
+
+/// Puts the read filter in use when no paired socket is missing from it, bypasses it
+/// otherwise, and returns its state. Sockets go missing only while a build without the filter
+/// pairs them (or while an old program is still finishing as its link is swapped), so after
+/// an upgrade their number only falls. Walks every paired socket: the agent calls it every few
+/// seconds only while the filter is bypassed.
+pub fn refresh_read_filter(pin_dir: &Path) -> Result<ReadFilter> {
+    let was_bypassed = read_filter_bypassed(pin_dir)?;
+    let state = match uncounted_paired_sockets(pin_dir)? {
+        0 => ReadFilter::InUse,
+        uncounted => ReadFilter::Bypassed { uncounted },
+    };
+    let bypass = state != ReadFilter::InUse;
+    if bypass != was_bypassed {
+        set_read_filter_bypass(pin_dir, bypass)?;
+        match state {
+            ReadFilter::InUse => log::info!("recvmsg tracepoint: read filter in use"),
+            ReadFilter::Bypassed { uncounted } => log::info!(
+                "recvmsg tracepoint: {uncounted} paired sockets are not in its read filter \
+                 (paired by a previous build); every read is looked up until they close"
+            ),
         }
-        uncounted => Ok(ReadFilter::Bypassed { uncounted }),
     }
+    Ok(state)
+}
+
+/// Unmarks every socket counted in the read filter (see [`load_or_reuse`]).
+fn forget_counted_sockets(pin_dir: &Path) -> Result<()> {
+    let mut counted: HashMap<MapData, u64, u64> =
+        pinned_map(pin_dir, map_names::SK_COUNTED)?.try_into()?;
+    let sockets: Vec<u64> = counted.keys().filter_map(Result::ok).collect();
+    for sk in sockets {
+        let _ = counted.remove(&sk);
+    }
+    Ok(())
+}
+
+/// The runtime switches in FP_CONFIG (empty when there is no such pin).
+fn read_config(pin_dir: &Path) -> Vec<u32> {
+    let Ok(cfg) = pinned_map(pin_dir, map_names::CONFIG)
+        .and_then(|m| Array::<MapData, u32>::try_from(m).map_err(Into::into))
+    else {
+        return Vec::new();
+    };
+    cfg.iter().map_while(Result::ok).collect()
+}
+
+/// Writes switches read by [`read_config`] into the pinned FP_CONFIG, as far as both reach.
+fn write_config(pin_dir: &Path, values: &[u32]) -> Result<()> {
+    let mut cfg: Array<MapData, u32> = pinned_map(pin_dir, map_names::CONFIG)?.try_into()?;
+    for (index, value) in (0..cfg.len()).zip(values) {
+        cfg.set(index, *value, 0)?;
+    }
+    Ok(())
 }
 
 /// Sockets in the pinned sockhash (0 when there is none).
@@ -392,6 +435,10 @@ fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
         return Ok(());
     }
 
+    // The runtime switches outlive a recreated FP_CONFIG: the new programs read them as soon
+    // as they are swapped in, long before start() writes them again (zeros would switch
+    // acceleration off and reset the queue bound for live connections in between).
+    let config_kept = read_config(dir);
     let mut recreated = Vec::new();
     for (layout, verdict) in MAP_LAYOUTS.iter().zip(&verdicts) {
         if let plan::MapVerdict::Recreate(reason) = verdict {
@@ -404,6 +451,9 @@ fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
         .default_map_pin_directory(dir)
         .load(crate::probes::OBJECT)
         .context("load the probes")?;
+    if recreated.contains(&map_names::CONFIG) {
+        write_config(dir, &config_kept)?;
+    }
 
     let sockops: &mut SockOps = ebpf
         .program_mut(prog_names::SOCK_OPS)
@@ -428,6 +478,12 @@ fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
         log::info!("sock_ops: attached to {} and pinned", cgroup.display());
     }
     replace_program_pin(sockops.fd()?.as_fd(), &pin(dir, PIN_PROG_SOCKOPS))?;
+    if recreated.contains(&map_names::SK_FILTER) {
+        // The counts are gone with the old filter; the sockets marked as counted are not
+        // (counted in the new one, they would be skipped): unmarked, they keep the filter
+        // bypassed until they close. Done after the swap, so no old program marks any more.
+        forget_counted_sockets(dir)?;
+    }
 
     let socks_fd = sys::obj_get(&pin(dir, map_names::SOCKS)).context("open the sockhash")?;
     let skmsg: &mut SkMsg = ebpf
@@ -681,14 +737,18 @@ pub fn status_report(settings: &AccelSettings) -> Result<String> {
             .iter()
             .filter(|v| matches!(v, Ok(n) if *n != 0))
             .count();
-        let state = match uncounted_paired_sockets(dir) {
-            Ok(0) => "in use".to_string(),
-            Ok(n) => format!("bypassed: {n} paired sockets of a previous build are not in it"),
-            Err(e) => format!("unknown ({e:#})"),
+        let state = match read_filter_bypassed(dir) {
+            Ok(false) => "in use",
+            Ok(true) => "bypassed (every read is looked up)",
+            Err(_) => "unknown",
         };
+        let missing = uncounted_paired_sockets(dir)
+            .map(|n| n.to_string())
+            .unwrap_or_else(|e| format!("? ({e:#})"));
         writeln!(
             s,
-            "recvmsg read filter: {state}; {used} of {} slots hold paired sockets",
+            "recvmsg read filter: {state}; paired sockets not in it: {missing}; {used} of {} \
+             slots hold paired sockets",
             filter.len()
         )?;
     }
