@@ -286,6 +286,21 @@ fn restart_upgrade_migration_and_uninstall_with_live_connections() {
     assert_eq!(state, AccelState::Active);
     live.exercise();
 
+    // A read filter of another capacity is recreated empty: a pair counted in the old one is
+    // unmarked, so every read is looked up while it lives.
+    let uncounted = |dir: &Path| match accel::refresh_read_filter(dir).unwrap() {
+        accel::ReadFilter::Bypassed { uncounted } => uncounted,
+        accel::ReadFilter::InUse => 0,
+    };
+    let mut counted_pair = Live::open(&pod);
+    counted_pair.exercise();
+    let before = uncounted(&dir);
+    pin_foreign_map(&dir.join(map_names::SK_FILTER), [2, 4, 8, 1024]);
+    assert_eq!(accel::start(&fixture.settings), AccelState::Active);
+    assert_eq!(uncounted(&dir), before + 2, "the counted pair is unmarked");
+    counted_pair.exercise();
+    live.exercise();
+
     // Explicit uninstall: pins gone, links detached, programs unloaded.
     accel::uninstall(&fixture.settings).unwrap();
     assert!(!dir.exists(), "pin directory removed");
