@@ -577,18 +577,13 @@ fn on_active_established(ctx: &SockOpsContext, netns: u64) {
 /// The server's handshake completed; accept() cannot have returned this socket yet.
 #[inline(never)]
 fn on_passive_established(ctx: &SockOpsContext, pod: &PodInfo, netns: u64) {
-    let Some(ip) = remote_ip(ctx) else { return };
-    let client = endpoint(ip, remote_port(ctx), netns);
-    // A client that was not enrolled never claimed its PENDING entry.
-    let _ = FP_PENDING.remove(&client);
+    let Some((client, active, ours)) = waiting_client(ctx, netns) else {
+        return;
+    };
     if port_excluded(pod, ctx.local_port()) {
         return;
     }
-    let Some(active) = (unsafe { FP_ACTIVE.get(&client) }).copied() else {
-        return;
-    };
-    let ops = unsafe { &*ctx.ops };
-    if ops.rcv_nxt != active.snd_una || ops.snd_nxt != active.rcv_nxt {
+    if !ours {
         // The SYN record of this endpoint was claimed by another socket bound to the same
         // endpoint (SO_REUSEADDR twins): that socket's server is not us, and no local server
         // will pair it. Take it out of the sockhash, on TCP for good.
@@ -669,7 +664,33 @@ fn on_passive_established(ctx: &SockOpsContext, pod: &PodInfo, netns: u64) {
     } else if let Some(s) = stats(netns) {
         s.enroll_failures += 1;
     }
-    let _ = state_cas(cs, sock_state::PENDING, sock_state::TAINTED);
+    taint_client(&active);
+}
+
+/// The enrolled client whose handshake the server of this callback just completed, as its
+/// FP_ACTIVE record has it (its PENDING record is removed first: a client that was not
+/// enrolled never claimed it). `ours` is false when the record's sequence numbers are not this
+/// connection's: another socket bound to the same endpoint claimed the record.
+// Inlined: as a call of its own its frame would stack on the callback's, past the verifier's
+// 512 bytes.
+#[inline(always)]
+fn waiting_client(ctx: &SockOpsContext, netns: u64) -> Option<(Endpoint, ActiveConn, bool)> {
+    let ip = remote_ip(ctx)?;
+    let client = endpoint(ip, remote_port(ctx), netns);
+    let _ = FP_PENDING.remove(&client);
+    let active = (unsafe { FP_ACTIVE.get(&client) }).copied()?;
+    let ops = unsafe { &*ctx.ops };
+    let ours = ops.rcv_nxt == active.snd_una && ops.snd_nxt == active.rcv_nxt;
+    Some((client, active, ours))
+}
+
+/// Takes a waiting client off the fast path for good: TAINTED (its writes take TCP) and out
+/// of the sockhash (no socket stays there without a peer).
+#[inline(always)]
+fn taint_client(active: &ActiveConn) {
+    if let Some(cs) = FP_PAIRS.get_ptr_mut(&active.client) {
+        let _ = state_cas(cs, sock_state::PENDING, sock_state::TAINTED);
+    }
     sockhash_delete(&active.cookie);
 }
 
@@ -678,24 +699,11 @@ fn on_passive_established(ctx: &SockOpsContext, pod: &PodInfo, netns: u64) {
 /// must not stay there without a peer.
 #[inline(never)]
 fn release_waiting_client(ctx: &SockOpsContext, netns: u64) {
-    let Some(ip) = remote_ip(ctx) else { return };
-    let client = endpoint(ip, remote_port(ctx), netns);
-    let _ = FP_PENDING.remove(&client);
-    let Some(active) = (unsafe { FP_ACTIVE.get(&client) }).copied() else {
-        return;
-    };
-    let ops = unsafe { &*ctx.ops };
-    // Another socket bound to the same endpoint (see `on_passive_established`).
-    if ops.rcv_nxt != active.snd_una || ops.snd_nxt != active.rcv_nxt {
-        return;
+    if let Some((client, active, true)) = waiting_client(ctx, netns) {
+        if FP_ACTIVE.remove(&client).is_ok() {
+            taint_client(&active);
+        }
     }
-    if FP_ACTIVE.remove(&client).is_err() {
-        return;
-    }
-    if let Some(cs) = FP_PAIRS.get_ptr_mut(&active.client) {
-        let _ = state_cas(cs, sock_state::PENDING, sock_state::TAINTED);
-    }
-    sockhash_delete(&active.cookie);
 }
 
 /// This side shut down its writes: the connection leaves the fast path.
