@@ -92,6 +92,22 @@ impl Accel {
         sys::map_entry_count(fd.as_fd(), ids.key_size).unwrap()
     }
 
+    /// Waits (up to 5 s) until a pinned map holds `n` entries; `what` names the moment.
+    pub fn wait_entries(&self, name: &str, n: usize, what: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let have = self.map_entries(name);
+            if have == n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {name} holds {have} entries, want {n}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     /// Enrolls a network namespace as a pod with these IPs and annotations.
     pub fn enroll(
         &self,

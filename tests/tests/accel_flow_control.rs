@@ -25,18 +25,7 @@ fn rx_queue(accel: &Accel, s: &TcpStream) -> Option<RxQueue> {
 
 /// Waits until the sockhash holds `n` sockets.
 fn wait_sockhash(accel: &Accel, n: usize, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let have = accel.map_entries(map_names::SOCKS);
-        if have == n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: sockhash holds {have}, want {n}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    accel.wait_entries(map_names::SOCKS, n, what);
 }
 
 /// Writes without blocking until the socket has accepted nothing for `quiet`.
@@ -407,13 +396,7 @@ fn the_read_filter_counts_every_paired_socket_and_only_those() {
             f.set(slot, 0, 0).unwrap();
         }
     };
-    let wait_unpaired = |what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while accel.map_entries(map_names::SK_COOKIES) > 0 {
-            assert!(Instant::now() < deadline, "{what}: sockets still listed");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    };
+    let wait_unpaired = |what: &str| accel.wait_entries(map_names::SK_COOKIES, 0, what);
     let data = pattern(0xf117, 4 * LIMIT as usize);
     pod.run(|| {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
