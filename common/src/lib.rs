@@ -60,6 +60,9 @@ pub mod prog_names {
     pub const SK_MSG: &str = "fastpath_skmsg";
     /// Raw tracepoint that counts what readers take from their sockets.
     pub const RX_CONSUMED: &str = "fastpath_rx_consumed";
+    /// cgroup_skb ingress program that holds TCP payload back from a socket whose redirect
+    /// queue is not empty.
+    pub const INGRESS_GATE: &str = "fastpath_ingress_gate";
 }
 
 /// The tracepoint [`prog_names::RX_CONSUMED`] attaches to (`sock:sock_recv_length`, Linux 6.4+).
@@ -213,13 +216,25 @@ pub struct RxQueue {
     pub state: u64,
     /// Netns cookie of the pod this socket belongs to (for counters).
     pub netns: u64,
+    /// When the reader last took bytes out (`bpf_ktime_get_ns`; the pairing time before its
+    /// first read). The ingress gate holds TCP payload back only while the reader makes
+    /// progress: a count that stays high without any read for [`GATE_HOLD_NS`] means a reader
+    /// that paused (TCP would queue the bytes for it too) or a count that is off (a read the
+    /// tracepoint missed, as across an upgrade's detach and attach), and holding on would
+    /// stall the connection for good.
+    pub last_read_ns: u64,
 }
+
+/// How long the ingress gate holds a socket's TCP payload back without seeing its reader take
+/// any byte (see [`RxQueue::last_read_ns`]).
+pub const GATE_HOLD_NS: u64 = 2_000_000_000;
 
 /// States of an [`RxQueue`] ([`RxQueue::state`]).
 pub mod rxq_state {
     /// Redirected bytes may arrive.
     pub const OPEN: u64 = 0;
-    /// The connection left the fast path (a queue passed the limit, or a side half-closed):
+    /// The connection left the fast path (a queue passed the limit, or a side half-closed
+    /// with nothing queued either way):
     /// no byte is redirected into this socket any more; it leaves the sockhash once its queue
     /// is read empty.
     pub const DEMOTED: u64 = 1;
@@ -228,11 +243,15 @@ pub mod rxq_state {
 }
 
 /// Bytes a reader may have queued before its connection is demoted, when the installer set
-/// no other limit ([`config_index::QUEUE_LIMIT_KIB`]). About what TCP itself lets a loopback
-/// writer get ahead of its reader. Larger limits cost more than memory: the kernel grows the
-/// demoted reader's TCP receive buffer to about the backlog it had, and a window that large
-/// made a demoted same-CPU stream 20% slower than plain TCP at 16 MiB (at 2 MiB: as fast).
-pub const DEFAULT_QUEUE_LIMIT_BYTES: u64 = 2 << 20;
+/// no other limit ([`config_index::QUEUE_LIMIT_KIB`]). A demotion is the emergency brake for
+/// a reader that falls far behind, not a routine step: a connection that goes to TCP while
+/// its reader still has redirected bytes queued is the one transition where sidecar proxies
+/// were seen to end a stream early (docs/accelerator.md, "Known open defect"), so the bound
+/// sits well above what request/response traffic and most transfers ever queue. Its costs:
+/// memory (at most this much per lagging reader, charged to the node's TCP memory), and a
+/// demoted stream ran up to 20% slower than plain TCP at this size (the kernel grows the
+/// reader's receive buffer to about the backlog it had).
+pub const DEFAULT_QUEUE_LIMIT_BYTES: u64 = 16 << 20;
 
 /// Key of a pod IP in [`map_names::POD_IPS`].
 #[repr(C)]
@@ -284,6 +303,9 @@ pub struct PodStats {
     pub queue_demotions: u64,
     /// Paired connections that left the fast path because this pod's side half-closed.
     pub shutdown_demotions: u64,
+    /// TCP segments with payload held back (dropped, to be retransmitted) because the
+    /// receiving socket still had redirected bytes unread.
+    pub tcp_segments_held: u64,
 }
 
 /// All map names, for pinning, status and uninstall.

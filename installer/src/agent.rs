@@ -96,6 +96,9 @@ pub fn run(cfg: Config, entry: serde_json::Map<String, serde_json::Value>) -> i3
                 AccelState::Unavailable { reason } => {
                     log::warn!(target: SCOPE, "acceleration: unavailable ({reason}); traffic redirection works without it")
                 }
+                AccelState::Conflict { programs } => {
+                    log::warn!(target: SCOPE, "acceleration: off, another sockmap accelerator is attached ({}); traffic redirection works without it", accel::foreign::describe(programs))
+                }
             }
             readiness.detail("acceleration", describe_accel(&s));
             let _ = state.set(s);
@@ -240,6 +243,10 @@ fn describe_accel(s: &AccelState) -> String {
         AccelState::Unavailable { reason } => {
             format!("unavailable ({reason}); redirection works without it")
         }
+        AccelState::Conflict { programs } => format!(
+            "conflict: another sockmap accelerator is attached ({}); redirection works without it",
+            accel::foreign::describe(programs)
+        ),
         s => metrics::accel_state_name(s).to_string(),
     }
 }

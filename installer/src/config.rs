@@ -117,7 +117,7 @@ pub const PARAMS: &[Param] = &[
     p("fastpath-fight-threshold", "FASTPATH_FIGHT_THRESHOLD", "5", Int, "Removals of the plugin entry within the fight window that count as a fight with another agent; 0 disables detection"),
     p("fastpath-fight-window-seconds", "FASTPATH_FIGHT_WINDOW_SECONDS", "10", Int, "The fight window, in seconds"),
     p("fastpath-acceleration", "FASTPATH_ACCELERATION", "true", Bool, "Load the eBPF same-node accelerator"),
-    p("fastpath-max-queued-bytes", "FASTPATH_MAX_QUEUED_BYTES", "2097152", Int, "Bytes an accelerated reader may have queued (unread) before its connection goes back to TCP; 65536 to 1073741824"),
+    p("fastpath-max-queued-bytes", "FASTPATH_MAX_QUEUED_BYTES", "16777216", Int, "Bytes an accelerated reader may have queued (unread) before its connection goes back to TCP; 65536 to 1073741824"),
     p("fastpath-bpffs", "FASTPATH_BPFFS", "", Str, "The host's bpffs; empty: /sys/fs/bpf if mounted there, else the host's through /host/proc/1/root"),
     p("fastpath-bpf-pin-dir", "FASTPATH_BPF_PIN_DIR", "", Str, "Directory of the accelerator's pins; empty: <bpffs>/fastpath"),
     p("fastpath-cgroup-root", "FASTPATH_CGROUP_ROOT", "", Str, "The host's cgroup v2 root to attach to; empty: found from the host's mounts (/host/proc/1/mounts) or /proc/self/mounts"),
@@ -668,7 +668,7 @@ mod tests {
 
     #[test]
     fn queue_limit_defaults_to_2_mib_and_takes_bytes() {
-        assert_eq!(build(&[], &[]).unwrap().accel.max_queued_bytes, 2 << 20);
+        assert_eq!(build(&[], &[]).unwrap().accel.max_queued_bytes, 16 << 20);
         assert_eq!(
             build(&["--fastpath-max-queued-bytes=65536"], &[])
                 .unwrap()

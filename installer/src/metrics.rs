@@ -160,21 +160,32 @@ impl Metrics {
             &mut s,
             "fastpath_accel_state",
             "gauge",
-            "The accelerator's state: active, disabled or unavailable (the series with value 1; all 0 while it starts).",
+            "The accelerator's state: active, disabled, unavailable or conflict (another sockmap accelerator is attached); the series with value 1, all 0 while it starts.",
         );
-        for st in ["active", "disabled", "unavailable"] {
+        for st in ["active", "disabled", "unavailable", "conflict"] {
             let _ = writeln!(
                 s,
                 "fastpath_accel_state{{state=\"{st}\"}} {}",
                 u8::from(accel.map(accel_state_name) == Some(st))
             );
         }
+        header(
+            &mut s,
+            "fastpath_accel_foreign_programs",
+            "gauge",
+            "Programs of another sockmap accelerator found attached on the node at start (sock_ops on the cgroup v2 root, or on another sockmap); acceleration stays off while there are any.",
+        );
+        let foreign = match accel {
+            Some(AccelState::Conflict { programs }) => programs.len(),
+            _ => 0,
+        };
+        let _ = writeln!(s, "fastpath_accel_foreign_programs {foreign}");
         type Field = (
             &'static str,
             &'static str,
             fn(&fastpath_common::PodStats) -> u64,
         );
-        let fields: [Field; 7] = [
+        let fields: [Field; 8] = [
             (
                 "fastpath_pod_sockets_enrolled_total",
                 "Sockets of the pod enrolled for acceleration.",
@@ -210,6 +221,11 @@ impl Metrics {
                 "Accelerated connections that went back to TCP because the pod's side half-closed them.",
                 |p| p.shutdown_demotions,
             ),
+            (
+                "fastpath_pod_tcp_segments_held_total",
+                "TCP segments held back from the pod's sockets until their reader had read every redirected byte (the sender retransmits them).",
+                |p| p.tcp_segments_held,
+            ),
         ];
         for (name, help, get) in fields {
             header(&mut s, name, "counter", help);
@@ -233,6 +249,7 @@ pub fn accel_state_name(a: &AccelState) -> &'static str {
         AccelState::Active => "active",
         AccelState::Disabled => "disabled",
         AccelState::Unavailable { .. } => "unavailable",
+        AccelState::Conflict { .. } => "conflict",
     }
 }
 

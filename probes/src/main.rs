@@ -55,14 +55,14 @@ use aya_ebpf::{
         BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, sk_action,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_delete_elem},
-    macros::{map, raw_tracepoint, sk_msg, sock_ops},
+    macros::{cgroup_skb, map, raw_tracepoint, sk_msg, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuHashMap, SockHash},
-    programs::{RawTracePointContext, SkMsgContext, SockOpsContext},
+    programs::{RawTracePointContext, SkBuffContext, SkMsgContext, SockOpsContext},
 };
 use fastpath_common::{
-    AF_INET, AF_INET6, ActiveConn, DEFAULT_QUEUE_LIMIT_BYTES, Endpoint, Ip, IpKey, PendingSyn,
-    PodInfo, PodStats, RxQueue, SockKey, SockState, config_index, map_capacity, pod_flags,
-    rxq_state, sk_filter_slot, sock_role, sock_state,
+    AF_INET, AF_INET6, ActiveConn, DEFAULT_QUEUE_LIMIT_BYTES, Endpoint, GATE_HOLD_NS, Ip, IpKey,
+    PendingSyn, PodInfo, PodStats, RxQueue, SockKey, SockState, config_index, map_capacity,
+    pod_flags, rxq_state, sk_filter_slot, sock_role, sock_state,
 };
 
 #[map(name = "FP_PODS")]
@@ -118,6 +118,8 @@ static FP_SK_COUNTED: HashMap<u64, u64> = HashMap::pinned(map_capacity::RXQ, 0);
 const TCP_FIN_WAIT1: u32 = 4;
 const TCP_CLOSE: u32 = 7;
 const MSG_PEEK: i32 = 2;
+/// Reads of the error queue (timestamps) return no stream bytes.
+const MSG_ERRQUEUE: i32 = 0x2000;
 
 /// The callbacks a paired socket asks for: state changes, and every segment in or out (none
 /// flow while it is paired; after a demotion they are the moments to leave the sockhash).
@@ -622,25 +624,11 @@ fn on_passive_established(ctx: &SockOpsContext, pod: &PodInfo, netns: u64) {
     let inserted = FP_SOCKS
         .update(&mut sock, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64)
         .is_ok();
-    let server_rxq = RxQueue {
-        queued: 0,
-        peer: active.cookie,
-        state: rxq_state::OPEN,
-        netns,
-    };
-    let client_rxq = RxQueue {
-        queued: 0,
-        peer: own,
-        state: rxq_state::OPEN,
-        netns: active.client.netns,
-    };
     let own_address = socket_address(ctx);
     if inserted
         && count_reads_of(own_address, own)
-        && FP_RXQ.insert(&own, &server_rxq, BPF_ANY as u64).is_ok()
-        && FP_RXQ
-            .insert(&active.cookie, &client_rxq, BPF_ANY as u64)
-            .is_ok()
+        && start_queue(own, active.cookie, netns)
+        && start_queue(active.cookie, own, active.client.netns)
         && FP_PAIRS.insert(&own_key, &me, BPF_ANY as u64).is_ok()
     {
         unsafe { (*cs).peer = own };
@@ -665,6 +653,20 @@ fn on_passive_established(ctx: &SockOpsContext, pod: &PodInfo, netns: u64) {
         s.enroll_failures += 1;
     }
     taint_client(&active);
+}
+
+/// The receive-side entry of a socket about to be paired (its peer, its pod). A call of its
+/// own: its frame does not stack on the pairing callback's (the verifier allows 512 bytes).
+#[inline(never)]
+fn start_queue(cookie: u64, peer: u64, netns: u64) -> bool {
+    let q = RxQueue {
+        queued: 0,
+        peer,
+        state: rxq_state::OPEN,
+        netns,
+        last_read_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    FP_RXQ.insert(&cookie, &q, BPF_ANY as u64).is_ok()
 }
 
 /// The enrolled client whose handshake the server of this callback just completed, as its
@@ -706,13 +708,28 @@ fn release_waiting_client(ctx: &SockOpsContext, netns: u64) {
     }
 }
 
-/// This side shut down its writes: the connection leaves the fast path.
+/// This side shut down its writes. The connection goes back to TCP only when nothing is
+/// queued either way: then both sockets leave the sockhash at once, and a blocking read that
+/// starts after the half-close is a plain TCP read (a paired socket's blocking recv() can
+/// fail with EAGAIN when its own FIN's ACK wakes it). With bytes still queued it stays
+/// paired: a demotion with queued bytes makes the other side send over TCP while it still
+/// reads redirected bytes, which proxies that take a short read after EPOLLRDHUP as the end
+/// of the stream (HAProxy) turned into truncated streams in about 1 of 70 echoes through
+/// sidecars. Paired, the FIN arrives after the last redirected byte and is read after it.
 #[inline(never)]
 fn on_half_close(ctx: &SockOpsContext) {
     let cookie = socket_cookie(ctx);
     let Some(q) = FP_RXQ.get_ptr_mut(&cookie) else {
         return;
     };
+    if rxq_queued(q) != 0 {
+        return;
+    }
+    let peer = unsafe { core::ptr::read_volatile(&raw const (*q).peer) };
+    match FP_RXQ.get_ptr_mut(&peer) {
+        Some(p) if rxq_queued(p) == 0 => {}
+        _ => return,
+    }
     if demote(q, cookie) {
         if let Some(s) = stats(unsafe { (*q).netns }) {
             s.shutdown_demotions += 1;
@@ -840,7 +857,7 @@ pub fn fastpath_rx_consumed(ctx: RawTracePointContext) -> i32 {
     // TP_PROTO(struct sock *sk, int ret, int flags)
     let copied = ctx.arg::<u64>(1) as i32;
     let flags = ctx.arg::<u64>(2) as i32;
-    if copied <= 0 || flags & MSG_PEEK != 0 {
+    if copied <= 0 || flags & (MSG_PEEK | MSG_ERRQUEUE) != 0 {
         return 0;
     }
     let sk = ctx.arg::<u64>(0);
@@ -855,8 +872,72 @@ pub fn fastpath_rx_consumed(ctx: RawTracePointContext) -> i32 {
     };
     if let Some(q) = FP_RXQ.get_ptr_mut(cookie) {
         atomic_sub(unsafe { &raw mut (*q).queued }, copied as u64);
+        unsafe { core::ptr::write_volatile(&raw mut (*q).last_read_ns, bpf_ktime_get_ns()) };
     }
     0
+}
+
+/// Bytes of TCP payload in a segment (`ctx` starts at the IP header), or `None` when it is not
+/// TCP over IPv4 or IPv6 without extension headers.
+fn tcp_payload_len(ctx: &SkBuffContext) -> Option<u32> {
+    const ETH_P_IP: u16 = 0x0800;
+    const ETH_P_IPV6: u16 = 0x86dd;
+    const IPPROTO_TCP: u8 = 6;
+    let proto = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
+    let ip_header = if proto == ETH_P_IP {
+        if ctx.load::<u8>(9).ok()? != IPPROTO_TCP {
+            return None;
+        }
+        ((ctx.load::<u8>(0).ok()? & 0x0f) as u32) * 4
+    } else if proto == ETH_P_IPV6 {
+        if ctx.load::<u8>(6).ok()? != IPPROTO_TCP {
+            return None;
+        }
+        40
+    } else {
+        return None;
+    };
+    let data_offset: u8 = ctx.load(ip_header as usize + 12).ok()?;
+    // The packet's own length, not the IP header's: a BIG TCP packet says 0 there.
+    ctx.len()
+        .checked_sub(ip_header + ((data_offset >> 4) as u32) * 4)
+}
+
+/// Every TCP segment on its way into a socket of the node (cgroup v2 root, ingress). A paired
+/// socket whose redirect queue still holds bytes takes no TCP payload: its reader would see
+/// two queues at once, and a read returns the redirected bytes only, short of what is there
+/// (HAProxy and Envoy take a short read as "drained", and with the peer's FIN seen, as the
+/// end of the stream). The segment is dropped, as a full receive buffer drops it; the sender
+/// retransmits it, and by then the reader has read every redirected byte and reads the TCP
+/// bytes behind them, in order. Segments without payload (ACKs, window probes, FIN, RST)
+/// always pass: a FIN behind held payload waits out of order inside TCP until the payload
+/// is in. The hold lasts only while the reader keeps reading ([`GATE_HOLD_NS`] without a read
+/// lets the payload in): a count that is off must not stall a connection for good. For the
+/// sockets the accelerator never paired this costs one hash lookup per segment that carries
+/// payload.
+#[cgroup_skb(ingress)]
+pub fn fastpath_ingress_gate(ctx: SkBuffContext) -> i32 {
+    const PASS: i32 = 1;
+    const DROP: i32 = 0;
+    match tcp_payload_len(&ctx) {
+        Some(n) if n > 0 => {}
+        _ => return PASS,
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(q) = FP_RXQ.get_ptr_mut(&cookie) else {
+        return PASS;
+    };
+    if rxq_queued(q) == 0 {
+        return PASS;
+    }
+    let last_read = unsafe { core::ptr::read_volatile(&raw const (*q).last_read_ns) };
+    if unsafe { bpf_ktime_get_ns() }.saturating_sub(last_read) > GATE_HOLD_NS {
+        return PASS;
+    }
+    if let Some(s) = stats(unsafe { (*q).netns }) {
+        s.tcp_segments_held += 1;
+    }
+    DROP
 }
 
 #[cfg(not(test))]

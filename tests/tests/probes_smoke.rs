@@ -40,12 +40,17 @@ fn probes_load_and_pass_the_verifier() {
         types.contains(&(prog_names::RX_CONSUMED.into(), ProgramType::RawTracePoint)),
         "{types:?}"
     );
+    assert!(
+        types.contains(&(prog_names::INGRESS_GATE.into(), ProgramType::CgroupSkb)),
+        "{types:?}"
+    );
 
     for (name, prog) in ebpf.programs_mut() {
         let loaded = match prog {
             Program::SockOps(p) => p.load(),
             Program::SkMsg(p) => p.load(),
             Program::RawTracePoint(p) => p.load(),
+            Program::CgroupSkb(p) => p.load(),
             other => panic!("unexpected program {name}: {:?}", other.prog_type()),
         };
         loaded.unwrap_or_else(|e| panic!("{name} must pass the verifier: {e:#?}"));

@@ -16,6 +16,7 @@
 //! attached when the installer exits; a restart of the same build loads nothing; a new build
 //! swaps programs in the cgroup and sockhash links with BPF_LINK_UPDATE, and replaces the
 //! tracepoint link (which cannot be updated) by detaching the old one, then attaching its own.
+pub mod foreign;
 mod plan;
 pub mod pods;
 pub mod selftest;
@@ -25,7 +26,10 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuHashMap, SockHash},
-    programs::{CgroupAttachMode, RawTracePoint, SkMsg, SockOps, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint, SkMsg, SockOps,
+        links::FdLink,
+    },
 };
 use fastpath_common::{
     ALL_MAPS, IpKey, MAP_ABI_VERSION, MAP_LAYOUTS, PodInfo, PodStats, RX_CONSUMED_TRACEPOINT,
@@ -46,6 +50,23 @@ pub const PIN_LINK_SOCKOPS: &str = "link_sockops";
 pub const PIN_LINK_SKMSG: &str = "link_skmsg";
 pub const PIN_PROG_RX_CONSUMED: &str = "prog_rx_consumed";
 pub const PIN_LINK_RX_CONSUMED: &str = "link_rx_consumed";
+pub const PIN_PROG_INGRESS_GATE: &str = "prog_ingress_gate";
+pub const PIN_LINK_INGRESS_GATE: &str = "link_ingress_gate";
+/// Every pinned link, in the order uninstall detaches them: first what pairs new sockets,
+/// last what keeps the queues of live ones counted and their TCP bytes behind their
+/// redirected ones.
+pub const PINNED_LINKS: [&str; 4] = [
+    PIN_LINK_SOCKOPS,
+    PIN_LINK_SKMSG,
+    PIN_LINK_INGRESS_GATE,
+    PIN_LINK_RX_CONSUMED,
+];
+const PINNED_PROGS: [&str; 4] = [
+    PIN_PROG_SOCKOPS,
+    PIN_PROG_SKMSG,
+    PIN_PROG_INGRESS_GATE,
+    PIN_PROG_RX_CONSUMED,
+];
 
 /// Where and whether to accelerate.
 #[derive(Clone, Debug)]
@@ -121,6 +142,11 @@ pub enum AccelState {
     Disabled,
     /// The kernel lacks something, or a self-test failed: redirection works without acceleration.
     Unavailable { reason: String },
+    /// Another sockmap accelerator is attached on the node (Merbridge, Cilium, a second
+    /// fastpath with another pin dir): fastpath stays off rather than pair the same sockets.
+    Conflict {
+        programs: Vec<foreign::ForeignProgram>,
+    },
 }
 
 /// Loads or reuses the pinned accelerator and self-tests it; never fails the caller. Whatever
@@ -142,6 +168,20 @@ pub fn start_with(
         log::info!("acceleration disabled by configuration");
         detach_if_idle(settings);
         return AccelState::Disabled;
+    }
+    match refuse_to_share(settings) {
+        Ok(programs) if !programs.is_empty() => {
+            let _ = set_enabled(&settings.pin_dir, false);
+            // The agent logs the one line an operator reads (with the ids and names).
+            log::debug!(
+                "another sockmap accelerator is attached: {}",
+                foreign::describe(&programs)
+            );
+            detach_if_idle(settings);
+            return AccelState::Conflict { programs };
+        }
+        Ok(_) => {}
+        Err(e) => log::debug!("looking for other accelerators: {e:#}"),
     }
     let outcome = load_or_reuse(settings).and_then(|()| {
         set_queue_limit(&settings.pin_dir, settings.max_queued_bytes)?;
@@ -175,6 +215,22 @@ pub fn start_with(
             log::warn!("acceleration unavailable, traffic is redirected without it: {reason}");
             detach_if_idle(settings);
             AccelState::Unavailable { reason }
+        }
+    }
+}
+
+/// Programs of another accelerator attached where fastpath attaches (see [`foreign`]).
+fn refuse_to_share(settings: &AccelSettings) -> Result<Vec<foreign::ForeignProgram>> {
+    let cgroup = cgroup_root(settings)?;
+    foreign::find(&cgroup, &settings.pin_dir)
+}
+
+fn cgroup_root(settings: &AccelSettings) -> Result<PathBuf> {
+    match &settings.cgroup_root {
+        Some(p) => Ok(p.clone()),
+        None => {
+            let mounts = std::fs::read_to_string("/proc/self/mounts").context("read mounts")?;
+            plan::cgroup2_root(&mounts).ok_or_else(|| anyhow!("no cgroup v2 mount found"))
         }
     }
 }
@@ -388,13 +444,7 @@ fn check_kernel(settings: &AccelSettings) -> Result<PathBuf> {
         bail!("this build carries no eBPF probes (built with AYA_BUILD_SKIP)");
     }
     sys::ensure_bpffs(&settings.bpffs).context("bpffs")?;
-    let cgroup = match &settings.cgroup_root {
-        Some(p) => p.clone(),
-        None => {
-            let mounts = std::fs::read_to_string("/proc/self/mounts").context("read mounts")?;
-            plan::cgroup2_root(&mounts).ok_or_else(|| anyhow!("no cgroup v2 mount found"))?
-        }
-    };
+    let cgroup = cgroup_root(settings)?;
     sys::current_netns_cookie().context("netns cookie")?;
     Ok(cgroup)
 }
@@ -424,6 +474,7 @@ fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
         sockops_link: pin(dir, PIN_LINK_SOCKOPS).exists(),
         skmsg_link: pin(dir, PIN_LINK_SKMSG).exists(),
         rx_consumed_link: pin(dir, PIN_LINK_RX_CONSUMED).exists(),
+        ingress_gate_link: pin(dir, PIN_LINK_INGRESS_GATE).exists(),
         object_hash: stored.map(|s| s.1),
     };
     if plan::reuse_everything(&pinned, &verdicts, ours) {
@@ -478,6 +529,7 @@ fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
         log::info!("sock_ops: attached to {} and pinned", cgroup.display());
     }
     replace_program_pin(sockops.fd()?.as_fd(), &pin(dir, PIN_PROG_SOCKOPS))?;
+    attach_ingress_gate(&mut ebpf, &cgroup, dir)?;
     if recreated.contains(&map_names::SK_FILTER) {
         // The counts are gone with the old filter; the sockets marked as counted are not
         // (counted in the new one, they would be skipped): unmarked, they keep the filter
@@ -565,6 +617,37 @@ fn attach_rx_consumed(ebpf: &mut aya::Ebpf, dir: &Path) -> Result<()> {
     replace_program_pin(prog.fd()?.as_fd(), &pin(dir, PIN_PROG_RX_CONSUMED))
 }
 
+/// Loads the cgroup ingress program that keeps TCP payload out of a socket until its reader
+/// has read every redirected byte, and swaps it into the pinned link (or attaches it to the
+/// cgroup v2 root). Required: without it a demoted connection's reader could see both queues.
+fn attach_ingress_gate(ebpf: &mut aya::Ebpf, cgroup: &Path, dir: &Path) -> Result<()> {
+    let prog: &mut CgroupSkb = ebpf
+        .program_mut(prog_names::INGRESS_GATE)
+        .ok_or_else(|| anyhow!("no {} in the object", prog_names::INGRESS_GATE))?
+        .try_into()?;
+    prog.load()
+        .context("verifier rejected the cgroup ingress program")?;
+    let link_pin = pin(dir, PIN_LINK_INGRESS_GATE);
+    if let Ok(link) = sys::obj_get(&link_pin) {
+        sys::link_update(link.as_fd(), prog.fd()?.as_fd())
+            .context("swap the cgroup ingress program")?;
+        log::info!("cgroup ingress: new program swapped into the pinned link");
+    } else {
+        let cg = std::fs::File::open(cgroup)
+            .with_context(|| format!("open cgroup {}", cgroup.display()))?;
+        let id = prog
+            .attach(&cg, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+            .with_context(|| format!("attach cgroup_skb ingress to {}", cgroup.display()))?;
+        let link: FdLink = prog.take_link(id)?.try_into()?;
+        link.pin(&link_pin)?;
+        log::info!(
+            "cgroup ingress: attached to {} and pinned",
+            cgroup.display()
+        );
+    }
+    replace_program_pin(prog.fd()?.as_fd(), &pin(dir, PIN_PROG_INGRESS_GATE))
+}
+
 fn replace_program_pin(prog: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result<()> {
     let _ = std::fs::remove_file(path);
     sys::obj_pin(prog, path)
@@ -624,6 +707,7 @@ fn add(into: &mut PodStats, s: &PodStats) {
     into.early_data_fallbacks += s.early_data_fallbacks;
     into.queue_demotions += s.queue_demotions;
     into.shutdown_demotions += s.shutdown_demotions;
+    into.tcp_segments_held += s.tcp_segments_held;
 }
 
 /// Per-pod counters for /metrics. Empty when the accelerator is not pinned.
@@ -660,11 +744,23 @@ pub fn pod_counters(settings: &AccelSettings) -> Result<Vec<PodCounters>> {
 pub fn status_report(settings: &AccelSettings) -> Result<String> {
     use std::fmt::Write as _;
     let dir = &settings.pin_dir;
+    let others = match refuse_to_share(settings) {
+        Ok(p) if p.is_empty() => "other sockmap accelerators: none".to_string(),
+        Ok(p) => format!(
+            "other sockmap accelerators: {} (acceleration stays off while they are attached)",
+            foreign::describe(&p)
+        ),
+        Err(e) => format!("other sockmap accelerators: unknown ({e:#})"),
+    };
     if !dir.exists() {
-        return Ok(format!("no accelerator pins under {}", dir.display()));
+        return Ok(format!(
+            "no accelerator pins under {}\n{others}",
+            dir.display()
+        ));
     }
     let mut s = String::new();
     writeln!(s, "pin directory: {}", dir.display())?;
+    writeln!(s, "{others}")?;
     match read_meta(dir) {
         Some((abi, hash)) => writeln!(s, "ABI stamp: map ABI {abi}, object {hash:016x}")?,
         None => writeln!(s, "ABI stamp: missing")?,
@@ -674,7 +770,7 @@ pub fn status_report(settings: &AccelSettings) -> Result<String> {
         "this build: map ABI {MAP_ABI_VERSION}, object {:016x}",
         plan::object_hash(crate::probes::OBJECT)
     )?;
-    for link in [PIN_LINK_SOCKOPS, PIN_LINK_SKMSG, PIN_LINK_RX_CONSUMED] {
+    for link in PINNED_LINKS {
         match sys::obj_get(&pin(dir, link)).map_err(anyhow::Error::from) {
             Ok(fd) => {
                 let ids = sys::link_ids(fd.as_fd())?;
@@ -687,7 +783,7 @@ pub fn status_report(settings: &AccelSettings) -> Result<String> {
             Err(e) => writeln!(s, "link {link}: not pinned ({e})")?,
         }
     }
-    for prog in [PIN_PROG_SOCKOPS, PIN_PROG_SKMSG, PIN_PROG_RX_CONSUMED] {
+    for prog in PINNED_PROGS {
         match aya::programs::ProgramInfo::from_pin(pin(dir, prog)) {
             Ok(info) => writeln!(
                 s,
@@ -764,10 +860,7 @@ pub fn uninstall(settings: &AccelSettings) -> Result<()> {
         return Ok(());
     }
     let _ = set_enabled(dir, false);
-    let mut names: Vec<PathBuf> = [PIN_LINK_SOCKOPS, PIN_LINK_SKMSG, PIN_LINK_RX_CONSUMED]
-        .iter()
-        .map(|n| pin(dir, n))
-        .collect();
+    let mut names: Vec<PathBuf> = PINNED_LINKS.iter().map(|n| pin(dir, n)).collect();
     for e in std::fs::read_dir(dir)?.flatten() {
         if !names.contains(&e.path()) {
             names.push(e.path());

@@ -134,6 +134,7 @@ pub struct Pinned {
     pub sockops_link: bool,
     pub skmsg_link: bool,
     pub rx_consumed_link: bool,
+    pub ingress_gate_link: bool,
     pub object_hash: Option<u64>,
 }
 
@@ -142,6 +143,7 @@ pub fn reuse_everything(pinned: &Pinned, verdicts: &[MapVerdict], our_hash: u64)
     pinned.sockops_link
         && pinned.skmsg_link
         && pinned.rx_consumed_link
+        && pinned.ingress_gate_link
         && pinned.object_hash == Some(our_hash)
         && verdicts.iter().all(|v| *v == MapVerdict::Reuse)
 }
@@ -261,6 +263,7 @@ mod tests {
             sockops_link: true,
             skmsg_link: true,
             rx_consumed_link: true,
+            ingress_gate_link: true,
             object_hash: Some(5),
         };
         assert!(reuse_everything(&p, &[MapVerdict::Reuse], 5));
@@ -271,12 +274,18 @@ mod tests {
             ..p
         };
         assert!(!reuse_everything(&no_link, &[MapVerdict::Reuse], 5));
-        // A build from before flow control pinned no fexit link: load, do not reuse.
-        let no_fexit = Pinned {
+        // A build from before flow control pinned no tracepoint link: load, do not reuse.
+        let no_tracepoint = Pinned {
             rx_consumed_link: false,
             ..p
         };
-        assert!(!reuse_everything(&no_fexit, &[MapVerdict::Reuse], 5));
+        assert!(!reuse_everything(&no_tracepoint, &[MapVerdict::Reuse], 5));
+        // Nor did one from before the ingress gate pin its link.
+        let no_gate = Pinned {
+            ingress_gate_link: false,
+            ..p
+        };
+        assert!(!reuse_everything(&no_gate, &[MapVerdict::Reuse], 5));
     }
 
     #[test]

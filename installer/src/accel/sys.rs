@@ -15,8 +15,13 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
-/// `enum bpf_attach_type`: BPF_SK_MSG_VERDICT.
+const BPF_PROG_QUERY: libc::c_long = 16;
+/// `enum bpf_attach_type` values used here.
+pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
+pub const BPF_SK_SKB_STREAM_PARSER: u32 = 4;
+pub const BPF_SK_SKB_STREAM_VERDICT: u32 = 5;
 pub const BPF_SK_MSG_VERDICT: u32 = 7;
+pub const BPF_SK_SKB_VERDICT: u32 = 38;
 /// `SO_NETNS_COOKIE` (Linux 5.14+).
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
@@ -96,6 +101,21 @@ pub fn sockmap_link_create(
     let rc = bpf(BPF_LINK_CREATE, &mut a)
         .context("BPF_LINK_CREATE on the sockhash (needs Linux >= 6.10)")?;
     Ok(fd_from(rc))
+}
+
+/// `BPF_PROG_QUERY`: the ids of the programs attached to a cgroup or a sockmap (`target`) for
+/// one attach type, whether by link or by prog attach.
+pub fn prog_query(target: BorrowedFd<'_>, attach_type: u32) -> Result<Vec<u32>> {
+    let mut ids = vec![0u32; 64];
+    let mut a = Attr::new();
+    a.put_u32(0, target.as_raw_fd() as u32)
+        .put_u32(4, attach_type)
+        .put_u64(16, ids.as_mut_ptr() as u64)
+        .put_u32(24, ids.len() as u32);
+    bpf(BPF_PROG_QUERY, &mut a).context("BPF_PROG_QUERY")?;
+    let count = u32::from_ne_bytes(a.0[24..28].try_into().unwrap()) as usize;
+    ids.truncate(count.min(64));
+    Ok(ids)
 }
 
 /// `BPF_LINK_UPDATE`: swaps the program of a link atomically.
