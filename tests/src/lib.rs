@@ -126,3 +126,5 @@ pub fn bin_path(name: &str) -> std::path::PathBuf {
 }
 
 pub mod accel;
+pub mod mesh;
+pub mod stress;

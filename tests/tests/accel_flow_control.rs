@@ -7,7 +7,7 @@ use fastpath_common::{RxQueue, config_index, map_names, rxq_state};
 use fastpath_installer::accel::{
     AccelState, ReadFilter, refresh_read_filter, start, status_report,
 };
-use fastpath_tests::accel::{Accel, Pod, fionread, pattern, read_exact_retry};
+use fastpath_tests::accel::{Accel, Pod, fionread, pattern, read_exact_retry, read_to_end_retry};
 use std::{
     io::{ErrorKind, Read as _, Write as _},
     net::{Shutdown, TcpListener, TcpStream},
@@ -199,9 +199,14 @@ fn a_reader_that_keeps_up_is_never_demoted() {
     });
 }
 
+/// A half-close with nothing queued either way takes the connection back to TCP: the
+/// half-closed socket leaves the sockhash at once, so a blocking read that starts after it is
+/// a plain TCP read (a paired socket's blocking recv() can fail with EAGAIN when its own FIN's
+/// ACK wakes it). The server signals once it has read the request, so that the client's
+/// half-close finds both queues empty.
 #[test]
-fn a_half_close_demotes_and_blocking_readers_get_every_byte() {
-    if !fastpath_tests::require_privileges("a_half_close_demotes") {
+fn a_half_close_with_nothing_queued_demotes_and_blocking_reads_are_plain() {
+    if !fastpath_tests::require_privileges("a_half_close_with_nothing_queued_demotes") {
         return;
     }
     let accel = Accel::start("halfclose");
@@ -211,23 +216,31 @@ fn a_half_close_demotes_and_blocking_readers_get_every_byte() {
     pod.run(|| {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
+        let (read_tx, read_rx) = std::sync::mpsc::channel();
+        let (closed_tx, closed_rx) = std::sync::mpsc::channel::<()>();
         let server = std::thread::spawn(move || {
             for i in 0..rounds {
                 let (mut s, _) = l.accept().unwrap();
-                let mut request = Vec::new();
-                s.read_to_end(&mut request).unwrap();
+                let mut request = vec![0u8; 10_000];
+                s.read_exact(&mut request).unwrap();
                 assert_eq!(request, pattern(i, 10_000), "request {i}");
+                read_tx.send(()).unwrap();
+                closed_rx.recv().unwrap();
+                let mut rest = Vec::new();
+                s.read_to_end(&mut rest).unwrap();
+                assert!(rest.is_empty(), "round {i}: bytes after the request");
                 s.write_all(&pattern(i + 1000, 1 << 20)).unwrap();
             }
         });
         for i in 0..rounds {
             let mut c = TcpStream::connect(addr).unwrap();
-            // Blocking reads: a spurious EAGAIN would fail read_to_end.
             c.set_read_timeout(None).unwrap();
-            std::thread::sleep(Duration::from_millis(2));
             c.write_all(&pattern(i, 10_000)).unwrap();
+            read_rx.recv().unwrap();
             c.shutdown(Shutdown::Write).unwrap();
+            closed_tx.send(()).unwrap();
             let mut response = Vec::new();
+            // Blocking reads: a spurious EAGAIN would fail read_to_end.
             c.read_to_end(&mut response)
                 .unwrap_or_else(|e| panic!("round {i}: blocking read after a half-close: {e}"));
             assert!(
@@ -241,6 +254,49 @@ fn a_half_close_demotes_and_blocking_readers_get_every_byte() {
     assert!(st.connections_paired >= rounds, "{st:?}");
     assert!(st.shutdown_demotions >= rounds, "{st:?}");
     wait_sockhash(&accel, 0, "after every connection closed");
+}
+
+/// A half-close with bytes still queued keeps the connection paired (both directions go on
+/// socket to socket): the FIN arrives after the last redirected byte and is read after it.
+#[test]
+fn a_half_close_with_bytes_queued_stays_paired_and_eof_comes_last() {
+    if !fastpath_tests::require_privileges("a_half_close_with_bytes_queued_stays_paired") {
+        return;
+    }
+    let accel = Accel::start("halfqueued");
+    let pod = Pod::new("fphalfq");
+    accel.enroll(&pod, None);
+    pod.run(|| {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut c = TcpStream::connect(addr).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        // Nobody has read these when the client half-closes.
+        c.write_all(&pattern(1, 3 << 20)).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        s.write_all(&pattern(2, 1 << 20)).unwrap();
+        let got = read_to_end_retry(&mut s, Duration::from_secs(10));
+        assert!(
+            got == pattern(1, 3 << 20),
+            "server read {} bytes",
+            got.len()
+        );
+        s.shutdown(Shutdown::Write).unwrap();
+        let back = read_to_end_retry(&mut c, Duration::from_secs(10));
+        assert!(
+            back == pattern(2, 1 << 20),
+            "client read {} bytes",
+            back.len()
+        );
+    });
+    let st = accel.stats(pod.cookie());
+    assert_eq!(st.shutdown_demotions, 0, "{st:?}");
+    assert_eq!(st.queue_demotions, 0, "{st:?}");
+    assert!(
+        st.bytes_redirected >= 4 << 20,
+        "both directions redirected: {st:?}"
+    );
+    wait_sockhash(&accel, 0, "after the connection closed");
 }
 
 /// A writer faster than its (reading) peer: the connection is demoted once, both sockets
