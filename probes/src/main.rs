@@ -26,11 +26,13 @@
 //! cookie) counting the bytes queued for it: sk_msg adds before it redirects, a raw tracepoint
 //! on the reader's recvmsg subtracts. A message that would take a reader's queue past the
 //! limit *demotes* the connection: from then on both directions take TCP (order holds: the
-//! reader drains its queue before its TCP receive queue). A half-close demotes too (on 6.18 a
-//! blocking recv() on a paired socket returns EAGAIN when the ACK of its FIN wakes it). A
-//! demoted socket leaves the sockhash as soon as its queue is read empty, so FIONREAD and
-//! readiness are plain TCP's again (sock_ops sees every state change and every segment of a
-//! paired socket, which is where it checks).
+//! reader drains its queue before its TCP receive queue, and a cgroup ingress program holds
+//! TCP payload back until the queue is empty, so a reader never sees both at once). A
+//! half-close demotes only with nothing queued either way (on 6.18 a blocking recv() on a
+//! paired socket returns EAGAIN when the ACK of its FIN wakes it). A demoted socket leaves
+//! the sockhash as soon as its queue is read empty, so FIONREAD and readiness are plain TCP's
+//! again (sock_ops sees every state change and every segment of a paired socket, which is
+//! where it checks). docs/accelerator.md lists the invariants and the code that holds each.
 //!
 //! Keys: the sockhash is keyed by socket cookie (unique per socket for the life of the kernel).
 //! The per-socket state is keyed by the socket's own tuple plus its netns cookie (sk_msg cannot

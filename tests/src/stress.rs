@@ -252,12 +252,26 @@ fn send_stream(
     stop_at: Option<u64>,
     deadline: Instant,
 ) -> io::Result<u64> {
-    let mut r = Rng::new(case.seed ^ ((conn as u64) << 20) ^ dir as u64);
-    let mut buf = Vec::new();
-    let mut off = 0u64;
     let end = stop_at.unwrap_or(len).min(len);
-    while off < end {
-        let n = r.range(1, case.max_write).min(end - off);
+    let mut r = Rng::new(case.seed ^ ((conn as u64) << 20) ^ dir as u64);
+    write_stream(s, case, conn, dir, 0..end, &mut r, deadline)?;
+    Ok(end)
+}
+
+/// Writes bytes `range` of stream `dir`, each write 1..=`case.max_write` bytes long.
+fn write_stream(
+    s: &TcpStream,
+    case: &Case,
+    conn: u32,
+    dir: u8,
+    range: std::ops::Range<u64>,
+    sizes: &mut Rng,
+    deadline: Instant,
+) -> io::Result<()> {
+    let mut buf = Vec::new();
+    let mut off = range.start;
+    while off < range.end {
+        let n = sizes.range(1, case.max_write).min(range.end - off);
         buf.clear();
         buf.extend((0..n).map(|i| stream_byte(case.seed, conn, dir, off + i)));
         let mut done = 0usize;
@@ -273,7 +287,7 @@ fn send_stream(
         }
         off += n;
     }
-    Ok(off)
+    Ok(())
 }
 
 /// How a read side ended.
@@ -665,48 +679,14 @@ fn request_response_server(
             }
         }
         let n = u64::from_le_bytes(req);
-        let sub = Case {
-            max_write: case.max_write,
-            ..case.clone()
-        };
         // Continue stream 1 where the last response ended.
-        let res = send_range(s, &sub, conn, sent, n, deadline);
+        let mut sizes = Rng::new(case.seed ^ sent);
+        let res = write_stream(s, case, conn, 1, sent..sent + n, &mut sizes, deadline);
         if let Err(e) = res {
             return Some(format!("server response: {e}"));
         }
         sent += n;
     }
-}
-
-fn send_range(
-    s: &TcpStream,
-    case: &Case,
-    conn: u32,
-    from: u64,
-    len: u64,
-    deadline: Instant,
-) -> io::Result<()> {
-    let mut off = 0;
-    let mut buf = Vec::new();
-    let mut r = Rng::new(case.seed ^ from);
-    while off < len {
-        let n = r.range(1, case.max_write).min(len - off);
-        buf.clear();
-        buf.extend((0..n).map(|i| stream_byte(case.seed, conn, 1, from + off + i)));
-        let mut done = 0;
-        while done < buf.len() {
-            match (&*s).write(&buf[done..]) {
-                Ok(k) => done += k,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    poll_fd(s, libc::POLLOUT, deadline)?
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        off += n;
-    }
-    Ok(())
 }
 
 /// Where cases run: one accelerator, one pod for the direct path, a mesh for the sidecar
@@ -822,7 +802,9 @@ impl Bench {
             })
         };
         let conns = case.conns;
-        let settings = self.accel.settings.clone();
+        // A restarted agent applies its configured bound: this case's.
+        let mut settings = self.accel.settings.clone();
+        settings.max_queued_bytes = limit;
         let result: Vec<Option<String>> = std::thread::scope(|t| {
             let server = t.spawn(|| {
                 let mut handles = Vec::new();
@@ -944,6 +926,14 @@ fn set_config(
         crate::accel::pinned_map(&settings.pin_dir, fastpath_common::map_names::CONFIG);
     cfg.set(index, value, 0)?;
     Ok(())
+}
+
+/// A seed base from the clock, for a run that was not asked to repeat one.
+pub fn clock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }
 
 /// Runs `count` cases from seeds `base`, `base + 1`, ...; prints each failure with the seed

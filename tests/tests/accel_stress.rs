@@ -1,7 +1,7 @@
 //! The CI pass of the randomized stress harness (`fastpath_tests::stress`): at least 300
 //! cases over both paths, within 4 minutes. The seed base is printed; `STRESS_SEED` repeats a
 //! run and `STRESS_REPLAY` runs one case. `scripts/soak.sh` runs the long pass.
-use fastpath_tests::stress::{Bench, Case, PathKind, run_cases};
+use fastpath_tests::stress::{Bench, Case, PathKind, clock_seed, run_cases};
 use std::time::Duration;
 
 #[test]
@@ -25,12 +25,7 @@ fn randomized_transfers_keep_every_byte_in_order() {
     let base = std::env::var("STRESS_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+        .unwrap_or_else(clock_seed);
     eprintln!("stress: seed base {base} (STRESS_SEED={base} repeats this run)");
     let (ran, failures) = run_cases(
         &mut bench,

@@ -66,7 +66,11 @@ impl Report {
             self.queue_accounting.as_deref().unwrap_or("ok"),
             self.redirected_msgs,
             match self.unpaired_fionread_broken {
-                Some(true) => "broken (never used by fastpath)",
+                Some(true) => {
+                    "counts only redirected bytes, not TCP bytes behind them (the kernel's \
+                     tcp_bpf_ioctl without its tcp_inq fallback; a demoted socket leaves the \
+                     sockhash once its redirect queue is read)"
+                }
                 Some(false) => "correct",
                 None => "not checked",
             },

@@ -1,7 +1,7 @@
 //! The stress harness's long pass (`scripts/soak.sh`): `stress [--cases N] [--seed BASE]
 //! [--minutes M] [--direct-only]`. Prints every failure with the seed that replays it, then
 //! one line `N passed, N failed`; exits 1 on any failure.
-use fastpath_tests::stress::{Bench, Case, PathKind, run_cases};
+use fastpath_tests::stress::{Bench, Case, PathKind, clock_seed, run_cases};
 use std::time::Duration;
 
 fn main() {
@@ -25,12 +25,7 @@ fn main() {
     };
     let base: u64 = value("--seed")
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+        .unwrap_or_else(clock_seed);
     let mut bench = Bench::new("soak", true, fastpath_common::DEFAULT_QUEUE_LIMIT_BYTES);
     if let Some(seed) = value("--replay").and_then(|v| v.parse().ok()) {
         let case = Case::from_seed(seed, paths);
