@@ -418,10 +418,24 @@ fn client_side(case: &Case, conn: u32, s: TcpStream, deadline: Instant) -> Optio
     let down = matches!(case.shape, Shape::Down | Shape::Echo);
     let half = (case.size / 2).max(1);
     if up && case.ending == Ending::Abort {
-        // Send half, then reset: the close below (SO_LINGER 0) sends the RST.
-        let _ = send_stream(&s, case, conn, 0, case.size, Some(half), deadline);
-        abort(&s);
-        return None;
+        // Send half, then reset: the close below (SO_LINGER 0) sends the RST. An echo client
+        // reads its echo meanwhile (one that did not would deadlock with its server, plain
+        // TCP or not: neither side reads while both wait to write).
+        return std::thread::scope(|t| {
+            let echo = (case.shape == Shape::Echo).then(|| {
+                t.spawn(|| {
+                    let mut chk = Checker::new(case.seed, conn, 0);
+                    let _ = recv_stream(&s, &mut chk, Pace::Fast, u64::MAX, None, deadline);
+                    chk.first_bad
+                        .map(|off| format!("client echo before the reset: byte {off} differs"))
+                })
+            });
+            let _ = send_stream(&s, case, conn, 0, case.size, Some(half), deadline);
+            abort(&s);
+            // Wakes the echo reader (its next read returns 0); nothing goes on the wire.
+            let _ = s.shutdown(Shutdown::Read);
+            echo.and_then(|h| h.join().unwrap())
+        });
     }
     std::thread::scope(|t| {
         let writer = t.spawn(|| {
