@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The stress harness's long pass: at least 20,000 randomized cases (tests/src/stress.rs) over
 # paired sockets and the full sidecar path, as root. Extra arguments go to the harness:
-#   --cases N   --seed BASE   --minutes M   --direct-only
+#   --cases N   --seed BASE   --minutes M   --direct-only   --plain (nothing enrolled: the control)
 # STRESS_REPLAY=<seed> replays one case that failed.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

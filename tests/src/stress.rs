@@ -714,11 +714,16 @@ pub struct Bench {
 }
 
 impl Bench {
-    pub fn new(tag: &str, with_mesh: bool, queue_limit: u64) -> Self {
+    /// `accelerated: false` enrolls nothing: the same cases over plain TCP (with the programs
+    /// attached), which tells a failure of the product from one of the case itself.
+    pub fn new(tag: &str, with_mesh: bool, queue_limit: u64, accelerated: bool) -> Self {
         let accel = Accel::start_configured(tag, |s| s.max_queued_bytes = queue_limit);
         let pod = Pod::new(&format!("{tag}p"));
-        accel.enroll(&pod, None);
-        let mesh = with_mesh.then(|| Mesh::new(&format!("{tag}m"), 62, Some(&accel)));
+        if accelerated {
+            accel.enroll(&pod, None);
+        }
+        let mesh =
+            with_mesh.then(|| Mesh::new(&format!("{tag}m"), 62, accelerated.then_some(&accel)));
         let mut b = Self {
             accel,
             pod,

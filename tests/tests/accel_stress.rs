@@ -10,7 +10,12 @@ fn randomized_transfers_keep_every_byte_in_order() {
         return;
     }
     let paths = [PathKind::Direct, PathKind::Direct, PathKind::Sidecar];
-    let mut bench = Bench::new("stress", true, fastpath_common::DEFAULT_QUEUE_LIMIT_BYTES);
+    let mut bench = Bench::new(
+        "stress",
+        true,
+        fastpath_common::DEFAULT_QUEUE_LIMIT_BYTES,
+        true,
+    );
     if let Some(seed) = std::env::var("STRESS_REPLAY")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -1,6 +1,8 @@
 //! The stress harness's long pass (`scripts/soak.sh`): `stress [--cases N] [--seed BASE]
-//! [--minutes M] [--direct-only]`. Prints every failure with the seed that replays it, then
-//! one line `N passed, N failed`; exits 1 on any failure.
+//! [--minutes M] [--direct-only] [--plain] [--replay SEED]`. Prints every failure with the
+//! seed that replays it, then one line `N passed, N failed`; exits 1 on any failure.
+//! `--plain` runs the same cases with nothing enrolled (plain TCP through the same sidecars
+//! and rules): a seed that fails there too is a case that plain TCP fails, not the product.
 use fastpath_tests::stress::{Bench, Case, PathKind, clock_seed, run_cases};
 use std::time::Duration;
 
@@ -26,7 +28,13 @@ fn main() {
     let base: u64 = value("--seed")
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(clock_seed);
-    let mut bench = Bench::new("soak", true, fastpath_common::DEFAULT_QUEUE_LIMIT_BYTES);
+    let accelerated = !args.iter().any(|a| a == "--plain");
+    let mut bench = Bench::new(
+        "soak",
+        true,
+        fastpath_common::DEFAULT_QUEUE_LIMIT_BYTES,
+        accelerated,
+    );
     if let Some(seed) = value("--replay").and_then(|v| v.parse().ok()) {
         let case = Case::from_seed(seed, paths);
         eprintln!("replaying {case:?}");
