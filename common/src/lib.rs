@@ -233,8 +233,7 @@ pub const GATE_HOLD_NS: u64 = 2_000_000_000;
 pub mod rxq_state {
     /// Redirected bytes may arrive.
     pub const OPEN: u64 = 0;
-    /// The connection left the fast path (a queue passed the limit, or a side half-closed
-    /// with nothing queued either way):
+    /// The connection left the fast path (a reader's queue passed the limit):
     /// no byte is redirected into this socket any more; it leaves the sockhash once its queue
     /// is read empty.
     pub const DEMOTED: u64 = 1;
@@ -301,8 +300,6 @@ pub struct PodStats {
     /// Paired connections that left the fast path because a reader's queue passed the limit
     /// (counted by the writer's pod).
     pub queue_demotions: u64,
-    /// Paired connections that left the fast path because this pod's side half-closed.
-    pub shutdown_demotions: u64,
     /// TCP segments with payload held back (dropped, to be retransmitted) because the
     /// receiving socket still had redirected bytes unread.
     pub tcp_segments_held: u64,

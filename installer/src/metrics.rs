@@ -185,7 +185,7 @@ impl Metrics {
             &'static str,
             fn(&fastpath_common::PodStats) -> u64,
         );
-        let fields: [Field; 8] = [
+        let fields: [Field; 7] = [
             (
                 "fastpath_pod_sockets_enrolled_total",
                 "Sockets of the pod enrolled for acceleration.",
@@ -215,11 +215,6 @@ impl Metrics {
                 "fastpath_pod_queue_demotions_total",
                 "Accelerated connections of the pod that went back to TCP because the reader's queue passed the limit (FASTPATH_MAX_QUEUED_BYTES).",
                 |p| p.queue_demotions,
-            ),
-            (
-                "fastpath_pod_shutdown_demotions_total",
-                "Accelerated connections that went back to TCP because the pod's side half-closed them.",
-                |p| p.shutdown_demotions,
             ),
             (
                 "fastpath_pod_tcp_segments_held_total",

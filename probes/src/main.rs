@@ -28,8 +28,9 @@
 //! limit *demotes* the connection: from then on both directions take TCP (order holds: the
 //! reader drains its queue before its TCP receive queue, and a cgroup ingress program holds
 //! TCP payload back until the queue is empty, so a reader never sees both at once). A
-//! half-close demotes only with nothing queued either way (on 6.18 a blocking recv() on a
-//! paired socket returns EAGAIN when the ACK of its FIN wakes it). A demoted socket leaves
+//! half-close never demotes: the FIN travels after the last redirected byte and is read after
+//! it (a demotion racing the other side's writes left bytes queued behind it, which HAProxy
+//! sidecars turned into truncated streams). A demoted socket leaves
 //! the sockhash as soon as its queue is read empty, so FIONREAD and readiness are plain TCP's
 //! again (sock_ops sees every state change and every segment of a paired socket, which is
 //! where it checks). docs/accelerator.md lists the invariants and the code that holds each.
@@ -117,7 +118,6 @@ static FP_SK_FILTER: Array<u64> = Array::pinned(map_capacity::SK_FILTER, 0);
 #[map(name = "FP_SK_COUNTED")]
 static FP_SK_COUNTED: HashMap<u64, u64> = HashMap::pinned(map_capacity::RXQ, 0);
 
-const TCP_FIN_WAIT1: u32 = 4;
 const TCP_CLOSE: u32 = 7;
 const MSG_PEEK: i32 = 2;
 /// Reads of the error queue (timestamps) return no stream bytes.
@@ -428,10 +428,6 @@ pub fn fastpath_sockops(ctx: SockOpsContext) -> u32 {
         // Only sockets this program flagged get here.
         match ctx.arg(1) {
             TCP_CLOSE => on_close(&ctx),
-            TCP_FIN_WAIT1 => {
-                on_half_close(&ctx);
-                leave_if_drained(&ctx);
-            }
             _ => leave_if_drained(&ctx),
         }
         return 1;
@@ -706,35 +702,6 @@ fn release_waiting_client(ctx: &SockOpsContext, netns: u64) {
     if let Some((client, active, true)) = waiting_client(ctx, netns) {
         if FP_ACTIVE.remove(&client).is_ok() {
             taint_client(&active);
-        }
-    }
-}
-
-/// This side shut down its writes. The connection goes back to TCP only when nothing is
-/// queued either way: then both sockets leave the sockhash at once, and a blocking read that
-/// starts after the half-close is a plain TCP read (a paired socket's blocking recv() can
-/// fail with EAGAIN when its own FIN's ACK wakes it). With bytes still queued it stays
-/// paired: a demotion with queued bytes makes the other side send over TCP while it still
-/// reads redirected bytes, which proxies that take a short read after EPOLLRDHUP as the end
-/// of the stream (HAProxy) turned into truncated streams in about 1 of 70 echoes through
-/// sidecars. Paired, the FIN arrives after the last redirected byte and is read after it.
-#[inline(never)]
-fn on_half_close(ctx: &SockOpsContext) {
-    let cookie = socket_cookie(ctx);
-    let Some(q) = FP_RXQ.get_ptr_mut(&cookie) else {
-        return;
-    };
-    if rxq_queued(q) != 0 {
-        return;
-    }
-    let peer = unsafe { core::ptr::read_volatile(&raw const (*q).peer) };
-    match FP_RXQ.get_ptr_mut(&peer) {
-        Some(p) if rxq_queued(p) == 0 => {}
-        _ => return,
-    }
-    if demote(q, cookie) {
-        if let Some(s) = stats(unsafe { (*q).netns }) {
-            s.shutdown_demotions += 1;
         }
     }
 }

@@ -199,65 +199,10 @@ fn a_reader_that_keeps_up_is_never_demoted() {
     });
 }
 
-/// A half-close with nothing queued either way takes the connection back to TCP: the
-/// half-closed socket leaves the sockhash at once, so a blocking read that starts after it is
-/// a plain TCP read (a paired socket's blocking recv() can fail with EAGAIN when its own FIN's
-/// ACK wakes it). The server signals once it has read the request, so that the client's
-/// half-close finds both queues empty.
-#[test]
-fn a_half_close_with_nothing_queued_demotes_and_blocking_reads_are_plain() {
-    if !fastpath_tests::require_privileges("a_half_close_with_nothing_queued_demotes") {
-        return;
-    }
-    let accel = Accel::start("halfclose");
-    let pod = Pod::new("fphalf");
-    accel.enroll(&pod, None);
-    let rounds = 40;
-    pod.run(|| {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let (read_tx, read_rx) = std::sync::mpsc::channel();
-        let (closed_tx, closed_rx) = std::sync::mpsc::channel::<()>();
-        let server = std::thread::spawn(move || {
-            for i in 0..rounds {
-                let (mut s, _) = l.accept().unwrap();
-                let mut request = vec![0u8; 10_000];
-                s.read_exact(&mut request).unwrap();
-                assert_eq!(request, pattern(i, 10_000), "request {i}");
-                read_tx.send(()).unwrap();
-                closed_rx.recv().unwrap();
-                let mut rest = Vec::new();
-                s.read_to_end(&mut rest).unwrap();
-                assert!(rest.is_empty(), "round {i}: bytes after the request");
-                s.write_all(&pattern(i + 1000, 1 << 20)).unwrap();
-            }
-        });
-        for i in 0..rounds {
-            let mut c = TcpStream::connect(addr).unwrap();
-            c.set_read_timeout(None).unwrap();
-            c.write_all(&pattern(i, 10_000)).unwrap();
-            read_rx.recv().unwrap();
-            c.shutdown(Shutdown::Write).unwrap();
-            closed_tx.send(()).unwrap();
-            let mut response = Vec::new();
-            // Blocking reads: a spurious EAGAIN would fail read_to_end.
-            c.read_to_end(&mut response)
-                .unwrap_or_else(|e| panic!("round {i}: blocking read after a half-close: {e}"));
-            assert!(
-                response == pattern(i + 1000, 1 << 20),
-                "round {i}: response altered"
-            );
-        }
-        server.join().unwrap();
-    });
-    let st = accel.stats(pod.cookie());
-    assert!(st.connections_paired >= rounds, "{st:?}");
-    assert!(st.shutdown_demotions >= rounds, "{st:?}");
-    wait_sockhash(&accel, 0, "after every connection closed");
-}
-
-/// A half-close with bytes still queued keeps the connection paired (both directions go on
-/// socket to socket): the FIN arrives after the last redirected byte and is read after it.
+/// A half-close never demotes: both directions go on socket to socket, and the FIN arrives
+/// after the last redirected byte and is read after it. (A demotion at the half-close raced
+/// the other side's writes: bytes redirected in that window sat behind the switch to TCP,
+/// which HAProxy sidecars turned into truncated streams.)
 #[test]
 fn a_half_close_with_bytes_queued_stays_paired_and_eof_comes_last() {
     if !fastpath_tests::require_privileges("a_half_close_with_bytes_queued_stays_paired") {
@@ -290,7 +235,6 @@ fn a_half_close_with_bytes_queued_stays_paired_and_eof_comes_last() {
         );
     });
     let st = accel.stats(pod.cookie());
-    assert_eq!(st.shutdown_demotions, 0, "{st:?}");
     assert_eq!(st.queue_demotions, 0, "{st:?}");
     assert!(
         st.bytes_redirected >= 4 << 20,

@@ -706,7 +706,6 @@ fn add(into: &mut PodStats, s: &PodStats) {
     into.connections_paired += s.connections_paired;
     into.early_data_fallbacks += s.early_data_fallbacks;
     into.queue_demotions += s.queue_demotions;
-    into.shutdown_demotions += s.shutdown_demotions;
     into.tcp_segments_held += s.tcp_segments_held;
 }
 
