@@ -807,9 +807,18 @@ impl Bench {
                     .ok()
                     .and_then(|d| aya::maps::Map::from_map_data(d).ok())
                     .and_then(|m| m.try_into().ok());
+                // Connections of earlier cases (a sidecar's, closing) were queued under their
+                // own case's bound: only this case's count against this case's bound.
+                let earlier: std::collections::HashSet<u64> = map
+                    .as_ref()
+                    .map(|m| m.keys().flatten().collect())
+                    .unwrap_or_default();
                 while !done.load(Relaxed) {
                     if let Some(m) = &map {
-                        for (_, q) in m.iter().flatten() {
+                        for (cookie, q) in m.iter().flatten() {
+                            if earlier.contains(&cookie) {
+                                continue;
+                            }
                             let queued = q.queued as i64;
                             if queued > 0 {
                                 peak.fetch_max(queued as u64, Relaxed);
