@@ -572,6 +572,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<SockState>(), 72);
         assert_eq!(core::mem::size_of::<PodInfo>(), 24);
         assert_eq!(core::mem::size_of::<PodStats>(), 72);
-        assert_eq!(core::mem::size_of::<RxQueue>(), 32);
+        assert_eq!(core::mem::size_of::<RxQueue>(), 40);
     }
 }
