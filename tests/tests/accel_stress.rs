@@ -1,6 +1,7 @@
 //! The CI pass of the randomized stress harness (`fastpath_tests::stress`): at least 300
-//! cases over both paths, within 4 minutes. The seed base is printed; `STRESS_SEED` repeats a
-//! run and `STRESS_REPLAY` runs one case. `scripts/soak.sh` runs the long pass.
+//! cases over both paths, within 4 minutes: the same 300 on every run (seed base 4000), so a
+//! failure reproduces; `STRESS_SEED=<base>` or `STRESS_SEED=random` draws others and
+//! `STRESS_REPLAY` runs one case. `scripts/soak.sh` runs the long pass on new seeds.
 use fastpath_tests::stress::{Bench, Case, PathKind, clock_seed, run_cases};
 use std::time::Duration;
 
@@ -27,10 +28,13 @@ fn randomized_transfers_keep_every_byte_in_order() {
         }
         return;
     }
-    let base = std::env::var("STRESS_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(clock_seed);
+    // CI repeats the same 300 cases (a regression check whose failures reproduce); the soak
+    // (`scripts/soak.sh`) draws new ones. STRESS_SEED=random draws new ones here too.
+    let base = match std::env::var("STRESS_SEED").ok().as_deref() {
+        Some("random") => clock_seed(),
+        Some(v) => v.parse().expect("STRESS_SEED: a number or \"random\""),
+        None => 4000,
+    };
     eprintln!("stress: seed base {base} (STRESS_SEED={base} repeats this run)");
     let (ran, failures) = run_cases(
         &mut bench,
