@@ -170,7 +170,7 @@ class Bench:
         elif plugin:
             self.redirection = "istio-cni chained by the bench after bridge + host-local, pod lookup answered by a fake API server"
         else:
-            self.redirection = "fallback: Istio's default sidecar rules (istio-cni.md §5.7) applied with iptables-restore --noflush"
+            self.redirection = "fallback: Istio's default sidecar rules (bench/conf/istio-sidecar.rules) applied with iptables-restore --noflush"
             self.notes.append(f"Redirection by the fallback, because {why_no_plugin}.")
         log(f"redirection: {self.redirection}")
         self.modes = modes

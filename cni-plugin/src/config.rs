@@ -25,7 +25,7 @@ pub struct PluginConfig {
     #[serde(rename = "prevResult")]
     pub prev_result: Option<Value>,
 
-    // Istio's keys (§3.3.1).
+    // Istio's keys (the plugin config of Istio's `cni/pkg/plugin/plugin.go`, `Config`).
     pub plugin_log_level: Option<String>,
     pub cni_agent_run_dir: Option<String>,
     pub ambient_enabled: bool,

@@ -1,4 +1,5 @@
-//! ADD, DEL and CHECK of the `istio-cni` plugin: Istio's decision order (§5.1), then the
+//! ADD, DEL and CHECK of the `istio-cni` plugin: Istio's decision order (`CmdAdd` in Istio's
+//! `cni/pkg/plugin/plugin.go`), then the
 //! redirection, then (for mesh pods) the accelerator's enrollment.
 use crate::accel;
 use crate::config::{K8sArgs, PluginConfig};

@@ -683,7 +683,7 @@ mod tests {
         from_pod(&Pod::from_json(v.to_string().as_bytes()).unwrap()).unwrap()
     }
 
-    /// `cni/pkg/plugin/testdata/basic.txt.golden` as quoted in the reference (§5.7).
+    /// `cni/pkg/plugin/testdata/basic.txt.golden` from Istio's repository.
     const BASIC_GOLDEN: &str = include_str!("../../testdata/istio/basic.txt.golden");
 
     #[test]

@@ -48,7 +48,8 @@ const fn p(
 
 use Kind::{Bool, Int, Mode, Str};
 
-/// Every parameter, in Istio's order (§2.2, §2.3 of the reference), then fastpath's.
+/// Every parameter, in the order of Istio's `cni/pkg/cmd/root.go` flags and
+/// `cni/pkg/constants` env vars, then fastpath's.
 #[rustfmt::skip]
 pub const PARAMS: &[Param] = &[
     // Istio's registered flags.

@@ -4,7 +4,7 @@
 //! `api.proto` of the `k8s-cri` crate's source). The sandbox ("pause") image is built locally
 //! from busybox-static and a tiny static C pause, and imported with `ctr`.
 //!
-//! Two VM settings (testbed.md §2): `restrict_oom_score_adj = true` (no CAP_SYS_RESOURCE here),
+//! Two settings this VM needs: `restrict_oom_score_adj = true` (no CAP_SYS_RESOURCE here),
 //! and a CNI conf dir of our own with `max_conf_num = 1`.
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;

@@ -506,10 +506,7 @@ fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
         write_config(dir, &config_kept)?;
     }
 
-    let sockops: &mut SockOps = ebpf
-        .program_mut(prog_names::SOCK_OPS)
-        .ok_or_else(|| anyhow!("no {} in the object", prog_names::SOCK_OPS))?
-        .try_into()?;
+    let sockops: &mut SockOps = program(&mut ebpf, prog_names::SOCK_OPS)?;
     sockops.load().context("verifier rejected sock_ops")?;
     let sockops_link_pin = pin(dir, PIN_LINK_SOCKOPS);
     if let Ok(link) = sys::obj_get(&sockops_link_pin) {
@@ -538,10 +535,7 @@ fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
     }
 
     let socks_fd = sys::obj_get(&pin(dir, map_names::SOCKS)).context("open the sockhash")?;
-    let skmsg: &mut SkMsg = ebpf
-        .program_mut(prog_names::SK_MSG)
-        .ok_or_else(|| anyhow!("no {} in the object", prog_names::SK_MSG))?
-        .try_into()?;
+    let skmsg: &mut SkMsg = program(&mut ebpf, prog_names::SK_MSG)?;
     skmsg.load().context("verifier rejected sk_msg")?;
     let skmsg_link_pin = pin(dir, PIN_LINK_SKMSG);
     let old_link = sys::obj_get(&skmsg_link_pin).ok();
@@ -593,10 +587,7 @@ fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
 /// read missed in the gap only keeps a queue counted fuller than it is, which is safe.
 /// Without the tracepoint no queue is bounded, so it is required.
 fn attach_rx_consumed(ebpf: &mut aya::Ebpf, dir: &Path) -> Result<()> {
-    let prog: &mut RawTracePoint = ebpf
-        .program_mut(prog_names::RX_CONSUMED)
-        .ok_or_else(|| anyhow!("no {} in the object", prog_names::RX_CONSUMED))?
-        .try_into()?;
+    let prog: &mut RawTracePoint = program(ebpf, prog_names::RX_CONSUMED)?;
     prog.load()
         .context("verifier rejected the recvmsg tracepoint program")?;
     let link_pin = pin(dir, PIN_LINK_RX_CONSUMED);
@@ -621,10 +612,7 @@ fn attach_rx_consumed(ebpf: &mut aya::Ebpf, dir: &Path) -> Result<()> {
 /// has read every redirected byte, and swaps it into the pinned link (or attaches it to the
 /// cgroup v2 root). Required: without it a demoted connection's reader could see both queues.
 fn attach_ingress_gate(ebpf: &mut aya::Ebpf, cgroup: &Path, dir: &Path) -> Result<()> {
-    let prog: &mut CgroupSkb = ebpf
-        .program_mut(prog_names::INGRESS_GATE)
-        .ok_or_else(|| anyhow!("no {} in the object", prog_names::INGRESS_GATE))?
-        .try_into()?;
+    let prog: &mut CgroupSkb = program(ebpf, prog_names::INGRESS_GATE)?;
     prog.load()
         .context("verifier rejected the cgroup ingress program")?;
     let link_pin = pin(dir, PIN_LINK_INGRESS_GATE);
@@ -646,6 +634,17 @@ fn attach_ingress_gate(ebpf: &mut aya::Ebpf, cgroup: &Path, dir: &Path) -> Resul
         );
     }
     replace_program_pin(prog.fd()?.as_fd(), &pin(dir, PIN_PROG_INGRESS_GATE))
+}
+
+/// The program `name` of the loaded object, as its type.
+fn program<'a, T>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("no {name} in the object"))?;
+    Ok(prog.try_into()?)
 }
 
 fn replace_program_pin(prog: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result<()> {

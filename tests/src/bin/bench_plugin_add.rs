@@ -21,7 +21,7 @@ use std::time::Instant;
 
 const TOKEN: &str = "bench-token";
 
-/// Istio's rules for a default sidecar pod (reference §5.7).
+/// Istio's rules for a default sidecar pod (`cni/pkg/plugin/testdata/basic.txt.golden`).
 const ISTIO_DEFAULT_RULES: &str = include_str!("../../../testdata/istio/basic.txt.golden");
 
 struct Stats {
