@@ -97,6 +97,31 @@ fn run(mesh: &Mesh, rounds: u64, base: u64) -> Vec<String> {
     failures
 }
 
+/// Plain TCP through these HAProxy sidecars itself cuts about 1 echo in 100 to 400 short,
+/// ended by ECONNRESET with every byte before it correct (CI saw 1 of 400 without
+/// acceleration; the investigation 2 of 150 in one batch). Only that failure, and at most 1%,
+/// is the sidecar stand-in's; a byte altered, or more of them, fails either test.
+fn check_failures(failures: &[String], mode: &str) {
+    let total = rounds() * 2;
+    let altered = failures
+        .iter()
+        .any(|f| !f.contains("first bad offset None"));
+    let not_reset = failures
+        .iter()
+        .any(|f| !f.contains("Connection reset by peer"));
+    assert!(
+        !altered && !not_reset && (failures.len() as u64) * 100 <= total,
+        "{mode}: {} of {total} connections failed: {failures:?}",
+        failures.len()
+    );
+    if !failures.is_empty() {
+        eprintln!(
+            "{mode}: {} of {total} cut short by the sidecars' reset (see check_failures): {failures:?}",
+            failures.len()
+        );
+    }
+}
+
 fn mesh_with_echo(tag: &str, subnet: u8, accel: Option<&Accel>) -> Mesh {
     let mesh = Mesh::new(tag, subnet, accel);
     let l = mesh
@@ -126,12 +151,7 @@ fn echo_through_sidecars_is_intact_accelerated() {
     let failures = run(&mesh, rounds(), base);
     let client = accel.stats(mesh.client.cookie());
     let server = accel.stats(mesh.server.cookie());
-    assert!(
-        failures.is_empty(),
-        "{} of {} connections failed: {failures:?}",
-        failures.len(),
-        rounds() * 2
-    );
+    check_failures(&failures, "accelerated");
     // Every hop of every connection was paired, and the echo went socket to socket.
     assert!(client.connections_paired >= rounds() * 2, "{client:?}");
     assert!(server.connections_paired >= rounds() * 4, "{server:?}");
@@ -148,10 +168,5 @@ fn echo_through_sidecars_is_intact_plain() {
     }
     let mesh = mesh_with_echo("fpsp", 63, None);
     let failures = run(&mesh, rounds(), 2_000_000);
-    assert!(
-        failures.is_empty(),
-        "{} of {} connections failed without acceleration: {failures:?}",
-        failures.len(),
-        rounds() * 2
-    );
+    check_failures(&failures, "plain");
 }
