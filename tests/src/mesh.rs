@@ -73,14 +73,16 @@ impl Mesh {
                 "{stats_socket}",
                 &self.dir.join(format!("{which}.sock")).to_string_lossy(),
             );
-        // MESH_LOG=1 keeps a log of each session (bytes up and down, termination state) in the
-        // mesh's directory, which is then kept.
-        let text = if std::env::var("MESH_LOG").is_ok() {
-            text.replace("global\n", "global\n    log stderr format raw local0\n")
-                .replace("defaults\n", "defaults\n    log global\n    log-format \"%ci:%cp %ft %Tt up=%U down=%B %ts\"\n")
-        } else {
-            text
-        };
+        // Every session is logged when it ends (the mesh's directory; MESH_LOG=1 keeps it): the
+        // app or sidecar port it came from, the port the sidecar connected from, bytes each
+        // way, and HAProxy's termination state, which tells a failure the sidecar saw (a reset
+        // or an error on one side) from a normal close. `Mesh::explain` reads it.
+        let text = text
+            .replace("global\n", "global\n    log stderr format raw local0\n")
+            .replace(
+                "defaults\n",
+                "defaults\n    log global\n    log-format \"%ci:%cp %ft %bi:%bp %Tt up=%U down=%B %ts\"\n",
+            );
         std::fs::write(&cfg, text).unwrap();
         let log = std::fs::File::create(self.dir.join(format!("{which}.log"))).unwrap();
         let uid = PROXY_UID.to_string();
@@ -172,5 +174,181 @@ fn wait_listening(pod: &Pod, port: u16) {
             pod.ns.name
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One session a sidecar logged when it ended (see the log format in `start_sidecar`).
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// The port the session came from: the app's own port on the outbound sidecar, the
+    /// client sidecar's `via_port` on the inbound one.
+    pub from_port: u16,
+    /// The port the sidecar connected onwards from.
+    pub via_port: u16,
+    pub line: String,
+    /// HAProxy's termination state: `--` is a normal close; a first letter `C`/`S` is an
+    /// abort (a reset or an error) on the client/server side, `c`/`s` a timeout there.
+    pub state: String,
+}
+
+impl Session {
+    fn parse(line: &str) -> Option<Self> {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let port = |s: &str| s.rsplit(':').next()?.parse().ok();
+        Some(Self {
+            from_port: port(f.first()?)?,
+            via_port: port(f.get(2)?)?,
+            state: f.last()?.to_string(),
+            line: line.to_string(),
+        })
+    }
+
+    pub fn ended_normally(&self) -> bool {
+        self.state.starts_with('-')
+    }
+}
+
+/// What both sidecars logged of one app connection.
+#[derive(Debug)]
+pub struct Trace {
+    pub outbound: Option<Session>,
+    pub inbound: Option<Session>,
+}
+
+impl Trace {
+    /// Whether a sidecar saw an error, a reset or a timeout on this connection, rather than
+    /// closing it normally.
+    pub fn sidecar_saw_error(&self) -> bool {
+        [&self.outbound, &self.inbound]
+            .iter()
+            .any(|s| s.as_ref().is_some_and(|s| !s.ended_normally()))
+    }
+}
+
+impl std::fmt::Display for Trace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let line = |s: &Option<Session>| s.as_ref().map_or("not logged".into(), |s| s.line.clone());
+        write!(
+            f,
+            "client sidecar [{}], server sidecar [{}]",
+            line(&self.outbound),
+            line(&self.inbound)
+        )
+    }
+}
+
+impl Mesh {
+    fn sessions(&self, which: &str) -> Vec<Session> {
+        std::fs::read_to_string(self.dir.join(format!("{which}.log")))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(Session::parse)
+            .collect()
+    }
+
+    /// Both sidecars' log of the connection the client app made from `app_port` (the
+    /// sidecars log a session when it ends, so this waits up to 2 s for them).
+    pub fn trace(&self, app_port: u16) -> Trace {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let outbound = self
+                .sessions("c")
+                .into_iter()
+                .rfind(|s| s.line.contains(" outbound ") && s.from_port == app_port);
+            let inbound = outbound.as_ref().and_then(|o| {
+                self.sessions("s")
+                    .into_iter()
+                    .rfind(|s| s.line.contains(" inbound ") && s.from_port == o.via_port)
+            });
+            if inbound.is_some() || Instant::now() > deadline {
+                return Trace { outbound, inbound };
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A pod's TCP and conntrack counters: what tells a reset that the network made from one an
+/// application or a sidecar made.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NetCounters {
+    /// Packets conntrack marked INVALID (out of its TCP window). Istio's REDIRECT rules skip
+    /// NAT for them, so one can reach a socket it was not meant for and draw a reset
+    /// (kubernetes/kubernetes#74839; Istio's `INVALID_DROP` drops them).
+    pub conntrack_invalid: u64,
+    /// Resets this pod's stack sent.
+    pub tcp_out_rsts: u64,
+    /// Resets sent because a socket was closed with unread data.
+    pub abort_on_close: u64,
+    /// Resets sent because data arrived after close.
+    pub abort_on_data: u64,
+}
+
+impl NetCounters {
+    pub fn of(pod: &crate::accel::Pod) -> Self {
+        pod.run(|| {
+            let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+            let conntrack_invalid = read("/proc/thread-self/net/stat/nf_conntrack")
+                .lines()
+                .skip(1)
+                .filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(4)?, 16).ok())
+                .sum();
+            Self {
+                conntrack_invalid,
+                tcp_out_rsts: proc_net_field(&read("/proc/thread-self/net/snmp"), "Tcp", "OutRsts"),
+                abort_on_close: proc_net_field(
+                    &read("/proc/thread-self/net/netstat"),
+                    "TcpExt",
+                    "TCPAbortOnClose",
+                ),
+                abort_on_data: proc_net_field(
+                    &read("/proc/thread-self/net/netstat"),
+                    "TcpExt",
+                    "TCPAbortOnData",
+                ),
+            }
+        })
+    }
+}
+
+/// A field of /proc/net/snmp or /proc/net/netstat: a header line and a value line per group.
+fn proc_net_field(text: &str, group: &str, field: &str) -> u64 {
+    let prefix = format!("{group}:");
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(&prefix)).collect();
+    let [names, values] = lines[..] else { return 0 };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == field)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_line_names_its_ports_and_how_it_ended() {
+        let s = Session::parse(
+            "127.0.0.1:40312 outbound 10.247.61.1:51234 812 up=4194304 down=4194304 --",
+        )
+        .unwrap();
+        assert_eq!((s.from_port, s.via_port), (40312, 51234));
+        assert!(s.ended_normally());
+        let s = Session::parse(
+            "10.247.61.1:51234 inbound 127.0.0.6:39001 640 up=4028495 down=4028495 SD",
+        )
+        .unwrap();
+        assert!(!s.ended_normally());
+        assert!(Session::parse("[NOTICE] (123) : haproxy started").is_none());
+    }
+
+    #[test]
+    fn proc_net_fields_are_read_by_name() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\nTcp: RtoAlgorithm OutRsts InCsumErrors\nTcp: 1 17 0\n";
+        assert_eq!(proc_net_field(snmp, "Tcp", "OutRsts"), 17);
+        assert_eq!(proc_net_field(snmp, "Tcp", "Missing"), 0);
+        assert_eq!(proc_net_field(snmp, "Udp", "OutRsts"), 0);
     }
 }
