@@ -185,6 +185,8 @@ pub struct Session {
     pub from_port: u16,
     /// The port the sidecar connected onwards from.
     pub via_port: u16,
+    /// Bytes the sidecar read from the session's client side.
+    pub up: u64,
     pub line: String,
     /// HAProxy's termination state: `--` is a normal close; a first letter `C`/`S` is an
     /// abort (a reset or an error) on the client/server side, `c`/`s` a timeout there.
@@ -198,6 +200,7 @@ impl Session {
         Some(Self {
             from_port: port(f.first()?)?,
             via_port: port(f.get(2)?)?,
+            up: f.iter().find_map(|w| w.strip_prefix("up=")?.parse().ok())?,
             state: f.last()?.to_string(),
             line: line.to_string(),
         })
@@ -216,12 +219,14 @@ pub struct Trace {
 }
 
 impl Trace {
-    /// Whether a sidecar saw an error, a reset or a timeout on this connection, rather than
-    /// closing it normally.
-    pub fn sidecar_saw_error(&self) -> bool {
-        [&self.outbound, &self.inbound]
-            .iter()
-            .any(|s| s.as_ref().is_some_and(|s| !s.ended_normally()))
+    /// Whether a sidecar took the end of its client's stream before `sent` bytes and closed
+    /// the session as if that were the end (HAProxy 2.6 does so now and then over plain TCP;
+    /// see the sidecar echo test).
+    pub fn sidecar_took_eof_early(&self, sent: u64) -> bool {
+        [&self.outbound, &self.inbound].iter().any(|s| {
+            s.as_ref()
+                .is_some_and(|s| s.ended_normally() && s.up < sent)
+        })
     }
 }
 
@@ -334,7 +339,7 @@ mod tests {
             "127.0.0.1:40312 outbound 10.247.61.1:51234 812 up=4194304 down=4194304 --",
         )
         .unwrap();
-        assert_eq!((s.from_port, s.via_port), (40312, 51234));
+        assert_eq!((s.from_port, s.via_port, s.up), (40312, 51234, 4194304));
         assert!(s.ended_normally());
         let s = Session::parse(
             "10.247.61.1:51234 inbound 127.0.0.6:39001 640 up=4028495 down=4028495 SD",

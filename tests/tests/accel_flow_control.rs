@@ -243,6 +243,128 @@ fn a_half_close_with_bytes_queued_stays_paired_and_eof_comes_last() {
     wait_sockhash(&accel, 0, "after the connection closed");
 }
 
+/// Bytes of `s` waiting in its TCP receive queue (not its redirect queue), as the kernel's
+/// socket diagnostics report them (`ss`'s Recv-Q: rcv_nxt - copied_seq).
+fn tcp_receive_queue(pod: &Pod, s: &TcpStream) -> u64 {
+    let (local, peer) = (s.local_addr().unwrap(), s.peer_addr().unwrap());
+    let out = pod.sh(&format!(
+        "ss -Htn '( sport = :{} and dport = :{} )'",
+        local.port(),
+        peer.port()
+    ));
+    // State, Recv-Q, Send-Q, local, peer.
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no Recv-Q for {local} <- {peer} in {out:?}"))
+}
+
+/// Reads as HAProxy does (`raw_sock_to_buf`) and Envoy alike: a non-blocking read into a
+/// 16 KiB buffer, and a read that returns less than the buffer after poll reported the peer's
+/// FIN (POLLRDHUP) is taken as the end of the stream, without another read. Plain TCP makes
+/// that true: once the FIN is in, every byte before it is in the one receive queue.
+fn read_like_a_proxy(s: &TcpStream) -> Vec<u8> {
+    use std::os::fd::AsRawFd as _;
+    const BUF: usize = 16 << 10;
+    s.set_nonblocking(true).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; BUF];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "stalled after {} bytes",
+            got.len()
+        );
+        let mut pfd = libc::pollfd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one pollfd we own.
+        unsafe { libc::poll(&mut pfd, 1, 1000) };
+        let rdhup = pfd.revents & libc::POLLRDHUP != 0;
+        match (&*s).read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                if n < BUF && rdhup {
+                    return got;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => panic!("read after {} bytes: {e}", got.len()),
+        }
+    }
+}
+
+/// What cut echoes short through HAProxy sidecars: after a demotion a reader had redirected
+/// bytes and TCP bytes queued at once, a read returned the redirected ones only, and a
+/// proxy that had seen the FIN took that short read as the end. The ingress gate holds the
+/// writer's TCP segments back while the reader's redirect queue holds bytes (the writer
+/// retransmits them), so a proxy-style reader gets every byte, as over plain TCP.
+#[test]
+fn a_proxy_that_takes_a_short_read_after_the_fin_as_eof_gets_every_byte_across_a_demotion() {
+    if !fastpath_tests::require_privileges("a_proxy_that_takes_a_short_read_after_the_fin") {
+        return;
+    }
+    let accel = Accel::start_configured("flowrdhup", |s| s.max_queued_bytes = LIMIT);
+    let pod = Pod::new("fprdhup");
+    accel.enroll(&pod, None);
+    let data = pattern(0x4d48, 4 * LIMIT as usize);
+    pod.run(|| {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        wait_sockhash(&accel, 2, "after pairing");
+        std::thread::scope(|t| {
+            // Nobody reads yet. The writer goes on until the connection is demoted at the
+            // bound, then sends a tail that fits in the reader's TCP receive window, and its
+            // FIN: unheld, both would be in before the reader reads its first byte.
+            let writer = t.spawn(|| {
+                // Not a multiple of the reader's buffer: its last read of redirected bytes is short.
+                const CHUNK: usize = 10_000;
+                let mut sent = 0;
+                let mut tail = None;
+                while tail.is_none_or(|end| sent < end) {
+                    c.write_all(&data[sent..sent + CHUNK]).unwrap();
+                    sent += CHUNK;
+                    let demoted =
+                        rx_queue(&accel, &s).is_some_and(|q| q.state == rxq_state::DEMOTED);
+                    if demoted && tail.is_none() {
+                        tail = Some(sent + 2 * CHUNK);
+                    }
+                }
+                c.shutdown(Shutdown::Write).unwrap();
+                sent
+            });
+            // The tail's segments are held back while the redirect queue holds bytes.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while accel.stats(pod.cookie()).tcp_segments_held == 0 {
+                assert!(Instant::now() < deadline, "no TCP segment held back");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            let q = rx_queue(&accel, &s).expect("reader's queue entry");
+            assert!(q.queued > 0, "{q:?}");
+            assert_eq!(
+                tcp_receive_queue(&pod, &s),
+                0,
+                "TCP bytes queued beside {} redirected ones",
+                q.queued
+            );
+            let got = read_like_a_proxy(&s);
+            let sent = writer.join().unwrap();
+            let first_bad = got.iter().zip(&data).position(|(a, b)| a != b);
+            assert!(
+                got.len() == sent && first_bad.is_none(),
+                "{} of {sent} bytes, first bad offset {first_bad:?}",
+                got.len()
+            );
+        });
+    });
+}
+
 /// A writer faster than its (reading) peer: the connection is demoted once, both sockets
 /// leave the sockhash while the stream goes on (plain TCP from then on: FIONREAD, splice and
 /// TCP's flow control are the kernel's own again), and every byte arrives in order.
