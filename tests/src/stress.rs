@@ -781,6 +781,13 @@ impl Bench {
             PathKind::Direct => &self.pod,
             PathKind::Sidecar => &self.mesh.as_ref().unwrap().client,
         };
+        // Through the sidecars a failed connection is shown with both sidecars' log of it,
+        // which tells HAProxy's own early EOF (a normal close after fewer bytes than were
+        // sent) from the product's.
+        let trace = |app_port: u16| match (case.path, &self.mesh) {
+            (PathKind::Sidecar, Some(mesh)) => format!(" [{}]", mesh.trace(app_port)),
+            _ => String::new(),
+        };
         let listener = listener_pod.run(|| TcpListener::bind("0.0.0.0:0"));
         let listener = listener.map_err(|e| fail(format!("listen: {e}")))?;
         let addr = dial(listener.local_addr().unwrap().port());
@@ -886,8 +893,9 @@ impl Bench {
                                 if let Err(e) = (&s).write_all(&conn.to_le_bytes()) {
                                     return Some(format!("conn {conn}: id: {e}"));
                                 }
+                                let port = s.local_addr().map_or(0, |a| a.port());
                                 client_side(case, conn, s, deadline)
-                                    .map(|w| format!("conn {conn}: {w}"))
+                                    .map(|w| format!("conn {conn}: {w}{}", trace(port)))
                             })
                         })
                         .collect();

@@ -209,13 +209,26 @@ fn echo_through_sidecars_is_intact_accelerated() {
     if !fastpath_tests::require_privileges("echo_through_sidecars_is_intact_accelerated") {
         return;
     }
-    let accel = Accel::start("sidecarecho");
+    // ECHO_MAX_QUEUED_BYTES lowers the queue bound, so that connections are demoted part-way
+    // (a measurement; the test runs with the default).
+    let accel = Accel::start_configured("sidecarecho", |s| {
+        if let Some(bound) = std::env::var("ECHO_MAX_QUEUED_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            s.max_queued_bytes = bound;
+        }
+    });
     let mesh = mesh_with_echo("fpse", 61, Some(&accel));
     let base = 1_000_000;
     let before = [NetCounters::of(&mesh.client), NetCounters::of(&mesh.server)];
     let failures = run(&mesh, rounds(), base);
     let client = accel.stats(mesh.client.cookie());
     let server = accel.stats(mesh.server.cookie());
+    eprintln!(
+        "accelerated: {} demotions by the bound in the client pod, {} in the server pod",
+        client.queue_demotions, server.queue_demotions
+    );
     check_failures(&mesh, &failures, before, "accelerated");
     // Every hop of every connection was paired, and the echo went socket to socket.
     assert!(client.connections_paired >= rounds() * 2, "{client:?}");
