@@ -32,7 +32,8 @@ enum Msg {
 }
 
 /// Takes drained demoted sockets out of the sockhash every 100 ms (see
-/// [`accel::sweep_demoted`]), and every 5 s puts the read filter back in use once it can be
+/// [`accel::sweep_demoted`]), every second serves and removes retired connection maps (see
+/// [`accel::retire`]), and every 5 s puts the read filter back in use once it can be
 /// (see [`accel::refresh_read_filter`]), until the pins are gone (uninstalled).
 fn maintain_accelerator(pin_dir: &Path) {
     for tick in 1u64.. {
@@ -45,6 +46,11 @@ fn maintain_accelerator(pin_dir: &Path) {
             && let Err(e) = accel::refresh_read_filter(pin_dir)
         {
             log::debug!(target: SCOPE, "acceleration: read filter: {e:#}");
+        }
+        if tick % 10 == 0
+            && let Err(e) = accel::retire::sweep(pin_dir)
+        {
+            log::debug!(target: SCOPE, "acceleration: retired connection maps: {e:#}");
         }
         match accel::sweep_demoted(pin_dir) {
             Ok(0) => {}

@@ -299,3 +299,42 @@ pub fn read_to_end_retry(s: &mut impl std::io::Read, timeout: std::time::Duratio
         }
     }
 }
+
+/// Reads as HAProxy does (`raw_sock_to_buf`) and Envoy alike: a non-blocking read into a
+/// 16 KiB buffer, and a read that returns less than the buffer after poll reported the peer's
+/// FIN (POLLRDHUP) is taken as the end of the stream, without another read. Plain TCP makes
+/// that true: once the FIN is in, every byte before it is in the one receive queue.
+pub fn read_like_a_proxy(s: &std::net::TcpStream) -> Vec<u8> {
+    use std::os::fd::AsRawFd as _;
+    const BUF: usize = 16 << 10;
+    s.set_nonblocking(true).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; BUF];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stalled after {} bytes",
+            got.len()
+        );
+        let mut pfd = libc::pollfd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one pollfd we own.
+        unsafe { libc::poll(&mut pfd, 1, 1000) };
+        let rdhup = pfd.revents & libc::POLLRDHUP != 0;
+        match std::io::Read::read(&mut &*s, &mut buf) {
+            Ok(0) => return got,
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                if n < BUF && rdhup {
+                    return got;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("read after {} bytes: {e}", got.len()),
+        }
+    }
+}

@@ -117,6 +117,9 @@ pub enum Event {
     Restart,
     /// The agent's sweeper stops (as when the agent is killed with SIGKILL).
     SweeperKilled,
+    /// An upgrade to a build whose connection maps have another layout (simulated by a map
+    /// ABI stamp of another version): the live connections' maps are retired, new ones made.
+    LayoutUpgrade,
 }
 
 #[derive(Clone, Debug)]
@@ -176,6 +179,7 @@ impl Case {
                 Event::AccelOffOn,
                 Event::Restart,
                 Event::SweeperKilled,
+                Event::LayoutUpgrade,
             ]),
         }
     }
@@ -743,6 +747,7 @@ impl Bench {
         self.sweeper = Some(std::thread::spawn(move || {
             while !stop.load(Relaxed) {
                 let _ = fastpath_installer::accel::sweep_demoted(&dir);
+                let _ = fastpath_installer::accel::retire::sweep(&dir);
                 std::thread::sleep(Duration::from_millis(100));
             }
         }));
@@ -874,6 +879,15 @@ impl Bench {
                             return Some(format!("restart: {st:?}"));
                         }
                     }
+                    Event::LayoutUpgrade => {
+                        if let Err(e) = stamp_another_map_abi(&settings.pin_dir) {
+                            return Some(format!("layout upgrade: {e:#}"));
+                        }
+                        let st = fastpath_installer::accel::start(&settings);
+                        if st != fastpath_installer::accel::AccelState::Active {
+                            return Some(format!("layout upgrade: {st:?}"));
+                        }
+                    }
                     _ => {}
                 }
                 None
@@ -923,16 +937,23 @@ impl Bench {
         self.wait_sockhash_empty().map_err(fail)
     }
 
-    /// Every connection of the case is closed: no socket may stay in the sockhash.
+    /// Every connection of the case is closed: no socket may stay in the sockhash, nor in
+    /// the sockhash of a set of connection maps that an upgrade retired.
     fn wait_sockhash_empty(&self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
             let n = self.accel.map_entries(fastpath_common::map_names::SOCKS);
-            if n == 0 {
+            let retired = fastpath_installer::accel::retire::accelerated_sockets_in_sets(
+                self.accel.pin_dir(),
+            )
+            .map_err(|e| format!("retired sockhashes: {e:#}"))?;
+            if n + retired == 0 {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!("{n} sockets left in the sockhash after the case"));
+                return Err(format!(
+                    "{n} sockets left in the sockhash after the case, {retired} in retired ones"
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -943,6 +964,16 @@ impl Drop for Bench {
     fn drop(&mut self) {
         self.stop_sweeper();
     }
+}
+
+/// Stamps the pinned set with a map ABI other than this build's, as a build with other
+/// connection maps would have left it: the next start retires them.
+pub fn stamp_another_map_abi(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    use fastpath_common::{MAP_ABI_VERSION, map_names, meta_index};
+    let data = aya::maps::MapData::from_pin(pin_dir.join(map_names::META))?;
+    let mut meta: aya::maps::Array<_, u64> = aya::maps::Map::from_map_data(data)?.try_into()?;
+    meta.set(meta_index::ABI_VERSION, MAP_ABI_VERSION as u64 + 1, 0)?;
+    Ok(())
 }
 
 fn set_switch(settings: &fastpath_installer::accel::AccelSettings, on: bool) -> anyhow::Result<()> {

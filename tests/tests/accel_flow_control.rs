@@ -7,7 +7,9 @@ use fastpath_common::{RxQueue, config_index, map_names, rxq_state};
 use fastpath_installer::accel::{
     AccelState, ReadFilter, refresh_read_filter, start, status_report,
 };
-use fastpath_tests::accel::{Accel, Pod, fionread, pattern, read_exact_retry, read_to_end_retry};
+use fastpath_tests::accel::{
+    Accel, Pod, fionread, pattern, read_exact_retry, read_like_a_proxy, read_to_end_retry,
+};
 use std::{
     io::{ErrorKind, Read as _, Write as _},
     net::{Shutdown, TcpListener, TcpStream},
@@ -257,45 +259,6 @@ fn tcp_receive_queue(pod: &Pod, s: &TcpStream) -> u64 {
         .nth(1)
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no Recv-Q for {local} <- {peer} in {out:?}"))
-}
-
-/// Reads as HAProxy does (`raw_sock_to_buf`) and Envoy alike: a non-blocking read into a
-/// 16 KiB buffer, and a read that returns less than the buffer after poll reported the peer's
-/// FIN (POLLRDHUP) is taken as the end of the stream, without another read. Plain TCP makes
-/// that true: once the FIN is in, every byte before it is in the one receive queue.
-fn read_like_a_proxy(s: &TcpStream) -> Vec<u8> {
-    use std::os::fd::AsRawFd as _;
-    const BUF: usize = 16 << 10;
-    s.set_nonblocking(true).unwrap();
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; BUF];
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "stalled after {} bytes",
-            got.len()
-        );
-        let mut pfd = libc::pollfd {
-            fd: s.as_raw_fd(),
-            events: libc::POLLIN | libc::POLLRDHUP,
-            revents: 0,
-        };
-        // SAFETY: one pollfd we own.
-        unsafe { libc::poll(&mut pfd, 1, 1000) };
-        let rdhup = pfd.revents & libc::POLLRDHUP != 0;
-        match (&*s).read(&mut buf) {
-            Ok(0) => return got,
-            Ok(n) => {
-                got.extend_from_slice(&buf[..n]);
-                if n < BUF && rdhup {
-                    return got;
-                }
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-            Err(e) => panic!("read after {} bytes: {e}", got.len()),
-        }
-    }
 }
 
 /// What cut echoes short through HAProxy sidecars: after a demotion a reader had redirected

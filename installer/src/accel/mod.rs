@@ -19,6 +19,7 @@
 pub mod foreign;
 mod plan;
 pub mod pods;
+pub mod retire;
 pub mod selftest;
 pub mod sys;
 
@@ -243,7 +244,9 @@ fn detach_if_idle(settings: &AccelSettings) {
     if !settings.pin_dir.exists() {
         return;
     }
-    match accelerated_sockets(&settings.pin_dir) {
+    let live = accelerated_sockets(&settings.pin_dir)
+        .and_then(|n| Ok(n + retire::accelerated_sockets_in_sets(&settings.pin_dir)?));
+    match live {
         Ok(0) => match uninstall(settings) {
             Ok(()) => log::info!("acceleration off: programs detached, nothing left attached"),
             Err(e) => log::warn!("acceleration off: detaching the programs failed: {e:#}"),
@@ -457,9 +460,13 @@ fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
 
+    // Retired connection maps whose last connection closed while no agent ran.
+    if let Err(e) = retire::sweep(dir) {
+        log::warn!("retired connection maps: {e:#}");
+    }
     let ours = plan::object_hash(crate::probes::OBJECT);
     let stored = read_meta(dir);
-    let verdicts: Vec<plan::MapVerdict> = MAP_LAYOUTS
+    let mut verdicts: Vec<plan::MapVerdict> = MAP_LAYOUTS
         .iter()
         .map(|l| {
             plan::map_verdict(
@@ -484,6 +491,22 @@ fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
         );
         restrict_pins(dir)?;
         return Ok(());
+    }
+
+    let retiring = plan::must_retire(MAP_LAYOUTS.iter().map(|l| l.name).zip(&verdicts));
+    if retiring {
+        let set = retire::retire(dir)?;
+        log::warn!(
+            "connection maps of another layout are pinned: moved to {} with the programs that \
+             serve the connections paired in them, which stay attached until the last of those \
+             closes; new connections are paired in new maps",
+            set.display()
+        );
+        for (layout, verdict) in MAP_LAYOUTS.iter().zip(verdicts.iter_mut()) {
+            if plan::CONNECTION_MAPS.contains(&layout.name) {
+                *verdict = plan::MapVerdict::Create;
+            }
+        }
     }
 
     // The runtime switches outlive a recreated FP_CONFIG: the new programs read them as soon
@@ -539,8 +562,12 @@ fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
     skmsg.load().context("verifier rejected sk_msg")?;
     let skmsg_link_pin = pin(dir, PIN_LINK_SKMSG);
     let old_link = sys::obj_get(&skmsg_link_pin).ok();
+    let socks_reused = MAP_LAYOUTS
+        .iter()
+        .zip(&verdicts)
+        .any(|(l, v)| l.name == map_names::SOCKS && *v == plan::MapVerdict::Reuse);
     match old_link {
-        Some(link) if !recreated.contains(&map_names::SOCKS) => {
+        Some(link) if socks_reused => {
             sys::link_update(link.as_fd(), skmsg.fd()?.as_fd())
                 .context("swap the sk_msg program")?;
             log::info!("sk_msg: new program swapped into the pinned sockhash link");
@@ -652,10 +679,14 @@ fn replace_program_pin(prog: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result
     sys::obj_pin(prog, path)
 }
 
-/// Root only: 0600 pins, 0700 directory.
+/// Root only: 0600 pins, 0700 directories (the retired sets' too).
 fn restrict_pins(dir: &Path) -> Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     for e in std::fs::read_dir(dir)?.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            restrict_pins(&e.path())?;
+            continue;
+        }
         std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("chmod {}", e.path().display()))?;
     }
@@ -768,6 +799,18 @@ pub fn status_report(settings: &AccelSettings) -> Result<String> {
         "this build: map ABI {MAP_ABI_VERSION}, object {:016x}",
         plan::object_hash(crate::probes::OBJECT)
     )?;
+    let retired = retire::sets(dir);
+    if !retired.is_empty() {
+        let sockets = retire::accelerated_sockets_in_sets(dir)
+            .map(|n| n.to_string())
+            .unwrap_or_else(|e| format!("? ({e:#})"));
+        writeln!(
+            s,
+            "retired connection maps: {} set(s) with {sockets} socket(s), removed when their \
+             last connection closes",
+            retired.len()
+        )?;
+    }
     for link in PINNED_LINKS {
         match sys::obj_get(&pin(dir, link)).map_err(anyhow::Error::from) {
             Ok(fd) => {
@@ -858,6 +901,7 @@ pub fn uninstall(settings: &AccelSettings) -> Result<()> {
         return Ok(());
     }
     let _ = set_enabled(dir, false);
+    retire::remove_all(dir)?;
     let mut names: Vec<PathBuf> = PINNED_LINKS.iter().map(|n| pin(dir, n)).collect();
     for e in std::fs::read_dir(dir)?.flatten() {
         if !names.contains(&e.path()) {

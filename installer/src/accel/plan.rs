@@ -1,7 +1,7 @@
 //! Pure decisions of the loader: where cgroup v2 is, whether a pinned map can be reused, and
 //! whether a pinned installation can be reused as a whole.
 use super::sys::MapIds;
-use fastpath_common::MapLayout;
+use fastpath_common::{MapLayout, map_names};
 use std::path::{Path, PathBuf};
 
 /// The cgroup v2 mount from /proc/self/mounts text: `/sys/fs/cgroup` on unified hosts,
@@ -128,6 +128,32 @@ pub fn map_verdict(
     }
 }
 
+/// Maps that hold live connections' state: the sockhash, pairing, queues and their read
+/// counting. A build that changes one of them cannot take over the connections that live on
+/// the old ones, so the old set is retired whole, with the programs that serve it (`retire`).
+pub const CONNECTION_MAPS: [&str; 9] = [
+    map_names::SOCKS,
+    map_names::PAIRS,
+    map_names::ACTIVE,
+    map_names::PENDING,
+    map_names::RXQ,
+    map_names::SK_COOKIES,
+    map_names::DEMOTED,
+    map_names::SK_FILTER,
+    map_names::SK_COUNTED,
+];
+
+/// Whether the connection maps must be retired: one of them is pinned with another layout or
+/// map ABI. The read filter alone does not count: losing its counts costs lookups, not bytes
+/// (the start unmarks the sockets it counted).
+pub fn must_retire<'a>(verdicts: impl IntoIterator<Item = (&'a str, &'a MapVerdict)>) -> bool {
+    verdicts.into_iter().any(|(name, v)| {
+        matches!(v, MapVerdict::Recreate(_))
+            && name != map_names::SK_FILTER
+            && CONNECTION_MAPS.contains(&name)
+    })
+}
+
 /// What is pinned, as the start-up decision needs it.
 #[derive(Clone, Debug, Default)]
 pub struct Pinned {
@@ -152,6 +178,30 @@ pub fn reuse_everything(pinned: &Pinned, verdicts: &[MapVerdict], our_hash: u64)
 mod tests {
     use super::*;
     use fastpath_common::MAP_LAYOUTS;
+
+    #[test]
+    fn a_changed_connection_map_retires_the_set_and_other_changes_do_not() {
+        let changed = MapVerdict::Recreate("layout changed".into());
+        let reuse = MapVerdict::Reuse;
+        for name in CONNECTION_MAPS {
+            let want = name != map_names::SK_FILTER;
+            assert_eq!(
+                must_retire([(map_names::PODS, &reuse), (name, &changed)]),
+                want,
+                "{name}"
+            );
+        }
+        for name in [
+            map_names::PODS,
+            map_names::POD_IPS,
+            map_names::STATS,
+            map_names::CONFIG,
+        ] {
+            assert!(!must_retire([(name, &changed)]), "{name}");
+        }
+        assert!(!must_retire([(map_names::SOCKS, &MapVerdict::Create)]));
+        assert!(!must_retire([(map_names::RXQ, &reuse)]));
+    }
 
     const POD_MOUNTS: &str = "overlay / overlay rw 0 0\n\
                               cgroup /sys/fs/cgroup cgroup2 ro,nsdelegate 0 0\n";

@@ -1,0 +1,105 @@
+//! Retired connection maps. A build whose connection maps differ from the pinned ones (another
+//! layout or map ABI, [`plan::CONNECTION_MAPS`]) pairs new connections in maps of its own. The
+//! connections already paired cannot move: their sockets keep the old `sk_msg` program, which
+//! uses the old maps. They stay correct only while the old recvmsg tracepoint counts their
+//! reads and the old ingress gate holds their TCP bytes behind their redirected ones (the new
+//! programs do not know them, so a demotion would let a reader see two queues at once, and a
+//! proxy would take its short read as the end of the stream).
+//!
+//! So the old maps and those two links move to `retired/<n>/` under the pin dir and stay
+//! attached beside the new ones. Each socket is in one set only, so nothing is counted twice.
+//! The agent's sweep serves a retired set as it serves the current one (drained demoted sockets
+//! leave its sockhash) and removes it, which detaches its programs, once its sockhash is empty:
+//! the last of those connections has closed.
+use super::{
+    PIN_LINK_INGRESS_GATE, PIN_LINK_RX_CONSUMED, accelerated_sockets, plan, sweep_demoted,
+};
+use anyhow::{Context as _, Result};
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+};
+
+/// The directory under the pin dir that holds the retired sets.
+pub const RETIRED_DIR: &str = "retired";
+
+/// The links that serve a set of connection maps after its sk_msg program's sockets are
+/// paired: what counts their reads and what holds their TCP bytes back.
+const SERVING_LINKS: [&str; 2] = [PIN_LINK_RX_CONSUMED, PIN_LINK_INGRESS_GATE];
+
+/// Moves the pinned connection maps and the links that serve them into a new retired set;
+/// returns its directory. What is not pinned is skipped.
+pub fn retire(pin_dir: &Path) -> Result<PathBuf> {
+    let base = pin_dir.join(RETIRED_DIR);
+    std::fs::create_dir_all(&base).with_context(|| format!("create {}", base.display()))?;
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o700))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let set = base.join(now.as_nanos().to_string());
+    std::fs::create_dir(&set).with_context(|| format!("create {}", set.display()))?;
+    for name in plan::CONNECTION_MAPS.iter().chain(&SERVING_LINKS) {
+        let from = pin_dir.join(name);
+        match std::fs::rename(&from, set.join(name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("move {}", from.display())),
+        }
+    }
+    Ok(set)
+}
+
+/// The retired sets under `pin_dir`, oldest first.
+pub fn sets(pin_dir: &Path) -> Vec<PathBuf> {
+    let mut sets: Vec<PathBuf> = std::fs::read_dir(pin_dir.join(RETIRED_DIR))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    sets.sort();
+    sets
+}
+
+/// Sockets still in the retired sets' sockhashes.
+pub fn accelerated_sockets_in_sets(pin_dir: &Path) -> Result<usize> {
+    sets(pin_dir).iter().map(|s| accelerated_sockets(s)).sum()
+}
+
+/// Serves every retired set: drained demoted sockets leave its sockhash, and a set whose
+/// sockhash is empty is removed (its programs detach). Returns how many sets remain.
+pub fn sweep(pin_dir: &Path) -> Result<usize> {
+    let mut remaining = 0;
+    for set in sets(pin_dir) {
+        if accelerated_sockets(&set)? == 0 {
+            remove(&set)?;
+            log::info!(
+                "retired connection maps {}: their last connection closed; detached and removed",
+                set.display()
+            );
+        } else {
+            sweep_demoted(&set)?;
+            remaining += 1;
+        }
+    }
+    Ok(remaining)
+}
+
+/// Removes one retired set: its pins (which detaches its links) and its directory.
+fn remove(set: &Path) -> Result<()> {
+    for e in std::fs::read_dir(set)?.flatten() {
+        std::fs::remove_file(e.path()).with_context(|| format!("remove {}", e.path().display()))?;
+    }
+    std::fs::remove_dir(set).with_context(|| format!("remove {}", set.display()))
+}
+
+/// Removes every retired set, live connections or not (uninstall).
+pub fn remove_all(pin_dir: &Path) -> Result<()> {
+    for set in sets(pin_dir) {
+        remove(&set)?;
+        log::info!("removed {}", set.display());
+    }
+    match std::fs::remove_dir(pin_dir.join(RETIRED_DIR)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("remove {}/{RETIRED_DIR}", pin_dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
