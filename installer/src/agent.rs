@@ -296,11 +296,16 @@ fn start_servers(
         )
     })?;
     let r = readiness.clone();
-    http::serve_tcp("health", health, move |req| match req.path.as_str() {
-        "/healthz" => Response::text(200, "ok\n"),
-        "/readyz" => Response::text(if r.is_ready() { 200 } else { 503 }, r.report()),
-        _ => Response::text(404, "not found\n"),
-    })
+    http::serve(
+        "health",
+        http::Listener::Tcp(health),
+        http::Limits::PORTS,
+        move |req| match req.path.as_str() {
+            "/healthz" => Response::text(200, "ok\n"),
+            "/readyz" => Response::text(if r.is_ready() { 200 } else { 503 }, r.report()),
+            _ => Response::text(404, "not found\n"),
+        },
+    )
     .map_err(|e| format!("cannot start the health server: {e}"))?;
     if let Some(port) = cfg.monitoring_port {
         let l = http::bind_all(port).map_err(|e| {
@@ -312,26 +317,31 @@ fn start_servers(
             accel_state.clone(),
             cfg.accel.clone(),
         );
-        http::serve_tcp("metrics", l, move |req| match req.path.as_str() {
-            "/metrics" => {
-                let state = a.get();
-                let pods = match state {
-                    Some(AccelState::Active) => {
-                        accel::pod_counters(&settings).unwrap_or_else(|e| {
-                            log::debug!(target: SCOPE, "reading per-pod counters: {e}");
-                            Vec::new()
-                        })
+        http::serve(
+            "metrics",
+            http::Listener::Tcp(l),
+            http::Limits::PORTS,
+            move |req| match req.path.as_str() {
+                "/metrics" => {
+                    let state = a.get();
+                    let pods = match state {
+                        Some(AccelState::Active) => {
+                            accel::pod_counters(&settings).unwrap_or_else(|e| {
+                                log::debug!(target: SCOPE, "reading per-pod counters: {e}");
+                                Vec::new()
+                            })
+                        }
+                        _ => Vec::new(),
+                    };
+                    Response {
+                        status: 200,
+                        content_type: "text/plain; version=0.0.4; charset=utf-8",
+                        body: m.render(r.is_ready(), state, &pods).into_bytes(),
                     }
-                    _ => Vec::new(),
-                };
-                Response {
-                    status: 200,
-                    content_type: "text/plain; version=0.0.4; charset=utf-8",
-                    body: m.render(r.is_ready(), state, &pods).into_bytes(),
                 }
-            }
-            _ => Response::text(404, "not found\n"),
-        })
+                _ => Response::text(404, "not found\n"),
+            },
+        )
         .map_err(|e| format!("cannot start the metrics server: {e}"))?;
     }
     Ok(())

@@ -246,19 +246,43 @@ pub fn format_line(
         s.push('\n');
         s
     } else {
+        // The plugin's lines come from a socket: what a client sends must not start a line of
+        // its own or drive the terminal, so control characters are escaped.
+        let (time, msg) = (escape_controls(time), escape_controls(msg));
         let mut s = match scope {
             SCOPE_DEFAULT => format!("{time}\t{}\t{msg}", level.as_str()),
             _ => format!("{time}\t{}\t{scope}\t{msg}", level.as_str()),
         };
         for (k, v) in fields {
+            let k = escape_controls(k);
             match v {
-                serde_json::Value::String(v) => s.push_str(&format!("\t{k}={v}")),
+                serde_json::Value::String(v) => {
+                    s.push_str(&format!("\t{k}={}", escape_controls(v)))
+                }
+                // JSON text escapes control characters itself.
                 v => s.push_str(&format!("\t{k}={v}")),
             }
         }
         s.push('\n');
         s
     }
+}
+
+/// `s` with every control character written as an escape (`\n`, `\t`, `\u{1b}`).
+fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
 }
 
 /// Now as RFC 3339 UTC with microseconds, as Istio's logs print it.
@@ -305,6 +329,22 @@ mod tests {
         assert_eq!(
             format_line(false, Level::Info, "T", "default", "m", &[]),
             "T\tinfo\tm\n"
+        );
+    }
+
+    #[test]
+    fn text_lines_escape_what_a_client_sent() {
+        let forged = "ok\n2026-01-01T00:00:00Z\terror\tforged \u{1b}[2J";
+        let f = vec![
+            ("pod\nx".to_string(), serde_json::Value::from("a\rb")),
+            ("n".to_string(), serde_json::Value::from(1)),
+        ];
+        let t = format_line(false, Level::Info, "T\n", "cni-plugin", forged, &f);
+        assert_eq!(t.matches('\n').count(), 1, "{t:?}");
+        assert!(!t.contains('\u{1b}'), "{t:?}");
+        assert_eq!(
+            t,
+            "T\\n\tinfo\tcni-plugin\tok\\n2026-01-01T00:00:00Z\\terror\\tforged \\u{1b}[2J\tpod\\nx=a\\rb\tn=1\n"
         );
     }
 }

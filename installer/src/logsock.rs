@@ -2,7 +2,7 @@
 //! with a JSON array of strings, each one JSON log line with `level`, `time`, `msg` and fields
 //! (the pod's name among them). Each line is re-emitted in the agent's log under the
 //! `cni-plugin` scope, with its fields, so the plugin's lines are found next to the agent's.
-use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -89,10 +89,14 @@ pub fn handle(req: &Request, metrics: &Metrics) -> Response {
     }
 }
 
-/// Listens on `path` (stale socket removed, parent created 0750, socket mode 0666).
+/// Listens on `path` (stale socket removed, parent created 0750, socket mode 0600: the plugin
+/// runs as root, and nothing else may write the agent's log).
 pub fn start(path: &Path, metrics: Arc<Metrics>) -> Result<(), String> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(dir)
             .map_err(|e| format!("cannot create {} (CNI_AGENT_RUN_DIR): {e}", dir.display()))?;
     }
     match std::fs::remove_file(path) {
@@ -111,10 +115,15 @@ pub fn start(path: &Path, metrics: Arc<Metrics>) -> Result<(), String> {
             path.display()
         )
     })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
-    crate::http::serve_unix("log-socket", listener, move |req| handle(req, &metrics))
-        .map_err(|e| format!("cannot start the log socket thread: {e}"))
+    crate::http::serve(
+        "log-socket",
+        crate::http::Listener::Unix(listener),
+        crate::http::Limits::LOG_SOCKET,
+        move |req| handle(req, &metrics),
+    )
+    .map_err(|e| format!("cannot start the log socket thread: {e}"))
 }
 
 #[cfg(test)]

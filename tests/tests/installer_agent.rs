@@ -544,7 +544,7 @@ fn plugin_log_lines_appear_with_the_pod_name() {
         .permissions()
         .mode()
         & 0o777;
-    assert_eq!(mode, 0o666);
+    assert_eq!(mode, 0o600, "log.sock is root-only");
     assert!(a.metric("fastpath_plugin_log_lines_total").unwrap() >= 2.0);
 }
 
