@@ -196,12 +196,57 @@ pub struct InvalidValue {
 
 impl fmt::Display for InvalidValue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // An annotation may hold 256 KiB: the message shows its start and its size.
+        const SHOWN: usize = 200;
+        if self.value.len() <= SHOWN {
+            return write!(
+                f,
+                "invalid value {:?} for {}: {}",
+                self.value, self.key, self.why
+            );
+        }
+        let mut end = SHOWN;
+        while !self.value.is_char_boundary(end) {
+            end -= 1;
+        }
         write!(
             f,
-            "invalid value {:?} for {}: {}",
-            self.value, self.key, self.why
+            "invalid value {:?}... ({} bytes) for {}: {}",
+            &self.value[..end],
+            self.value.len(),
+            self.key,
+            self.why
         )
     }
+}
+
+/// How much a pod's annotations may ask for. Pod authors write annotations, and the plugin
+/// turns them into rules as root during every ADD: a list of 256 KiB (the API's limit for all
+/// of a pod's annotations) would make tens of thousands of rules, and the rerouted interfaces
+/// times the included CIDRs grows as a product. Istio sets no limits of its own; these are
+/// far above what any mesh configuration uses.
+pub mod limits {
+    /// Entries in one port list.
+    pub const PORTS: usize = 1024;
+    /// Entries in one CIDR list.
+    pub const CIDRS: usize = 1024;
+    /// Entries in one interface list.
+    pub const INTERFACES: usize = 64;
+    /// Rerouted interfaces times included CIDRs (one PREROUTING rule each).
+    pub const REROUTE_RULES: usize = 4096;
+}
+
+/// Refuses a comma-separated list longer than `max` before parsing it.
+fn check_entries(key: &str, value: &str, max: usize) -> Result<(), InvalidValue> {
+    let n = value.split(',').count();
+    if n > max {
+        return Err(invalid(
+            key,
+            value,
+            format!("{n} entries; at most {max} are accepted"),
+        ));
+    }
+    Ok(())
 }
 
 fn invalid(key: &str, value: &str, why: impl Into<String>) -> InvalidValue {
@@ -218,6 +263,7 @@ fn parse_ports(key: &str, value: &str) -> Result<Vec<u16>, InvalidValue> {
     if v.is_empty() {
         return Ok(Vec::new());
     }
+    check_entries(key, value, limits::PORTS)?;
     v.split(',')
         .map(|p| {
             let p = p.trim();
@@ -234,6 +280,7 @@ fn parse_cidrs(key: &str, value: &str) -> Result<Vec<Cidr>, InvalidValue> {
     if value.is_empty() {
         return Ok(Vec::new());
     }
+    check_entries(key, value, limits::CIDRS)?;
     value
         .split(',')
         .map(|c| {
@@ -252,6 +299,7 @@ fn parse_ifnames(key: &str, value: &str) -> Result<Vec<IfName>, InvalidValue> {
     if value.is_empty() {
         return Ok(Vec::new());
     }
+    check_entries(key, value, limits::INTERFACES)?;
     value
         .split(',')
         .map(|n| {
@@ -345,14 +393,30 @@ pub fn from_pod(pod: &Pod) -> Result<Redirect, InvalidValue> {
         Some(v) => parse_ifnames(ANNOT_EXCLUDE_INTERFACES, v)?,
     };
     // The newer annotation wins over the deprecated one when both are present.
-    let reroute_virtual_interfaces = match (
-        a(ANNOT_REROUTE_VIRTUAL_INTERFACES),
-        a(ANNOT_KUBEVIRT_INTERFACES),
-    ) {
-        (Some(v), _) => parse_ifnames(ANNOT_REROUTE_VIRTUAL_INTERFACES, v)?,
-        (None, Some(v)) => parse_ifnames(ANNOT_KUBEVIRT_INTERFACES, v)?,
-        (None, None) => Vec::new(),
+    let reroute_key = match a(ANNOT_REROUTE_VIRTUAL_INTERFACES) {
+        Some(_) => ANNOT_REROUTE_VIRTUAL_INTERFACES,
+        None => ANNOT_KUBEVIRT_INTERFACES,
     };
+    let reroute_virtual_interfaces = match a(reroute_key) {
+        Some(v) => parse_ifnames(reroute_key, v)?,
+        None => Vec::new(),
+    };
+    if let Selection::Only(cidrs) = &include_outbound_cidrs {
+        let rules = cidrs.len() * reroute_virtual_interfaces.len();
+        if rules > limits::REROUTE_RULES {
+            return Err(invalid(
+                reroute_key,
+                a(reroute_key).unwrap_or_default(),
+                format!(
+                    "{} rerouted interfaces times {} CIDRs in {ANNOT_INCLUDE_OUTBOUND_IP_RANGES} \
+                     make {rules} rules; at most {} are accepted",
+                    reroute_virtual_interfaces.len(),
+                    cidrs.len(),
+                    limits::REROUTE_RULES
+                ),
+            ));
+        }
+    }
     // Istio logs and ignores env values that are not booleans.
     let env_bool = |name: &str| {
         proxy
@@ -486,6 +550,66 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn lists_above_their_limits_are_refused_with_the_key_and_the_limit() {
+        let list = |n: usize, f: fn(usize) -> String| (0..n).map(f).collect::<Vec<_>>().join(",");
+        let ports = |i: usize| (1 + i % 60000).to_string();
+        let cidrs = |i: usize| format!("10.{}.{}.0/24", i / 256, i % 256);
+        let ifaces = |i: usize| format!("net{i}");
+        for (key, at_limit, above) in [
+            (
+                ANNOT_EXCLUDE_INBOUND_PORTS,
+                list(limits::PORTS, ports),
+                list(limits::PORTS + 1, ports),
+            ),
+            (
+                ANNOT_EXCLUDE_OUTBOUND_IP_RANGES,
+                list(limits::CIDRS, cidrs),
+                list(limits::CIDRS + 1, cidrs),
+            ),
+            (
+                ANNOT_EXCLUDE_INTERFACES,
+                list(limits::INTERFACES, ifaces),
+                list(limits::INTERFACES + 1, ifaces),
+            ),
+        ] {
+            assert!(
+                redirect_with(&[(key, &at_limit)]).is_ok(),
+                "{key} at its limit"
+            );
+            let e = redirect_with(&[(key, &above)]).unwrap_err();
+            assert_eq!(e.key, key);
+            let msg = e.to_string();
+            assert!(msg.contains("entries; at most"), "{msg}");
+            assert!(msg.len() < 400, "the message shows a bounded part: {msg}");
+            assert!(msg.contains(&format!("({} bytes)", above.len())), "{msg}");
+        }
+    }
+
+    #[test]
+    fn rerouted_interfaces_times_included_cidrs_is_bounded() {
+        let cidrs: Vec<String> = (0..1024)
+            .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+            .collect();
+        let ifaces: Vec<String> = (0..5).map(|i| format!("net{i}")).collect();
+        let (cidrs, ifaces) = (cidrs.join(","), ifaces.join(","));
+        let e = redirect_with(&[
+            (ANNOT_INCLUDE_OUTBOUND_IP_RANGES, &cidrs),
+            (ANNOT_REROUTE_VIRTUAL_INTERFACES, &ifaces),
+        ])
+        .unwrap_err();
+        assert_eq!(e.key, ANNOT_REROUTE_VIRTUAL_INTERFACES);
+        assert!(e.why.contains("make 5120 rules; at most 4096"), "{e}");
+        // Four interfaces: 4096 rules, accepted; and the rules are built.
+        let four = "net0,net1,net2,net3";
+        let r = redirect_with(&[
+            (ANNOT_INCLUDE_OUTBOUND_IP_RANGES, &cidrs),
+            (ANNOT_KUBEVIRT_INTERFACES, four),
+        ])
+        .unwrap();
+        assert_eq!(r.reroute_virtual_interfaces.len(), 4);
     }
 
     #[test]
