@@ -1,12 +1,5 @@
 //! `istio-cni`: wires the process (env, stdin, stdout, stderr, own netns) to the plugin.
 use fastpath_cni_plugin::{ABOUT, plugin::IstioCni, skel};
-use std::os::unix::fs::MetadataExt as _;
-
-fn netns_identity(path: &str) -> Result<(u64, u64), String> {
-    std::fs::metadata(path)
-        .map(|m| (m.dev(), m.ino()))
-        .map_err(|e| e.to_string())
-}
 
 /// A panic must still leave a CNI error on stdout (the release profile aborts on panic, so this
 /// is the last word; Istio's plugin recovers panics into errors too).
@@ -27,7 +20,7 @@ fn main() {
     report_panics();
     let plugin = IstioCni::default();
     let getenv = |k: &str| std::env::var(k).ok();
-    let own_netns = netns_identity("/proc/self/ns/net").ok();
+    let own_netns = skel::probe_netns("/proc/self/ns/net").ok();
     let mut stdin = std::io::stdin().lock();
     let mut stdout = std::io::stdout().lock();
     let mut stderr = std::io::stderr();
@@ -38,7 +31,7 @@ fn main() {
             stdout: &mut stdout,
             stderr: &mut stderr,
             own_netns,
-            probe_netns: &netns_identity,
+            probe_netns: &skel::probe_netns,
         },
         &plugin,
         ABOUT,

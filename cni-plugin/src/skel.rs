@@ -243,6 +243,50 @@ pub type NetnsIdentity = (u64, u64);
 /// Looks up a netns file's identity; `None` when it cannot be opened (e.g. gone).
 pub type NetnsProbe<'a> = &'a dyn Fn(&str) -> Result<NetnsIdentity, String>;
 
+/// Opens `path` as a network namespace and returns its identity. Refuses, with what it is,
+/// anything else: a regular file, a directory, a FIFO (opened without blocking), another kind
+/// of namespace. The kernel says what a namespace file is (`NS_GET_NSTYPE`).
+pub fn probe_netns(path: &str) -> Result<NetnsIdentity, String> {
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _};
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb7 << 8 | 0x3;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let m = f.metadata().map_err(|e| e.to_string())?;
+    let t = m.file_type();
+    let kind = if t.is_dir() {
+        Some("a directory")
+    } else if t.is_fifo() {
+        Some("a FIFO")
+    } else if t.is_socket() {
+        Some("a socket")
+    } else if t.is_char_device() || t.is_block_device() {
+        Some("a device")
+    } else {
+        None
+    };
+    if let Some(kind) = kind {
+        return Err(format!("not a network namespace: {path} is {kind}"));
+    }
+    // SAFETY: an ioctl without argument on an fd we own.
+    let ns = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_NSTYPE as _) };
+    if ns < 0 {
+        return Err(format!(
+            "not a network namespace: {path} is a file, not a namespace ({})",
+            std::io::Error::last_os_error()
+        ));
+    }
+    if ns != libc::CLONE_NEWNET {
+        return Err(format!(
+            "not a network namespace: {path} is another kind of namespace (type {ns:#x})"
+        ));
+    }
+    Ok((m.dev(), m.ino()))
+}
+
 /// The "netns from CNI_NETNS is the plugin's own" check. `own` is the plugin's netns identity.
 fn check_netns(
     cmd: &str,
@@ -649,6 +693,38 @@ mod tests {
         env[3] = ("CNI_IFNAME", "a-very-long-interface-name");
         let e = err_json(&run(&env, r#"{"name":"n"}"#, &rec));
         assert_eq!(e["msg"], "interface name is too long");
+    }
+
+    #[test]
+    fn only_a_network_namespace_passes_the_netns_probe() {
+        let dir = std::env::temp_dir().join(format!("fp-netns-probe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let probe = |p: &std::path::Path| probe_netns(p.to_str().unwrap());
+        assert!(
+            probe(&file)
+                .unwrap_err()
+                .contains("is a file, not a namespace")
+        );
+        assert!(probe(&dir).unwrap_err().contains("is a directory"));
+        // A FIFO with no writer would block a plain open for ever.
+        assert!(probe(&fifo).unwrap_err().contains("is a FIFO"));
+        assert!(
+            probe_netns("/proc/self/ns/uts")
+                .unwrap_err()
+                .contains("another kind of namespace")
+        );
+        assert!(probe_netns("/nonexistent/netns").is_err());
+        let own = probe_netns("/proc/self/ns/net").unwrap();
+        let m = std::fs::metadata("/proc/self/ns/net").unwrap();
+        use std::os::unix::fs::MetadataExt as _;
+        assert_eq!(own, (m.dev(), m.ino()));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

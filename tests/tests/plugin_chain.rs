@@ -874,4 +874,31 @@ fn plugin_chain_binary_speaks_the_protocol() {
     let run = node.rt.exec_plugin("ADD", &conf, &own).unwrap();
     let e: Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!((run.status, e["code"].as_u64()), (1, Some(8)));
+    // CNI_NETNS naming a regular file or a FIFO is refused up front, also code 8, and a FIFO
+    // without a writer does not hang the ADD.
+    let dir = std::env::temp_dir().join(fastpath_tests::unique_name("fp-not-netns-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("file");
+    std::fs::write(&file, b"").unwrap();
+    let fifo = dir.join("fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    for (path, what) in [(&file, "not a namespace"), (&fifo, "is a FIFO")] {
+        let bad = Attachment {
+            netns: path.to_string_lossy().into_owned(),
+            ..att.clone()
+        };
+        let started = std::time::Instant::now();
+        let run = node.rt.exec_plugin("ADD", &conf, &bad).unwrap();
+        let e: Value = serde_json::from_str(&run.stdout).unwrap();
+        assert_eq!((run.status, e["code"].as_u64()), (1, Some(8)), "{e}");
+        assert!(e["details"].as_str().unwrap_or("").contains(what), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
