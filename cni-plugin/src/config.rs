@@ -53,8 +53,9 @@ pub enum BackendChoice {
 }
 
 impl PluginConfig {
-    /// The pod's IPs from `prevResult` (none when there is no prevResult).
-    pub fn pod_ips(&self) -> Vec<std::net::IpAddr> {
+    /// The pod's IPs from `prevResult` (none when there is no prevResult), and the address
+    /// entries that are not addresses.
+    pub fn pod_ips(&self) -> crate::result::PodIps {
         self.prev_result
             .as_ref()
             .map(crate::result::pod_ips)

@@ -125,8 +125,10 @@ impl Netns {
                 if userns_fd.is_some() {
                     // Become root of the pod's user namespace (as `nsenter --user` does), or
                     // exec would drop the capabilities gained there.
-                    libc::setgroups(0, std::ptr::null());
-                    if libc::setresgid(0, 0, 0) != 0 || libc::setresuid(0, 0, 0) != 0 {
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setresgid(0, 0, 0) != 0
+                        || libc::setresuid(0, 0, 0) != 0
+                    {
                         return Err(std::io::Error::last_os_error());
                     }
                 }

@@ -169,6 +169,17 @@ pub enum FetchError {
     Decode(String),
     /// The kubeconfig could not be used.
     Config(String),
+    /// The API server's certificate cannot be verified with the kubeconfig's CA: no retry
+    /// can change that.
+    Certificate(String),
+}
+
+impl FetchError {
+    /// Whether another attempt could succeed (Istio retries; a certificate that does not
+    /// verify, a kubeconfig that cannot be used or a pod name the API refuses never will).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, FetchError::Certificate(_) | FetchError::Config(_))
+    }
 }
 
 impl std::fmt::Display for FetchError {
@@ -183,10 +194,18 @@ impl std::fmt::Display for FetchError {
                 "Forbidden (403): {m} (the istio-cni service account needs get on pods)"
             ),
             FetchError::Status(404, m) => write!(f, "pod not found (404): {m}"),
+            FetchError::Status(s @ 300..=399, m) => write!(
+                f,
+                "the API server answered with a redirect ({s}, to {m}), which is not followed (the kubeconfig must name the API server itself)"
+            ),
             FetchError::Status(s, m) => write!(f, "API server answered {s}: {m}"),
             FetchError::Transport(m) => write!(f, "cannot reach the API server: {m}"),
             FetchError::Decode(m) => write!(f, "the API server's answer is not a Pod: {m}"),
             FetchError::Config(m) => write!(f, "{m}"),
+            FetchError::Certificate(m) => write!(
+                f,
+                "the API server's certificate is not trusted: {m} (check certificate-authority-data in the plugin kubeconfig; install-cni writes it from the service account's ca.crt)"
+            ),
         }
     }
 }
@@ -243,9 +262,28 @@ fn agent(access: &KubeAccess) -> Result<ureq::Agent, FetchError> {
         .timeout_recv_response(Some(REQUEST_TIMEOUT))
         .timeout_recv_body(Some(REQUEST_TIMEOUT))
         .http_status_as_error(false)
+        // A redirect could send the token elsewhere, or to plain http: never followed.
+        .max_redirects(0)
         .user_agent("istio-cni (fastpath)")
         .build()
         .new_agent())
+}
+
+/// A failed exchange, with certificate failures told apart (rustls reports them itself, or
+/// inside the I/O error of the TLS stream).
+fn transport_error(e: ureq::Error) -> FetchError {
+    let certificate = match &e {
+        ureq::Error::Rustls(rustls::Error::InvalidCertificate(c)) => Some(c.clone()),
+        ureq::Error::Io(io) => match io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            Some(rustls::Error::InvalidCertificate(c)) => Some(c.clone()),
+            _ => None,
+        },
+        _ => None,
+    };
+    match certificate {
+        Some(c) => FetchError::Certificate(format!("{c:?}")),
+        None => FetchError::Transport(e.to_string()),
+    }
 }
 
 /// One GET of the pod. Returns the raw JSON body on 200.
@@ -265,10 +303,19 @@ pub fn get_pod(access: &KubeAccess, namespace: &str, name: &str) -> Result<Vec<u
     if let Some(t) = &access.token {
         req = req.header("Authorization", &format!("Bearer {t}"));
     }
-    let mut resp = req
-        .call()
-        .map_err(|e| FetchError::Transport(e.to_string()))?;
+    let mut resp = req.call().map_err(transport_error)?;
     let status = resp.status().as_u16();
+    if (300..400).contains(&status) {
+        let to = resp
+            .headers()
+            .get("location")
+            .and_then(|l| l.to_str().ok())
+            .unwrap_or("no Location")
+            .chars()
+            .take(300)
+            .collect();
+        return Err(FetchError::Status(status, to));
+    }
     let body = resp
         .body_mut()
         .with_config()

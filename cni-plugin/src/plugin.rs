@@ -95,6 +95,19 @@ impl IstioCni {
         }
     }
 
+    /// The pod's IPs from prevResult; entries that are not addresses are named in the log
+    /// and left out.
+    fn pod_ips(&self, conf: &PluginConfig) -> Vec<IpAddr> {
+        let got = conf.pod_ips();
+        for entry in &got.unparsable {
+            self.log.borrow_mut().warn(
+                "prevResult address is not an IP address; left out",
+                &[("address", json!(entry))],
+            );
+        }
+        got.ips
+    }
+
     /// GET the pod, with Istio's bounded retry. The kubeconfig is re-read on every attempt so a
     /// token the installer rotates meanwhile is picked up.
     fn lookup_pod(
@@ -116,6 +129,7 @@ impl IstioCni {
         let (attempts, interval) = conf.pod_retrieval();
         let path = conf.kubeconfig_path();
         let mut last = FetchError::Transport("no attempt made".into());
+        let mut attempts_made = 0;
         for attempt in 1..=attempts {
             let t = Instant::now();
             let got = kube::load_kubeconfig(&path)
@@ -136,9 +150,15 @@ impl IstioCni {
                         "failed to get pod info",
                         &[("attempt", json!(attempt)), ("error", json!(e.to_string()))],
                     );
+                    let permanent = e.is_permanent();
                     last = e;
+                    if permanent {
+                        attempts_made = attempt;
+                        break;
+                    }
                 }
             }
+            attempts_made = attempt;
             if attempt < attempts {
                 std::thread::sleep(interval);
             }
@@ -148,7 +168,7 @@ impl IstioCni {
         self.log.borrow_mut().error(
             "failed to get pod info",
             &[
-                ("attempts", json!(attempts)),
+                ("attempts", json!(attempts_made)),
                 ("error", json!(last.to_string())),
             ],
         );
@@ -159,7 +179,7 @@ impl IstioCni {
                 code::INTERNAL
             },
             format!(
-                "istio-cni: failed to get pod {}/{} from the Kubernetes API after {attempts} attempts: {last}",
+                "istio-cni: failed to get pod {}/{} from the Kubernetes API after {attempts_made} attempts: {last}",
                 k8s.pod_namespace, k8s.pod_name
             ),
             format!("kubeconfig {path}"),
@@ -302,7 +322,7 @@ impl IstioCni {
             Ok(p) => p,
         };
         let r = Self::redirect_for(&pod)?;
-        let ips = conf.pod_ips();
+        let ips = self.pod_ips(&conf);
         let before_apply = Instant::now();
         let mut fields = self.apply(&conf, &args.netns, &r, &ips)?;
         let apply_time = before_apply.elapsed();
@@ -388,7 +408,7 @@ impl Commands for IstioCni {
             Ok(p) => p,
         };
         let r = Self::redirect_for(&pod)?;
-        let ips = conf.pod_ips();
+        let ips = self.pod_ips(&conf);
         let netns = Netns::open(&args.netns).map_err(|e| {
             CniError::new(
                 code::INVALID_NETNS,

@@ -152,22 +152,28 @@ fn to_v02(obj: &mut Map<String, Value>) -> Result<(), CniError> {
 }
 
 /// The pod's addresses in a result of any layout, in order.
-pub fn pod_ips(result: &Value) -> Vec<IpAddr> {
-    let mut out = Vec::new();
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PodIps {
+    pub ips: Vec<IpAddr>,
+    /// Address entries that are not addresses, as they were written (for the log: the
+    /// previous plugin wrote them, and they are left out).
+    pub unparsable: Vec<String>,
+}
+
+pub fn pod_ips(result: &Value) -> PodIps {
+    let mut out = PodIps::default();
+    let mut take = |v: &Value| match v.as_str().and_then(address_ip) {
+        Some(a) => out.ips.push(a),
+        None => out.unparsable.push(v.to_string()),
+    };
     if let Some(ips) = result.get("ips").and_then(Value::as_array) {
-        out.extend(
-            ips.iter()
-                .filter_map(|ip| address_ip(ip.get("address")?.as_str()?)),
-        );
+        for ip in ips {
+            take(ip.get("address").unwrap_or(&Value::Null));
+        }
     }
     for key in ["ip4", "ip6"] {
-        if let Some(a) = result
-            .get(key)
-            .and_then(|o| o.get("ip"))
-            .and_then(Value::as_str)
-            .and_then(address_ip)
-        {
-            out.push(a);
+        if let Some(a) = result.get(key).and_then(|o| o.get("ip")) {
+            take(a);
         }
     }
     out
@@ -279,13 +285,20 @@ mod tests {
     #[test]
     fn pod_ips_of_each_layout() {
         assert_eq!(
-            pod_ips(&v1_result()),
+            pod_ips(&v1_result()).ips,
             vec![
                 "10.248.0.5".parse::<IpAddr>().unwrap(),
                 "fd00::5".parse().unwrap()
             ]
         );
         let old = json!({"ip4": {"ip": "10.1.2.3/16"}});
-        assert_eq!(pod_ips(&old), vec!["10.1.2.3".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            pod_ips(&old).ips,
+            vec!["10.1.2.3".parse::<IpAddr>().unwrap()]
+        );
+        let odd = serde_json::json!({"ips": [{"address": "10.1.2.4/24"}, {"address": "not-an-ip/24"}, {}], "ip4": {"ip": 7}});
+        let got = pod_ips(&odd);
+        assert_eq!(got.ips, vec!["10.1.2.4".parse::<IpAddr>().unwrap()]);
+        assert_eq!(got.unparsable, vec!["\"not-an-ip/24\"", "null", "7"]);
     }
 }

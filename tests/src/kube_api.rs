@@ -320,9 +320,14 @@ fn serve(
     };
     let body = answer.to_string();
     let reason = if status == 200 { "OK" } else { "Error" };
+    // A forced redirect goes where its message says (`force_status(.., 302, "http://..")`).
+    let location = match (status, answer["message"].as_str()) {
+        (300..=399, Some(to)) => format!("Location: {to}\r\n"),
+        _ => String::new(),
+    };
     // One write: a response split over TLS records waits on Nagle + delayed ACK (40 ms).
     let response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n{location}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(response.as_bytes())?;

@@ -618,7 +618,34 @@ fn plugin_chain_api_failures_are_handled_as_istio() {
     assert_eq!(e["code"], 11, "{e}");
     assert!(e["msg"].as_str().unwrap().contains("etcd is down"));
 
-    // A CA that did not sign the server: TLS verification fails, no request is served.
+    // A redirect is not followed (it could take the token elsewhere, or to plain http): ADD
+    // fails at once, naming where it pointed, after one request.
+    node.api.set_pod(sidecar_pod("shop", "moved", &[], &[]));
+    node.api.force_status(
+        "shop",
+        "moved",
+        302,
+        "http://203.0.113.9/api/v1/namespaces/shop/pods/moved",
+    );
+    let before = node.api.requests().len();
+    let (_ns, run) = add_alone(&node, "shop", "moved", &json!({}));
+    let e: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(run.status, 1);
+    assert!(
+        e["msg"]
+            .as_str()
+            .unwrap()
+            .contains("redirect (302, to http://203.0.113.9/"),
+        "{e}"
+    );
+    assert_eq!(
+        node.api.requests().len() - before,
+        2,
+        "retried as Istio does, never followed"
+    );
+
+    // A CA that did not sign the server: TLS verification fails, no request is served, and
+    // it is not retried: the message names the certificate and what to check.
     node.api.set_pod(sidecar_pod("shop", "web2", &[], &[]));
     node.api
         .write_kubeconfig(&kubeconfig, Trust::WrongCa, TOKEN)
@@ -626,7 +653,9 @@ fn plugin_chain_api_failures_are_handled_as_istio() {
     let (_ns, run) = add_alone(&node, "shop", "web2", &json!({}));
     assert_eq!(run.status, 1);
     assert!(
-        run.stdout.contains("cannot reach the API server"),
+        run.stdout.contains("certificate is not trusted")
+            && run.stdout.contains("after 1 attempts")
+            && run.stdout.contains("certificate-authority-data"),
         "{}",
         run.stdout
     );
