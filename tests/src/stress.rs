@@ -989,8 +989,10 @@ fn set_config(
     index: u32,
     value: u32,
 ) -> anyhow::Result<()> {
-    let mut cfg: aya::maps::Array<aya::maps::MapData, u32> =
-        crate::accel::pinned_map(&settings.pin_dir, fastpath_common::map_names::CONFIG);
+    // An error, not a panic: a case that broke the pins fails, and the run says which.
+    let data =
+        aya::maps::MapData::from_pin(settings.pin_dir.join(fastpath_common::map_names::CONFIG))?;
+    let mut cfg: aya::maps::Array<_, u32> = aya::maps::Map::from_map_data(data)?.try_into()?;
     cfg.set(index, value, 0)?;
     Ok(())
 }

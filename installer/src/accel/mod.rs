@@ -17,6 +17,7 @@
 //! swaps programs in the cgroup and sockhash links with BPF_LINK_UPDATE, and replaces the
 //! tracepoint link (which cannot be updated) by detaching the old one, then attaching its own.
 pub mod foreign;
+mod pindir;
 mod plan;
 pub mod pods;
 pub mod retire;
@@ -457,8 +458,7 @@ fn check_kernel(settings: &AccelSettings) -> Result<PathBuf> {
 fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
     let cgroup = check_kernel(settings)?;
     let dir = &settings.pin_dir;
-    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    pindir::prepare(dir)?;
 
     // Retired connection maps whose last connection closed while no agent ran.
     if let Err(e) = retire::sweep(dir) {
@@ -679,16 +679,29 @@ fn replace_program_pin(prog: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result
     sys::obj_pin(prog, path)
 }
 
-/// Root only: 0600 pins, 0700 directories (the retired sets' too).
+/// Root only: 0600 pins, 0700 directories (the retired sets'; the pin directory itself was
+/// checked). Symlinks are left alone: chmod would follow them.
 fn restrict_pins(dir: &Path) -> Result<()> {
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    for e in std::fs::read_dir(dir)?.flatten() {
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            restrict_pins(&e.path())?;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(d) => d,
+        // A retired set the agent's sweep removed meanwhile.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("list {}", dir.display())),
+    };
+    for e in entries.flatten() {
+        let Ok(t) = e.file_type() else { continue };
+        if t.is_symlink() {
             continue;
         }
-        std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("chmod {}", e.path().display()))?;
+        let mode = if t.is_dir() { 0o700 } else { 0o600 };
+        match std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(mode)) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(err).with_context(|| format!("chmod {}", e.path().display())),
+        }
+        if t.is_dir() {
+            restrict_pins(&e.path())?;
+        }
     }
     Ok(())
 }
@@ -900,11 +913,16 @@ pub fn uninstall(settings: &AccelSettings) -> Result<()> {
         log::info!("nothing to uninstall under {}", dir.display());
         return Ok(());
     }
+    pindir::check(dir)?;
     let _ = set_enabled(dir, false);
     retire::remove_all(dir)?;
     let mut names: Vec<PathBuf> = PINNED_LINKS.iter().map(|n| pin(dir, n)).collect();
+    let mut foreign = Vec::new();
     for e in std::fs::read_dir(dir)?.flatten() {
-        if !names.contains(&e.path()) {
+        let own = e.file_name().to_str().is_some_and(pindir::is_own);
+        if !own {
+            foreign.push(e.path().display().to_string());
+        } else if !names.contains(&e.path()) {
             names.push(e.path());
         }
     }
@@ -914,6 +932,14 @@ pub fn uninstall(settings: &AccelSettings) -> Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("remove {}", p.display())),
         }
+    }
+    if !foreign.is_empty() {
+        log::warn!(
+            "left in {}: {} (not fastpath's pins)",
+            dir.display(),
+            foreign.join(", ")
+        );
+        return Ok(());
     }
     std::fs::remove_dir(dir).with_context(|| format!("remove {}", dir.display()))?;
     Ok(())

@@ -82,12 +82,27 @@ pub fn sweep(pin_dir: &Path) -> Result<usize> {
     Ok(remaining)
 }
 
-/// Removes one retired set: its pins (which detaches its links) and its directory.
+/// Removes one retired set: its pins (which detaches its links) and its directory. Another
+/// sweep (a start's, the agent's) may be removing it at the same time: what is gone is fine.
 fn remove(set: &Path) -> Result<()> {
-    for e in std::fs::read_dir(set)?.flatten() {
-        std::fs::remove_file(e.path()).with_context(|| format!("remove {}", e.path().display()))?;
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    let entries = match std::fs::read_dir(set) {
+        Ok(d) => d,
+        Err(e) if gone(&e) => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("list {}", set.display())),
+    };
+    for e in entries.flatten() {
+        match std::fs::remove_file(e.path()) {
+            Err(err) if !gone(&err) => {
+                return Err(err).with_context(|| format!("remove {}", e.path().display()));
+            }
+            _ => {}
+        }
     }
-    std::fs::remove_dir(set).with_context(|| format!("remove {}", set.display()))
+    match std::fs::remove_dir(set) {
+        Err(e) if !gone(&e) => Err(e).with_context(|| format!("remove {}", set.display())),
+        _ => Ok(()),
+    }
 }
 
 /// Removes every retired set, live connections or not (uninstall).
