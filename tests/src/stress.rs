@@ -19,7 +19,7 @@
 //! 6.18 kernel defect, docs/accelerator.md); the harness does not count that as a failure of
 //! the bytes, and the docs list it.
 use crate::accel::{Accel, Pod};
-use crate::mesh::Mesh;
+use crate::mesh::{Mesh, SidecarPolling};
 use std::io::{self, Read as _, Write as _};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd as _;
@@ -726,8 +726,14 @@ impl Bench {
         if accelerated {
             accel.enroll(&pod, None);
         }
-        let mesh =
-            with_mesh.then(|| Mesh::new(&format!("{tag}m"), 62, accelerated.then_some(&accel)));
+        let mesh = with_mesh.then(|| {
+            Mesh::with_polling(
+                &format!("{tag}m"),
+                62,
+                accelerated.then_some(&accel),
+                SidecarPolling::EdgeTriggered,
+            )
+        });
         let mut b = Self {
             accel,
             pod,
