@@ -222,17 +222,22 @@ pub fn valid_object_name(s: &str) -> bool {
 }
 
 fn agent(access: &KubeAccess) -> Result<ureq::Agent, FetchError> {
-    use ureq::tls::{RootCerts, TlsConfig, TlsProvider};
-    let mut tls = TlsConfig::builder()
+    use ureq::tls::{TlsConfig, TlsProvider};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = TlsConfig::builder()
         .provider(TlsProvider::Rustls)
-        .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()));
-    if access.insecure {
-        tls = tls.disable_verification(true);
+        .unversioned_rustls_crypto_provider(provider.clone());
+    // Verification as Istio's Go client does it (`crate::tls`), under ureq's own TCP transport;
+    // insecure-skip-tls-verify uses ureq's TLS with verification off.
+    let go_trust = if access.insecure {
+        None
     } else if let Some(pem) = &access.ca_pem {
-        let mut certs = Vec::new();
+        let mut roots = Vec::new();
         for item in ureq::tls::parse_pem(pem) {
             match item {
-                Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
+                Ok(ureq::tls::PemItem::Certificate(c)) => {
+                    roots.push(rustls::pki_types::CertificateDer::from(c.der().to_vec()));
+                }
                 Ok(_) => {}
                 Err(e) => {
                     return Err(FetchError::Config(format!(
@@ -241,19 +246,34 @@ fn agent(access: &KubeAccess) -> Result<ureq::Agent, FetchError> {
                 }
             }
         }
-        if certs.is_empty() {
+        if roots.is_empty() {
             return Err(FetchError::Config(
                 "kubeconfig certificate-authority-data holds no certificate".into(),
             ));
         }
-        tls = tls.root_certs(RootCerts::Specific(Arc::new(certs)));
+        let verifier =
+            crate::tls::GoTrust::new(roots, provider.clone()).map_err(FetchError::Config)?;
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| FetchError::Config(format!("TLS: {e}")))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth();
+        Some(crate::tls::TlsConnector {
+            config: Arc::new(config),
+        })
     } else {
         return Err(FetchError::Config(
             "kubeconfig has neither certificate-authority(-data) nor insecure-skip-tls-verify"
                 .into(),
         ));
-    }
-    Ok(ureq::Agent::config_builder()
+    };
+    let tls = if access.insecure {
+        tls.disable_verification(true)
+    } else {
+        tls
+    };
+    let config = ureq::Agent::config_builder()
         .tls_config(tls.build())
         // Per phase rather than global: a global limit makes ureq resolve on a helper thread
         // even for the IP literal the installer writes (KUBERNETES_SERVICE_HOST).
@@ -265,8 +285,18 @@ fn agent(access: &KubeAccess) -> Result<ureq::Agent, FetchError> {
         // A redirect could send the token elsewhere, or to plain http: never followed.
         .max_redirects(0)
         .user_agent("istio-cni (fastpath)")
-        .build()
-        .new_agent())
+        .build();
+    Ok(match go_trust {
+        None => config.new_agent(),
+        Some(tls) => ureq::Agent::with_parts(
+            config,
+            ureq::unversioned::transport::Connector::chain(
+                ureq::unversioned::transport::TcpConnector::default(),
+                tls,
+            ),
+            ureq::unversioned::resolver::DefaultResolver::default(),
+        ),
+    })
 }
 
 /// A failed exchange, with certificate failures told apart (rustls reports them itself, or

@@ -13,6 +13,7 @@ pub mod redirect;
 pub mod result;
 pub mod rules;
 pub mod skel;
+pub mod tls;
 pub mod version;
 
 /// The `about` text printed when run without `CNI_COMMAND`.

@@ -138,11 +138,71 @@ fn make_certs(dir: &Path, prefix: &str) -> Result<()> {
     )
 }
 
+/// Makes a self-signed CA certificate (`CA:TRUE`) that also serves: `server.pem` is `ca.pem`,
+/// valid for `san` (as some clusters serve their API).
+fn make_self_signed_ca(dir: &Path, san: &str) -> Result<()> {
+    std::fs::write(
+        dir.join("ca-ext.cnf"),
+        format!(
+            "[req]\ndistinguished_name=dn\n[dn]\n[v3]\nbasicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,digitalSignature\nsubjectAltName={san}\n"
+        ),
+    )?;
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=kubernetes-self-signed",
+            "-config",
+            "ca-ext.cnf",
+            "-extensions",
+            "v3",
+        ],
+    )?;
+    std::fs::copy(dir.join("ca.pem"), dir.join("server.pem"))?;
+    Ok(())
+}
+
+/// The certificate the fake API server presents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerCert {
+    /// A server certificate signed by a CA (the usual case).
+    SignedByCa,
+    /// Its self-signed CA certificate itself, valid for 127.0.0.1 (Go's client trusts it
+    /// when the kubeconfig's CA data holds exactly that certificate).
+    SelfSignedCa,
+    /// As [`ServerCert::SelfSignedCa`], but valid for another name only.
+    SelfSignedCaOtherName,
+}
+
 impl FakeKubeApi {
     /// Starts the server on 127.0.0.1 (random port); `dir` holds its certificates.
     pub fn start(dir: &Path, token: &str) -> Result<Self> {
+        Self::start_with(dir, token, ServerCert::SignedByCa)
+    }
+
+    /// [`FakeKubeApi::start`] presenting `cert`.
+    pub fn start_with(dir: &Path, token: &str, cert: ServerCert) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
-        make_certs(dir, "")?;
+        match cert {
+            ServerCert::SignedByCa => make_certs(dir, "")?,
+            ServerCert::SelfSignedCa => make_self_signed_ca(dir, "IP:127.0.0.1")?,
+            ServerCert::SelfSignedCaOtherName => {
+                make_self_signed_ca(dir, "DNS:not-the-api.example")?
+            }
+        }
         let certs: Vec<CertificateDer<'static>> =
             CertificateDer::pem_file_iter(dir.join("server.pem"))?
                 .collect::<std::result::Result<_, _>>()?;

@@ -5,7 +5,7 @@
 //! Subnets: 10.248.1-19.0/24 (this file), bridges `fpc<pid><n>`.
 use anyhow::Result;
 use fastpath_tests::cni::{Attachment, RunsFailed, Runtime, ScratchNet};
-use fastpath_tests::kube_api::{FakeKubeApi, Trust, plain_pod, sidecar_pod};
+use fastpath_tests::kube_api::{FakeKubeApi, ServerCert, Trust, plain_pod, sidecar_pod};
 use fastpath_tests::netns::NetNs;
 use serde_json::{Value, json};
 use std::io::{Read as _, Write as _};
@@ -679,6 +679,49 @@ fn plugin_chain_api_failures_are_handled_as_istio() {
         "{}",
         run.stdout
     );
+}
+
+/// Some clusters serve the API with their self-signed CA certificate, which the kubeconfig's
+/// CA data holds. Istio's Go client trusts it; rustls alone refused it (`CaUsedAsEndEntity`)
+/// and ADD failed after 30 retries with "cannot reach the API server". The name is still
+/// checked.
+#[test]
+fn plugin_chain_trusts_an_api_server_serving_its_own_ca_certificate_as_go_does() {
+    if !fastpath_tests::require_privileges("plugin_chain_trusts_an_api_server_serving_its_own_ca") {
+        return;
+    }
+    let node = Node::new(9).unwrap();
+    let kubeconfig = node.run_dir().join("istio-cni-kubeconfig");
+    for (cert, works) in [
+        (ServerCert::SelfSignedCa, true),
+        (ServerCert::SelfSignedCaOtherName, false),
+    ] {
+        let dir = std::env::temp_dir().join(fastpath_tests::unique_name("fp-selfsigned-api-"));
+        let api = FakeKubeApi::start_with(&dir, TOKEN, cert).unwrap();
+        api.set_pod(sidecar_pod("shop", "web", &[], &[]));
+        api.write_kubeconfig(&kubeconfig, Trust::Ca, TOKEN).unwrap();
+        let (ns, run) = add_alone(&node, "shop", "web", &json!({}));
+        if works {
+            assert_eq!(run.status, 0, "{cert:?}: {} {}", run.stdout, run.stderr);
+            assert!(
+                ns.exec_ok(&["iptables-nft-save"])
+                    .unwrap()
+                    .contains("ISTIO_OUTPUT")
+            );
+            assert_eq!(api.requests_for("shop", "web"), 1);
+        } else {
+            assert_eq!(run.status, 1, "{cert:?}");
+            assert!(
+                run.stdout.contains("certificate is not trusted")
+                    && run.stdout.contains("NotValidForName"),
+                "{cert:?}: {}",
+                run.stdout
+            );
+            assert_eq!(api.requests_for("shop", "web"), 0);
+        }
+        drop(api);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 #[test]
