@@ -52,14 +52,21 @@ fn assert_primary_intact(h: &Host, conf_kind: bool, context: &str) {
 
 #[test]
 fn kill_9_at_random_moments_never_leaves_a_broken_config() {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
+    // KILL9_SEED=<seed> replays a failed run.
+    let seed = std::env::var("KILL9_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
         | 1;
-    eprintln!("kill -9 test seed {seed}");
+    eprintln!("kill -9 test seed {seed} (KILL9_SEED={seed} replays it)");
     let mut rng = XorShift(seed);
-    for round in 0..40 {
+    // 100 rounds of two kills: 200 trials.
+    for round in 0..100 {
         let conf_kind = round % 3 == 2;
         let h = Host::new("kill9");
         if conf_kind {
