@@ -335,7 +335,7 @@ fn start_servers(
                     };
                     Response {
                         status: 200,
-                        content_type: "text/plain; version=0.0.4; charset=utf-8",
+                        content_type: crate::metrics::CONTENT_TYPE,
                         body: m.render(r.is_ready(), state, &pods).into_bytes(),
                     }
                 }
