@@ -31,6 +31,8 @@ struct State {
     pods: HashMap<(String, String), Value>,
     /// Forced answers per (ns, name): status + body.
     forced: HashMap<(String, String), (u16, Value)>,
+    /// How long the answer takes, per (ns, name).
+    delays: HashMap<(String, String), Duration>,
     requests: Vec<Recorded>,
 }
 
@@ -277,6 +279,15 @@ impl FakeKubeApi {
             .insert((ns.to_string(), name.to_string()), (status, body));
     }
 
+    /// Answers requests for ns/name only after `delay` (an overloaded API server).
+    pub fn delay(&self, ns: &str, name: &str, delay: Duration) {
+        self.state
+            .lock()
+            .unwrap()
+            .delays
+            .insert((ns.to_string(), name.to_string()), delay);
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.lock().unwrap().requests.clone()
     }
@@ -369,15 +380,25 @@ fn serve(
     let method = parts.next().unwrap_or_default().to_string();
     let path = parts.next().unwrap_or_default().to_string();
     let authorization = headers.get("authorization").cloned();
-    let (status, answer) = {
+    let answer = {
         let mut st = state.lock().unwrap();
         st.requests.push(Recorded {
             method: method.clone(),
             path: path.clone(),
             authorization: authorization.clone(),
         });
-        answer(&st, &method, &path, authorization.as_deref(), token)
+        let delay = st
+            .delays
+            .iter()
+            .find(|((ns, name), _)| path == format!("/api/v1/namespaces/{ns}/pods/{name}"))
+            .map(|(_, d)| *d);
+        let answer = answer(&st, &method, &path, authorization.as_deref(), token);
+        (answer, delay)
     };
+    let ((status, answer), delay) = (answer.0, answer.1);
+    if let Some(d) = delay {
+        std::thread::sleep(d);
+    }
     let body = answer.to_string();
     let reason = if status == 200 { "OK" } else { "Error" };
     // A forced redirect goes where its message says (`force_status(.., 302, "http://..")`).

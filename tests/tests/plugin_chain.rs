@@ -681,6 +681,56 @@ fn plugin_chain_api_failures_are_handled_as_istio() {
     );
 }
 
+/// The API down or slow: a mesh pod fails closed ("try again later", code 11) within the
+/// bound the retries set (attempts x (5 s answer timeout + interval); 2 attempts here, 30 at
+/// Istio's default: about 3 min); a pod of an excluded namespace passes without a call.
+#[test]
+fn plugin_chain_api_down_or_slow_fails_mesh_pods_closed_within_the_bound() {
+    if !fastpath_tests::require_privileges("plugin_chain_api_down_or_slow_fails_mesh_pods_closed") {
+        return;
+    }
+    let node = Node::new(10).unwrap();
+    node.api.set_pod(sidecar_pod("shop", "web", &[], &[]));
+    node.api.delay("shop", "web", Duration::from_secs(10));
+    let started = Instant::now();
+    let (_ns, run) = add_alone(&node, "shop", "web", &json!({}));
+    let took = started.elapsed();
+    let e: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!((run.status, e["code"].as_u64()), (1, Some(11)), "{e}");
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(12),
+        "2 attempts of 5 s: {took:?}"
+    );
+    assert_eq!(node.api.requests_for("shop", "web"), 2);
+
+    // Down: nothing listens where the kubeconfig points.
+    let kubeconfig = node.run_dir().join("istio-cni-kubeconfig");
+    let text = std::fs::read_to_string(&kubeconfig).unwrap();
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    std::fs::write(
+        &kubeconfig,
+        text.replace(&node.api.url(), &format!("https://{closed}")),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let (_ns, run) = add_alone(&node, "shop", "web", &json!({}));
+    let e: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!((run.status, e["code"].as_u64()), (1, Some(11)), "{e}");
+    assert!(
+        e["msg"]
+            .as_str()
+            .unwrap()
+            .contains("cannot reach the API server"),
+        "{e}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let (_ns, run) = add_alone(&node, "kube-system", "dns", &json!({}));
+    assert_eq!(run.status, 0, "{}", run.stdout);
+}
+
 /// Some clusters serve the API with their self-signed CA certificate, which the kubeconfig's
 /// CA data holds. Istio's Go client trusts it; rustls alone refused it (`CaUsedAsEndEntity`)
 /// and ADD failed after 30 retries with "cannot reach the API server". The name is still
