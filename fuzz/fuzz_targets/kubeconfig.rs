@@ -4,6 +4,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = fastpath_cni_plugin::kube::parse_kubeconfig(text, std::path::Path::new("/nonexistent"));
+        let _ =
+            fastpath_cni_plugin::kube::parse_kubeconfig(text, std::path::Path::new("/nonexistent"));
     }
 });
