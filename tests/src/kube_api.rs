@@ -73,30 +73,35 @@ fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// A self-signed P-256 certificate valid for 2 days (`openssl req -x509`), with `extra`
+/// arguments.
+fn self_signed(dir: &Path, key: &str, out: &str, subject: &str, extra: &[&str]) -> Result<()> {
+    let mut args = vec![
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        key,
+        "-out",
+        out,
+        "-days",
+        "2",
+        "-subj",
+        subject,
+    ];
+    args.extend_from_slice(extra);
+    openssl(dir, &args)
+}
+
 /// Makes `ca.pem` and a `server.pem`/`server.key` for 127.0.0.1 signed by it, in `dir`.
 fn make_certs(dir: &Path, prefix: &str) -> Result<()> {
     let ca_key = format!("{prefix}ca.key");
     let ca = format!("{prefix}ca.pem");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &ca_key,
-            "-out",
-            &ca,
-            "-days",
-            "2",
-            "-subj",
-            "/CN=fastpath-test-ca",
-        ],
-    )?;
+    self_signed(dir, &ca_key, &ca, "/CN=fastpath-test-ca", &[])?;
     openssl(
         dir,
         &[
@@ -149,29 +154,12 @@ fn make_self_signed_ca(dir: &Path, san: &str) -> Result<()> {
             "[req]\ndistinguished_name=dn\n[dn]\n[v3]\nbasicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,digitalSignature\nsubjectAltName={san}\n"
         ),
     )?;
-    openssl(
+    self_signed(
         dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=kubernetes-self-signed",
-            "-config",
-            "ca-ext.cnf",
-            "-extensions",
-            "v3",
-        ],
+        "server.key",
+        "ca.pem",
+        "/CN=kubernetes-self-signed",
+        &["-config", "ca-ext.cnf", "-extensions", "v3"],
     )?;
     std::fs::copy(dir.join("ca.pem"), dir.join("server.pem"))?;
     Ok(())
