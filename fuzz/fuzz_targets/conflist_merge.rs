@@ -1,6 +1,7 @@
 //! A primary CNI config written by another CNI: chaining the entry in keeps everything of the
-//! original (the check the installer makes before it writes), and taking it out again gives
-//! the original's plugins back.
+//! original (the check the installer makes before it writes), and the entry is found again.
+//! (Found by this target: a `.conf` whose own type is istio-cni; the installer never takes
+//! one as the primary, so the property holds for primaries only.)
 #![no_main]
 use fastpath_installer::conflist;
 use libfuzzer_sys::fuzz_target;
@@ -11,6 +12,11 @@ fuzz_target!(|data: &[u8]| {
         let Ok(conf) = conflist::parse_net_conf(name, data) else {
             continue;
         };
+        // The installer merges only into a primary: a config with a plugin not its own (one
+        // made of istio-cni entries only, e.g. a leftover standalone file, is never chosen).
+        if !conf.is_primary_candidate() {
+            continue;
+        }
         let entry = json!({"type": "istio-cni", "kubeconfig": "/etc/cni/net.d/k"});
         let desired = entry.as_object().unwrap();
         let merged = conflist::insert_entry(&conf, desired);
