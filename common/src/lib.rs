@@ -229,6 +229,17 @@ pub struct RxQueue {
 /// any byte (see [`RxQueue::last_read_ns`]).
 pub const GATE_HOLD_NS: u64 = 2_000_000_000;
 
+/// The longest retransmission timer of a writer whose segments the ingress gate holds
+/// (`TCP_RTO_MAX_MS`, whose floor is 1 s): once its reader has read the redirected bytes, the
+/// writer sends again within this time, where TCP's backoff could have it wait up to 120 s.
+pub const HELD_WRITER_RTO_MAX_MS: u64 = 1_000;
+
+/// How long a held writer goes on retransmitting after its reader stopped reading or went away
+/// before it gives up (`ETIMEDOUT`): its `TCP_USER_TIMEOUT` is kept this far ahead of the time
+/// it has spent retransmitting. 15 minutes is about what plain TCP takes with the default
+/// `tcp_retries2` (924.6 s).
+pub const HELD_WRITER_TIMEOUT_GRACE_MS: u64 = 15 * 60 * 1_000;
+
 /// States of an [`RxQueue`] ([`RxQueue::state`]).
 pub mod rxq_state {
     /// Redirected bytes may arrive.

@@ -53,19 +53,24 @@ use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
-        BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RWND_INIT,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB,
+        BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_RWND_INIT, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, sk_action,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_delete_elem},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns,
+        bpf_map_delete_elem, bpf_setsockopt,
+    },
     macros::{cgroup_skb, map, raw_tracepoint, sk_msg, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuHashMap, SockHash},
     programs::{RawTracePointContext, SkBuffContext, SkMsgContext, SockOpsContext},
 };
 use fastpath_common::{
-    AF_INET, AF_INET6, ActiveConn, DEFAULT_QUEUE_LIMIT_BYTES, Endpoint, GATE_HOLD_NS, Ip, IpKey,
-    PendingSyn, PodInfo, PodStats, RxQueue, SockKey, SockState, config_index, map_capacity,
-    pod_flags, rxq_state, sk_filter_slot, sock_role, sock_state,
+    AF_INET, AF_INET6, ActiveConn, DEFAULT_QUEUE_LIMIT_BYTES, Endpoint, GATE_HOLD_NS,
+    HELD_WRITER_RTO_MAX_MS, HELD_WRITER_TIMEOUT_GRACE_MS, Ip, IpKey, PendingSyn, PodInfo, PodStats,
+    RxQueue, SockKey, SockState, config_index, map_capacity, pod_flags, rxq_state, sk_filter_slot,
+    sock_role, sock_state,
 };
 
 #[map(name = "FP_PODS")]
@@ -124,10 +129,16 @@ const MSG_PEEK: i32 = 2;
 const MSG_ERRQUEUE: i32 = 0x2000;
 
 /// The callbacks a paired socket asks for: state changes, and every segment in or out (none
-/// flow while it is paired; after a demotion they are the moments to leave the sockhash).
+/// flow while it is paired; after a demotion they are the moments to leave the sockhash), and
+/// its retransmission timeouts (the ingress gate's hold is the only loss a node-local
+/// connection sees; see [`on_retransmit_timeout`]).
 const PAIRED_CB_FLAGS: u32 = BPF_SOCK_OPS_STATE_CB_FLAG
     | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG
-    | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
+    | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG
+    | BPF_SOCK_OPS_RTO_CB_FLAG;
+const SOL_TCP: i32 = 6;
+const TCP_USER_TIMEOUT: i32 = 18;
+const TCP_RTO_MAX_MS: i32 = 44;
 
 fn config(index: u32) -> u32 {
     FP_CONFIG.get(index).copied().unwrap_or(0)
@@ -435,6 +446,11 @@ pub fn fastpath_sockops(ctx: SockOpsContext) -> u32 {
     if op == BPF_SOCK_OPS_PARSE_HDR_OPT_CB || op == BPF_SOCK_OPS_HDR_OPT_LEN_CB {
         // A segment in or out of a paired socket (flagged by this program).
         leave_if_drained(&ctx);
+        return 1;
+    }
+    if op == BPF_SOCK_OPS_RTO_CB {
+        // Flagged by this program too.
+        on_retransmit_timeout(&ctx);
         return 1;
     }
     if op != BPF_SOCK_OPS_RWND_INIT
@@ -846,6 +862,97 @@ pub fn fastpath_rx_consumed(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// Whether the ingress gate holds TCP payload back from the socket whose entry is `q`: its
+/// redirect queue holds bytes and its reader took some within [`GATE_HOLD_NS`].
+fn gate_holds(q: *mut RxQueue) -> bool {
+    if rxq_queued(q) == 0 {
+        return false;
+    }
+    let last_read = unsafe { core::ptr::read_volatile(&raw const (*q).last_read_ns) };
+    unsafe { bpf_ktime_get_ns() }.saturating_sub(last_read) <= GATE_HOLD_NS
+}
+
+/// A retransmission timeout of a socket this program flagged. When it fires because the
+/// ingress gate holds this socket's segments at its peer, TCP's backoff would double the
+/// timer each time (up to 120 s): once the reader had read its redirect queue, the writer
+/// would sit out the rest of a long timer before it sent again, and it would give up after
+/// `tcp_retries2` (or, closed, `tcp_orphan_retries`) timeouts although its reader is alive
+/// and reading, where plain TCP keeps a slow reader's writer open with window probes. So,
+/// while held:
+/// - the writer's timer is capped at [`HELD_WRITER_RTO_MAX_MS`] (`TCP_RTO_MAX_MS`), and it
+///   resends within that time of the gate opening;
+/// - its `TCP_USER_TIMEOUT` is raised to [`HELD_WRITER_TIMEOUT_GRACE_MS`] past the time it
+///   has spent retransmitting, at each timeout, so it gives up only that long after its reader
+///   stopped reading (the gate then lets the payload in) or went away (its entry is gone).
+///
+/// The user timeout is raised only once the cap holds: it counts time, and only the cap
+/// bounds the time one timeout takes. A kernel without `TCP_RTO_MAX_MS` (before 6.15) keeps
+/// TCP's own backoff and timeouts.
+#[inline(never)]
+fn on_retransmit_timeout(ctx: &SockOpsContext) {
+    let cookie = socket_cookie(ctx);
+    let Some(own) = FP_RXQ.get_ptr_mut(&cookie) else {
+        return;
+    };
+    let peer = unsafe { core::ptr::read_volatile(&raw const (*own).peer) };
+    let Some(reader) = FP_RXQ.get_ptr_mut(&peer) else {
+        return;
+    };
+    if !gate_holds(reader) {
+        return;
+    }
+    let mut rto_max: i32 = 0;
+    if tcp_sockopt_get(ctx, TCP_RTO_MAX_MS, &mut rto_max) != 0 {
+        return;
+    }
+    if rto_max > HELD_WRITER_RTO_MAX_MS as i32
+        && tcp_sockopt_set(ctx, TCP_RTO_MAX_MS, HELD_WRITER_RTO_MAX_MS as i32) != 0
+    {
+        return;
+    }
+    // Time spent retransmitting so far: the first timer ran at most TCP's own maximum (the
+    // cap comes at the first timeout), each later one at most the cap.
+    const TCP_RTO_MAX_DEFAULT_MS: u64 = 120_000;
+    let retransmits = ctx.arg(0) as u64;
+    let wanted = HELD_WRITER_TIMEOUT_GRACE_MS
+        + TCP_RTO_MAX_DEFAULT_MS
+        + (retransmits + 1) * HELD_WRITER_RTO_MAX_MS;
+    let wanted = if wanted > i32::MAX as u64 {
+        i32::MAX
+    } else {
+        wanted as i32
+    };
+    let mut user_timeout: i32 = 0;
+    if tcp_sockopt_get(ctx, TCP_USER_TIMEOUT, &mut user_timeout) == 0 && user_timeout < wanted {
+        let _ = tcp_sockopt_set(ctx, TCP_USER_TIMEOUT, wanted);
+    }
+}
+
+fn tcp_sockopt_get(ctx: &SockOpsContext, name: i32, value: &mut i32) -> i64 {
+    unsafe {
+        bpf_getsockopt(
+            ctx.as_ptr(),
+            SOL_TCP,
+            name,
+            (value as *mut i32).cast(),
+            core::mem::size_of::<i32>() as i32,
+        )
+    }
+}
+
+fn tcp_sockopt_set(ctx: &SockOpsContext, name: i32, value: i32) -> i64 {
+    let mut value = value;
+    unsafe {
+        bpf_setsockopt(
+            ctx.as_ptr(),
+            SOL_TCP,
+            name,
+            (&mut value as *mut i32).cast(),
+            core::mem::size_of::<i32>() as i32,
+        )
+    }
+}
+
 /// Bytes of TCP payload in a segment (`ctx` starts at the IP header), or `None` when it is not
 /// TCP over IPv4 or IPv6 without extension headers.
 fn tcp_payload_len(ctx: &SkBuffContext) -> Option<u32> {
@@ -896,11 +1003,7 @@ pub fn fastpath_ingress_gate(ctx: SkBuffContext) -> i32 {
     let Some(q) = FP_RXQ.get_ptr_mut(&cookie) else {
         return PASS;
     };
-    if rxq_queued(q) == 0 {
-        return PASS;
-    }
-    let last_read = unsafe { core::ptr::read_volatile(&raw const (*q).last_read_ns) };
-    if unsafe { bpf_ktime_get_ns() }.saturating_sub(last_read) > GATE_HOLD_NS {
+    if !gate_holds(q) {
         return PASS;
     }
     if let Some(s) = stats(unsafe { (*q).netns }) {

@@ -579,3 +579,198 @@ fn the_read_filter_counts_every_paired_socket_and_only_those() {
         assert_eq!((q.state, q.queued), (rxq_state::OPEN, 0), "{q:?}");
     });
 }
+
+/// A writer's retransmission timer as `TCP_INFO` reports it (`tcpi_rto`, µs), and its
+/// `TCP_USER_TIMEOUT` (ms).
+fn retransmission_settings(s: &TcpStream) -> (u32, u32) {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: getsockopt into owned buffers of the sizes given.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        );
+        assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+        let mut user_timeout: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&mut user_timeout as *mut libc::c_int).cast(),
+            &mut len,
+        );
+        assert_eq!(
+            rc,
+            0,
+            "TCP_USER_TIMEOUT: {}",
+            std::io::Error::last_os_error()
+        );
+        (info.tcpi_rto, user_timeout as u32)
+    }
+}
+
+/// A send buffer that takes everything the tests write past the bound at once, whatever
+/// `net.core.wmem_max` says (root only), so that a writer can close with its tail unsent.
+fn force_send_buffer(s: &TcpStream, bytes: usize) {
+    use std::os::fd::AsRawFd as _;
+    let v = bytes as libc::c_int;
+    // SAFETY: setsockopt with an int we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_SNDBUFFORCE: {}", std::io::Error::last_os_error());
+}
+
+/// Reads `slice` bytes every `pause` until the socket's redirect queue is empty: a reader that
+/// keeps reading, too slowly for its writer. Calls `sample` after every read.
+fn read_slowly_until_drained(
+    accel: &Accel,
+    s: &mut TcpStream,
+    got: &mut Vec<u8>,
+    mut sample: impl FnMut(),
+) {
+    const SLICE: usize = 16 << 10;
+    let mut buf = vec![0u8; SLICE];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rx_queue(accel, s).is_some_and(|q| (q.queued as i64) > 0) {
+        assert!(Instant::now() < deadline, "redirect queue not drained");
+        match s.read(&mut buf) {
+            Ok(0) => panic!("EOF after {} bytes with redirected bytes queued", got.len()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => panic!("read after {} bytes: {e}", got.len()),
+        }
+        sample();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// While the ingress gate holds a writer's segments, the writer retransmits into a closed
+/// gate, and TCP's backoff doubles its timer each time: after 8 s of holding, the next resend
+/// would be 6 s away, and after a minute, a minute away, long after its reader caught up.
+/// The timer of a held writer is capped at 1 s, and its user timeout raised so that the cap
+/// does not make it give up sooner.
+#[test]
+fn a_writer_held_at_the_gate_keeps_a_short_retransmission_timer_and_resumes_once_its_reader_caught_up()
+ {
+    if !fastpath_tests::require_privileges("a_writer_held_at_the_gate_keeps_a_short_timer") {
+        return;
+    }
+    let accel = Accel::start_configured("flowheld", |s| s.max_queued_bytes = LIMIT);
+    let pod = Pod::new("fpflowheld");
+    accel.enroll(&pod, None);
+    let data = pattern(0x4e4c, LIMIT as usize + (512 << 10));
+    pod.run(|| {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        wait_sockhash(&accel, 2, "after pairing");
+        force_send_buffer(&c, 4 << 20);
+        let writer_view = c.try_clone().unwrap();
+        let writer = std::thread::spawn({
+            let data = data.clone();
+            move || {
+                for chunk in data.chunks(64 << 10) {
+                    c.write_all(chunk).unwrap();
+                }
+                c
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rx_queue(&accel, &s).is_none_or(|q| q.state != rxq_state::DEMOTED) {
+            assert!(Instant::now() < deadline, "not demoted at the bound");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut got = Vec::new();
+        let (mut longest_rto_us, mut user_timeout_ms) = (0, 0);
+        read_slowly_until_drained(&accel, &mut s, &mut got, || {
+            let (rto, ut) = retransmission_settings(&writer_view);
+            longest_rto_us = longest_rto_us.max(rto);
+            user_timeout_ms = user_timeout_ms.max(ut);
+        });
+        let drained = Instant::now();
+        let held = accel.stats(pod.cookie()).tcp_segments_held;
+        let c = writer.join().unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        got.extend(read_to_end_retry(&mut s, Duration::from_secs(30)));
+        eprintln!(
+            "held {held} segments; the writer's timer reached {longest_rto_us} µs, its user \
+             timeout {user_timeout_ms} ms; the rest arrived {:?} after the reader caught up",
+            drained.elapsed()
+        );
+        assert!(held > 0, "the gate held nothing: the test did not test");
+        let first_bad = got.iter().zip(&data).position(|(a, b)| a != b);
+        assert!(
+            got.len() == data.len() && first_bad.is_none(),
+            "{} of {} bytes, first bad offset {first_bad:?}",
+            got.len(),
+            data.len()
+        );
+        let cap_us = fastpath_common::HELD_WRITER_RTO_MAX_MS as u32 * 1000;
+        assert!(
+            longest_rto_us <= cap_us,
+            "a held writer's retransmission timer reached {longest_rto_us} µs (cap {cap_us} µs)"
+        );
+        assert!(
+            u64::from(user_timeout_ms) >= fastpath_common::HELD_WRITER_TIMEOUT_GRACE_MS,
+            "a held writer's user timeout stayed at {user_timeout_ms} ms"
+        );
+    });
+}
+
+/// A writer that closes with its tail unsent is an orphan: TCP gives it `tcp_orphan_retries`
+/// retransmission timeouts (8 by default, about 100 s), then drops it and its bytes without a
+/// word to the peer. Held at the gate while its reader drains the redirect queue, it would be
+/// dropped after those timeouts although the reader reads on; plain TCP keeps it while the
+/// reader answers its window probes. Here the pod's `tcp_orphan_retries` is 1 (about 0.6 s)
+/// and the reader takes several seconds: every byte and the EOF must still arrive.
+#[test]
+fn a_closed_writer_held_at_the_gate_is_not_dropped_while_its_reader_reads() {
+    if !fastpath_tests::require_privileges("a_closed_writer_held_at_the_gate") {
+        return;
+    }
+    let accel = Accel::start_configured("floworphan", |s| s.max_queued_bytes = LIMIT);
+    let pod = Pod::new("fpfloworphan");
+    pod.sh("sysctl -qw net.ipv4.tcp_orphan_retries=1");
+    accel.enroll(&pod, None);
+    let data = pattern(0x4f52, LIMIT as usize + (512 << 10));
+    pod.run(|| {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        wait_sockhash(&accel, 2, "after pairing");
+        force_send_buffer(&c, 4 << 20);
+        for chunk in data.chunks(64 << 10) {
+            c.write_all(chunk).unwrap();
+        }
+        let q = rx_queue(&accel, &s).expect("reader's queue entry");
+        assert_eq!(q.state, rxq_state::DEMOTED, "{q:?}");
+        drop(c);
+        let mut got = Vec::new();
+        read_slowly_until_drained(&accel, &mut s, &mut got, || {});
+        let held = accel.stats(pod.cookie()).tcp_segments_held;
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        got.extend(read_to_end_retry(&mut s, Duration::from_secs(30)));
+        assert!(held > 0, "the gate held nothing: the test did not test");
+        let first_bad = got.iter().zip(&data).position(|(a, b)| a != b);
+        assert!(
+            got.len() == data.len() && first_bad.is_none(),
+            "{} of {} bytes, first bad offset {first_bad:?}",
+            got.len(),
+            data.len()
+        );
+    });
+}
