@@ -256,7 +256,7 @@ pub mod rxq_state {
 /// no other limit ([`config_index::QUEUE_LIMIT_KIB`]). A demotion is the emergency brake for
 /// a reader that falls far behind, not a routine step: a connection that goes to TCP while
 /// its reader still has redirected bytes queued is the one transition where sidecar proxies
-/// were seen to end a stream early (docs/accelerator.md, "Known open defect"), so the bound
+/// were seen to end a stream early (docs/accelerator.md, "HAProxy 2.6 ends streams early by itself"), so the bound
 /// sits well above what request/response traffic and most transfers ever queue. Its costs:
 /// memory (at most this much per lagging reader, charged to the node's TCP memory), and a
 /// demoted stream ran up to 20% slower than plain TCP at this size (the kernel grows the
