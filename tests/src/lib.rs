@@ -9,8 +9,29 @@ pub mod kube_api;
 pub mod netns;
 pub mod sidecar;
 
-/// Returns `true` when the test may go on. Panics under `CI=true` when it may not.
-pub fn require_privileges(test: &str) -> bool {
+/// `true` when the calling test may go on: it runs as root. Under `CI=true` a test that may
+/// not run fails instead of skipping. The test's name in the message is the calling
+/// function's own.
+#[macro_export]
+macro_rules! require_privileges {
+    () => {
+        $crate::may_run($crate::function_name!())
+    };
+}
+
+/// The name of the function this is written in (without its module path).
+#[macro_export]
+macro_rules! function_name {
+    () => {{
+        fn here() {}
+        let path = ::std::any::type_name_of_val(&here);
+        let path = path.strip_suffix("::here").unwrap_or(path);
+        path.rsplit("::").next().unwrap_or(path)
+    }};
+}
+
+/// `true` when `test` may go on; see [`require_privileges!`].
+pub fn may_run(test: &str) -> bool {
     let why = missing_privilege();
     match why {
         None => true,
@@ -128,3 +149,11 @@ pub fn bin_path(name: &str) -> std::path::PathBuf {
 pub mod accel;
 pub mod mesh;
 pub mod stress;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_test_is_named_after_its_function() {
+        assert_eq!(function_name!(), "a_test_is_named_after_its_function");
+    }
+}

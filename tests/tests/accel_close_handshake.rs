@@ -84,7 +84,7 @@ fn run_case(
 
 #[test]
 fn unread_bytes_survive_fin_wait2_to_time_wait() {
-    if !fastpath_tests::require_privileges("unread_bytes_survive_fin_wait2_to_time_wait") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let plain = run_case(reader_closes_first, 7, false);
@@ -95,7 +95,7 @@ fn unread_bytes_survive_fin_wait2_to_time_wait() {
 
 #[test]
 fn unread_bytes_survive_last_ack_to_close() {
-    if !fastpath_tests::require_privileges("unread_bytes_survive_last_ack_to_close") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let plain = run_case(reader_closes_last, 8, false);

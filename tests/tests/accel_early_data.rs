@@ -104,7 +104,7 @@ fn servers_cpu(sock: &TcpStream) -> usize {
 
 #[test]
 fn writes_right_after_connect_arrive_in_order() {
-    if !fastpath_tests::require_privileges("writes_right_after_connect_arrive_in_order") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let accel = Accel::start("early");
@@ -128,7 +128,7 @@ fn writes_right_after_connect_arrive_in_order() {
 
 #[test]
 fn client_that_wrote_before_its_server_established_stays_on_tcp() {
-    if !fastpath_tests::require_privileges("client_that_wrote_before_server_established") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let accel = Accel::start("early-forced");
@@ -197,7 +197,7 @@ fn client_that_wrote_before_its_server_established_stays_on_tcp() {
 
 #[test]
 fn writes_right_after_connect_across_pods_arrive_in_order() {
-    if !fastpath_tests::require_privileges("writes_right_after_connect_across_pods") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let accel = Accel::start("early-xpod");

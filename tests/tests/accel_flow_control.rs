@@ -54,7 +54,7 @@ fn write_until_stalled(s: &mut TcpStream, data: &[u8], quiet: Duration) -> usize
 
 #[test]
 fn a_reader_that_does_not_read_stops_the_writer_and_the_stream_stays_exact() {
-    if !fastpath_tests::require_privileges("a_reader_that_does_not_read_stops_the_writer") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let accel = Accel::start_configured("flowctl", |s| s.max_queued_bytes = LIMIT);
@@ -179,7 +179,7 @@ fn start_agent(
 
 #[test]
 fn a_reader_that_keeps_up_is_never_demoted() {
-    if !fastpath_tests::require_privileges("a_reader_that_keeps_up_is_never_demoted") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let accel = Accel::start_configured("flowok", |s| s.max_queued_bytes = LIMIT);
@@ -207,7 +207,7 @@ fn a_reader_that_keeps_up_is_never_demoted() {
 /// which HAProxy sidecars turned into truncated streams.)
 #[test]
 fn a_half_close_with_bytes_queued_stays_paired_and_eof_comes_last() {
-    if !fastpath_tests::require_privileges("a_half_close_with_bytes_queued_stays_paired") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let accel = Accel::start("halfqueued");
@@ -268,7 +268,7 @@ fn tcp_receive_queue(pod: &Pod, s: &TcpStream) -> u64 {
 /// retransmits them), so a proxy-style reader gets every byte, as over plain TCP.
 #[test]
 fn a_proxy_that_takes_a_short_read_after_the_fin_as_eof_gets_every_byte_across_a_demotion() {
-    if !fastpath_tests::require_privileges("a_proxy_that_takes_a_short_read_after_the_fin") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let accel = Accel::start_configured("flowrdhup", |s| s.max_queued_bytes = LIMIT);
@@ -333,7 +333,7 @@ fn a_proxy_that_takes_a_short_read_after_the_fin_as_eof_gets_every_byte_across_a
 /// TCP's flow control are the kernel's own again), and every byte arrives in order.
 #[test]
 fn a_fast_writer_to_a_reading_peer_goes_plain_after_its_demotion() {
-    if !fastpath_tests::require_privileges("a_fast_writer_goes_plain") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let accel = Accel::start_configured("flowfast", |s| s.max_queued_bytes = LIMIT);
@@ -387,7 +387,7 @@ fn a_fast_writer_to_a_reading_peer_goes_plain_after_its_demotion() {
 /// takes it out.
 #[test]
 fn a_drained_reader_that_gets_no_more_segments_is_swept_out_of_the_sockhash() {
-    if !fastpath_tests::require_privileges("a_drained_reader_is_swept") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let accel = Accel::start_configured("flowsweep", |s| s.max_queued_bytes = LIMIT);
@@ -466,7 +466,7 @@ fn a_drained_reader_that_gets_no_more_segments_is_swept_out_of_the_sockhash() {
 /// looks every read up until the sockets that build paired are gone.
 #[test]
 fn the_read_filter_counts_every_paired_socket_and_only_those() {
-    if !fastpath_tests::require_privileges("the_read_filter_counts_every_paired_socket") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     use aya::maps::{Array, HashMap, MapData};
@@ -665,7 +665,7 @@ fn read_slowly_until_drained(
 #[test]
 fn a_writer_held_at_the_gate_keeps_a_short_retransmission_timer_and_resumes_once_its_reader_caught_up()
  {
-    if !fastpath_tests::require_privileges("a_writer_held_at_the_gate_keeps_a_short_timer") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let accel = Accel::start_configured("flowheld", |s| s.max_queued_bytes = LIMIT);
@@ -739,7 +739,7 @@ fn a_writer_held_at_the_gate_keeps_a_short_retransmission_timer_and_resumes_once
 /// and the reader takes several seconds: every byte and the EOF must still arrive.
 #[test]
 fn a_closed_writer_held_at_the_gate_is_not_dropped_while_its_reader_reads() {
-    if !fastpath_tests::require_privileges("a_closed_writer_held_at_the_gate") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let accel = Accel::start_configured("floworphan", |s| s.max_queued_bytes = LIMIT);

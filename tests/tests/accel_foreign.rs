@@ -11,7 +11,7 @@ use std::{
 
 #[test]
 fn a_second_accelerator_refuses_and_the_first_keeps_every_byte() {
-    if !fastpath_tests::require_privileges("a_second_accelerator_refuses") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let first = Accel::start("foreign1");

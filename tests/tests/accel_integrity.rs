@@ -43,7 +43,7 @@ fn echo(mut s: TcpStream) {
 
 #[test]
 fn concurrent_echo_streams_1b_to_1mib_arrive_exact() {
-    if !fastpath_tests::require_privileges("concurrent_echo_streams_arrive_exact") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     // The queue bound out of the way (1 GiB), so that every request byte is redirected and
@@ -107,7 +107,7 @@ fn concurrent_echo_streams_1b_to_1mib_arrive_exact() {
 
 #[test]
 fn peer_closing_while_sending_fails_cleanly() {
-    if !fastpath_tests::require_privileges("peer_closing_while_sending_fails_cleanly") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let accel = Accel::start("closing");

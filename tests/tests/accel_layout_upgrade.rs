@@ -19,7 +19,7 @@ const LIMIT: u64 = 1 << 20;
 
 #[test]
 fn an_upgrade_that_recreates_the_connection_maps_loses_no_byte_of_live_connections() {
-    if !fastpath_tests::require_privileges("an_upgrade_that_recreates_the_connection_maps") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let accel = Accel::start_configured("layoutup", |s| s.max_queued_bytes = LIMIT);
@@ -88,7 +88,7 @@ fn an_upgrade_that_recreates_the_connection_maps_loses_no_byte_of_live_connectio
 
 #[test]
 fn uninstall_removes_retired_connection_maps_too() {
-    if !fastpath_tests::require_privileges("uninstall_removes_retired_connection_maps") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let accel = Accel::start("layoutrm");

@@ -161,7 +161,7 @@ fn forget_filter_counts(dir: &Path) {
 
 #[test]
 fn restart_upgrade_migration_and_uninstall_with_live_connections() {
-    if !fastpath_tests::require_privileges("restart_upgrade_and_uninstall") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let fixture = Accel::start("lifecycle");
@@ -336,7 +336,7 @@ fn restart_upgrade_migration_and_uninstall_with_live_connections() {
 
 #[test]
 fn disabled_or_unusable_kernel_leaves_traffic_alone() {
-    if !fastpath_tests::require_privileges("disabled_or_unusable_kernel") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let mut fixture = Accel::unstarted("states");
@@ -362,7 +362,7 @@ fn disabled_or_unusable_kernel_leaves_traffic_alone() {
 
 #[test]
 fn a_failed_self_test_leaves_acceleration_off_until_one_passes() {
-    if !fastpath_tests::require_privileges("failed_self_test") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let fixture = Accel::unstarted("selftest");

@@ -46,7 +46,7 @@ fn bind_connect(local: &str, remote: SocketAddr) -> TcpStream {
 
 #[test]
 fn loopback_connection_is_paired_redirected_and_cleaned_up() {
-    if !fastpath_tests::require_privileges("loopback_connection_is_paired") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let accel = Accel::start("pair-lo");
@@ -76,7 +76,7 @@ fn loopback_connection_is_paired_redirected_and_cleaned_up() {
 
 #[test]
 fn ipv6_loopback_and_v4_mapped_are_paired() {
-    if !fastpath_tests::require_privileges("ipv6_loopback_and_v4_mapped_are_paired") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let accel = Accel::start("pair-v6");
@@ -102,7 +102,7 @@ fn ipv6_loopback_and_v4_mapped_are_paired() {
 
 #[test]
 fn identical_tuples_in_two_pods_never_cross() {
-    if !fastpath_tests::require_privileges("identical_tuples_in_two_pods_never_cross") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let accel = Accel::start("pair-twins");
@@ -147,7 +147,7 @@ fn identical_tuples_in_two_pods_never_cross() {
 
 #[test]
 fn outbound_inbound_and_sidecar_to_sidecar_hops_are_paired() {
-    if !fastpath_tests::require_privileges("three_hops_are_paired") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let accel = Accel::start("pair-hops");
@@ -217,7 +217,7 @@ fn outbound_inbound_and_sidecar_to_sidecar_hops_are_paired() {
 
 #[test]
 fn peer_not_accelerated_means_not_in_sockhash() {
-    if !fastpath_tests::require_privileges("peer_not_accelerated_means_not_in_sockhash") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let accel = Accel::start("pair-none");
@@ -263,7 +263,7 @@ fn peer_not_accelerated_means_not_in_sockhash() {
 
 #[test]
 fn opt_outs_leave_connections_alone() {
-    if !fastpath_tests::require_privileges("opt_outs_leave_connections_alone") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let accel = Accel::start("pair-optout");
@@ -308,7 +308,7 @@ fn opt_outs_leave_connections_alone() {
 
 #[test]
 fn tcp_fast_open_connections_never_sit_unpaired() {
-    if !fastpath_tests::require_privileges("tcp_fast_open_connections_never_sit_unpaired") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     use std::os::fd::{AsRawFd as _, FromRawFd as _};
@@ -391,7 +391,7 @@ fn tcp_fast_open_connections_never_sit_unpaired() {
 /// so it never sits there without a peer.
 #[test]
 fn twin_sockets_on_one_endpoint_never_sit_unpaired() {
-    if !fastpath_tests::require_privileges("twin_sockets_on_one_endpoint") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let accel = Accel::start("pair-twin-ep");
@@ -448,9 +448,7 @@ fn twin_sockets_on_one_endpoint_never_sit_unpaired() {
 /// every byte the server sends it over TCP.
 #[test]
 fn a_client_whose_server_will_not_pair_leaves_the_sockhash() {
-    if !fastpath_tests::require_privileges(
-        "a_client_whose_server_will_not_pair_leaves_the_sockhash",
-    ) {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     use aya::maps::{Array, MapData};

@@ -18,7 +18,7 @@ fn mode(p: &std::path::Path) -> u32 {
 
 #[test]
 fn a_pin_dir_that_is_not_fastpaths_own_is_refused_and_left_alone() {
-    if !fastpath_tests::require_privileges("a_pin_dir_that_is_not_fastpaths_own") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let a = Accel::unstarted("pindir");

@@ -69,7 +69,7 @@ fn conflist(node: &Node, run_dir: &std::path::Path) -> Value {
 
 #[test]
 fn plugin_enrolls_pods_and_every_sidecar_hop_is_paired() {
-    if !fastpath_tests::require_privileges("plugin_enrolls_pods") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let accel = Accel::start("plugin");

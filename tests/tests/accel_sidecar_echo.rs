@@ -206,7 +206,7 @@ fn rounds() -> u64 {
 
 #[test]
 fn echo_through_sidecars_is_intact_accelerated() {
-    if !fastpath_tests::require_privileges("echo_through_sidecars_is_intact_accelerated") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     // ECHO_MAX_QUEUED_BYTES lowers the queue bound, so that connections are demoted part-way
@@ -241,7 +241,7 @@ fn echo_through_sidecars_is_intact_accelerated() {
 
 #[test]
 fn echo_through_sidecars_is_intact_plain() {
-    if !fastpath_tests::require_privileges("echo_through_sidecars_is_intact_plain") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let mesh = mesh_with_echo("fpsp", 63, None);

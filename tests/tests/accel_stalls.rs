@@ -106,7 +106,7 @@ fn big_files(dir: &Path) {
 
 #[test]
 fn nginx_proxy_with_unaccelerated_upstream_and_direct_large_responses_never_stall() {
-    if !fastpath_tests::require_privileges("nginx_never_stalls") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     // The queue bound out of the way (1 GiB): this test is about paired sockets under epoll
@@ -199,7 +199,7 @@ fn nginx_proxy_with_unaccelerated_upstream_and_direct_large_responses_never_stal
 /// nginx (epoll, edge-triggered, EPOLLRDHUP) must read the rest from TCP without stalling.
 #[test]
 fn nginx_reading_a_connection_demoted_mid_stream_never_stalls() {
-    if !fastpath_tests::require_privileges("nginx_demoted_never_stalls") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let accel = Accel::start_configured("demoted", |s| s.max_queued_bytes = 1 << 20);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 #[test]
 fn randomized_transfers_keep_every_byte_in_order() {
-    if !fastpath_tests::require_privileges("randomized_transfers_keep_every_byte_in_order") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let paths = [PathKind::Direct, PathKind::Direct, PathKind::Sidecar];

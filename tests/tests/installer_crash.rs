@@ -165,7 +165,7 @@ impl Drop for ReadOnly {
 
 #[test]
 fn read_only_conf_dir_is_a_clear_error_not_a_crash_loop() {
-    if !fastpath_tests::require_privileges("read_only_conf_dir_is_a_clear_error_not_a_crash_loop") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let h = Host::new("rodir");
@@ -215,7 +215,7 @@ fn read_only_conf_dir_is_a_clear_error_not_a_crash_loop() {
 
 #[test]
 fn read_only_bin_dir_is_reported_and_retried() {
-    if !fastpath_tests::require_privileges("read_only_bin_dir_is_reported_and_retried") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let h = Host::new("robin");

@@ -11,7 +11,7 @@ const TOKEN: &str = "installer-e2e-token";
 
 #[test]
 fn installed_plugin_runs_and_its_logs_reach_the_agent() {
-    if !fastpath_tests::require_privileges("installed_plugin_runs_and_its_logs_reach_the_agent") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let h = Host::new("e2e");
@@ -90,7 +90,7 @@ fn installed_plugin_runs_and_its_logs_reach_the_agent() {
 /// must load, pass its self-test and switch on with those alone.
 #[test]
 fn agent_with_istios_capabilities_turns_acceleration_on() {
-    if !fastpath_tests::require_privileges("agent_with_istios_capabilities_turns_acceleration_on") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let _lock = fastpath_tests::serial_guard("cgroup-sockops");

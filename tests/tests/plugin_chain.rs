@@ -212,7 +212,7 @@ fn check_fails_naming(node: &Node, pod: &Pod, what: &str) {
 
 #[test]
 fn plugin_chain_mesh_pod_traffic_is_redirected() {
-    if !fastpath_tests::require_privileges("plugin_chain_mesh_pod_traffic_is_redirected") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let node = Node::new(1).unwrap();
@@ -350,7 +350,7 @@ fn plugin_conf(list: &Value, i: usize, prev: Option<&Value>) -> Value {
 
 #[test]
 fn plugin_chain_excluded_cidr_and_pass_through_pods() {
-    if !fastpath_tests::require_privileges("plugin_chain_excluded_cidr_and_pass_through_pods") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let node = Node::new(2).unwrap();
@@ -415,7 +415,7 @@ fn failure_of(res: Result<Value>) -> Value {
 
 #[test]
 fn plugin_chain_hostile_annotations_fail_add_closed() {
-    if !fastpath_tests::require_privileges("plugin_chain_hostile_annotations_fail_add_closed") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let node = Node::new(3).unwrap();
@@ -484,7 +484,7 @@ fn add_alone_in(
 
 #[test]
 fn plugin_chain_pod_with_its_own_user_namespace() {
-    if !fastpath_tests::require_privileges("plugin_chain_pod_with_its_own_user_namespace") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     // A pod with `hostUsers: false`: its netns belongs to a child user namespace.
@@ -546,7 +546,7 @@ fn plugin_chain_pod_with_its_own_user_namespace() {
 
 #[test]
 fn plugin_chain_api_failures_are_handled_as_istio() {
-    if !fastpath_tests::require_privileges("plugin_chain_api_failures_are_handled_as_istio") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let node = Node::new(4).unwrap();
@@ -686,7 +686,7 @@ fn plugin_chain_api_failures_are_handled_as_istio() {
 /// Istio's default: about 3 min); a pod of an excluded namespace passes without a call.
 #[test]
 fn plugin_chain_api_down_or_slow_fails_mesh_pods_closed_within_the_bound() {
-    if !fastpath_tests::require_privileges("plugin_chain_api_down_or_slow_fails_mesh_pods_closed") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let node = Node::new(10).unwrap();
@@ -737,7 +737,7 @@ fn plugin_chain_api_down_or_slow_fails_mesh_pods_closed_within_the_bound() {
 /// checked.
 #[test]
 fn plugin_chain_trusts_an_api_server_serving_its_own_ca_certificate_as_go_does() {
-    if !fastpath_tests::require_privileges("plugin_chain_trusts_an_api_server_serving_its_own_ca") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let node = Node::new(9).unwrap();
@@ -776,7 +776,7 @@ fn plugin_chain_trusts_an_api_server_serving_its_own_ca_certificate_as_go_does()
 
 #[test]
 fn plugin_chain_logs_go_to_the_socket_never_stdout() {
-    if !fastpath_tests::require_privileges("plugin_chain_logs_go_to_the_socket_never_stdout") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let node = Node::new(5).unwrap();
@@ -850,7 +850,7 @@ fn plugin_chain_logs_go_to_the_socket_never_stdout() {
 
 #[test]
 fn plugin_chain_tproxy_dns_legacy_and_check() {
-    if !fastpath_tests::require_privileges("plugin_chain_tproxy_dns_legacy_and_check") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let node = Node::new(6).unwrap();
@@ -899,7 +899,7 @@ fn plugin_chain_tproxy_dns_legacy_and_check() {
 
 #[test]
 fn plugin_chain_ipv6_pod_gets_ip6tables_rules() {
-    if !fastpath_tests::require_privileges("plugin_chain_ipv6_pod_gets_ip6tables_rules") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let node = Node::new(7).unwrap();
@@ -951,7 +951,7 @@ fn plugin_chain_ipv6_pod_gets_ip6tables_rules() {
 
 #[test]
 fn plugin_chain_binary_speaks_the_protocol() {
-    if !fastpath_tests::require_privileges("plugin_chain_binary_speaks_the_protocol") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let bin = fastpath_tests::bin_path("istio-cni");

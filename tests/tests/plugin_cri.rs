@@ -33,7 +33,7 @@ fn netns_save(netns: &str, bin: &str) -> String {
 
 #[test]
 fn plugin_cri_containerd_runs_the_chain_for_sandboxes() {
-    if !fastpath_tests::require_privileges("plugin_cri_containerd_runs_the_chain_for_sandboxes") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     let _guard = fastpath_tests::serial_guard("containerd");

@@ -13,7 +13,7 @@ fn probes_load_and_pass_the_verifier() {
         probes::embedded(),
         "the installer was built without its probes (AYA_BUILD_SKIP?)"
     );
-    if !fastpath_tests::require_privileges("probes_load_and_pass_the_verifier") {
+    if !fastpath_tests::require_privileges!() {
         return;
     }
     fastpath_tests::ensure_bpffs();
