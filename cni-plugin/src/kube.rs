@@ -316,17 +316,59 @@ fn transport_error(e: ureq::Error) -> FetchError {
     }
 }
 
+/// An object the agent and the plugin read, by kind: its API path is built from names that
+/// passed [`valid_object_name`] only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Object<'a> {
+    Pod { namespace: &'a str, name: &'a str },
+    DaemonSet { namespace: &'a str, name: &'a str },
+    Node { name: &'a str },
+}
+
+impl Object<'_> {
+    /// The path under the API server's URL, or why the names cannot be asked for.
+    pub fn path(&self) -> Result<String, FetchError> {
+        let (namespace, name) = match *self {
+            Object::Pod { namespace, name } | Object::DaemonSet { namespace, name } => {
+                (Some(namespace), name)
+            }
+            Object::Node { name } => (None, name),
+        };
+        if !namespace.is_none_or(valid_object_name) || !valid_object_name(name) {
+            return Err(FetchError::Config(format!(
+                "refusing to look up {} {}{name:?}: not valid Kubernetes names",
+                self.kind(),
+                namespace.map(|n| format!("{n:?}/")).unwrap_or_default()
+            )));
+        }
+        Ok(match *self {
+            Object::Pod { namespace, name } => {
+                format!("/api/v1/namespaces/{namespace}/pods/{name}")
+            }
+            Object::DaemonSet { namespace, name } => {
+                format!("/apis/apps/v1/namespaces/{namespace}/daemonsets/{name}")
+            }
+            Object::Node { name } => format!("/api/v1/nodes/{name}"),
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Object::Pod { .. } => "pod",
+            Object::DaemonSet { .. } => "daemonset",
+            Object::Node { .. } => "node",
+        }
+    }
+}
+
 /// One GET of the pod. Returns the raw JSON body on 200.
 pub fn get_pod(access: &KubeAccess, namespace: &str, name: &str) -> Result<Vec<u8>, FetchError> {
-    if !valid_object_name(namespace) || !valid_object_name(name) {
-        return Err(FetchError::Config(format!(
-            "refusing to look up pod {namespace:?}/{name:?}: not valid Kubernetes names"
-        )));
-    }
-    let url = format!(
-        "{}/api/v1/namespaces/{namespace}/pods/{name}",
-        access.server
-    );
+    get(access, Object::Pod { namespace, name })
+}
+
+/// One GET of `object`. Returns the raw JSON body on 200.
+pub fn get(access: &KubeAccess, object: Object<'_>) -> Result<Vec<u8>, FetchError> {
+    let url = format!("{}{}", access.server, object.path()?);
     let mut req = agent(access)?
         .get(&url)
         .header("Accept", "application/json");

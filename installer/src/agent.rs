@@ -13,6 +13,7 @@ use crate::http::{self, Response};
 use crate::install::Installer;
 use crate::metrics::{self, Metrics};
 use crate::readiness::Readiness;
+use crate::shutdown::{self, KeepInstall, Verdict};
 
 const SCOPE: &str = crate::logging::SCOPE_AGENT;
 
@@ -200,21 +201,47 @@ pub fn run(cfg: Config, entry: serde_json::Map<String, serde_json::Value>) -> i3
     };
     readiness.set("cni-config", Err("shutting down".into()));
     drop(watches);
-    if cfg.keep_install_on_shutdown {
-        log::info!(target: SCOPE, "{name}: leaving the plugin installed (FASTPATH_KEEP_INSTALL_ON_SHUTDOWN=true); the acceleration pins stay too");
-        return 0;
-    }
-    log::info!(target: SCOPE, "{name}: removing the plugin entry, then the kubeconfig, then the binary (the acceleration pins stay)");
-    match installer.cleanup() {
-        Ok(()) => {
-            log::info!(target: SCOPE, "cleanup done");
+    let verdict = match cfg.keep_install_on_shutdown {
+        KeepInstall::Always => Verdict::Upgrade("FASTPATH_KEEP_INSTALL_ON_SHUTDOWN=true".into()),
+        KeepInstall::Never => Verdict::Uninstall("FASTPATH_KEEP_INSTALL_ON_SHUTDOWN=false".into()),
+        KeepInstall::Auto => match installer.api_access() {
+            Ok(access) => shutdown::decide(&cfg.identity, |o| shutdown::ask_api(&access, o)),
+            Err(e) => Verdict::Unknown(format!("no API access: {e}")),
+        },
+    };
+    match verdict {
+        Verdict::Upgrade(why) => {
+            log::info!(target: SCOPE, "{name}: upgrade or restart ({why}): the plugin, its config and kubeconfig, and the accelerator stay for the next agent");
             0
         }
-        Err(e) => {
-            log::error!(target: SCOPE, "cleanup incomplete: {e}");
-            1
+        Verdict::Unknown(why) => {
+            log::warn!(target: SCOPE, "{name}: cannot tell an upgrade from an uninstall ({why}), so everything stays; {}", shutdown::CLEANUP_HINT);
+            0
+        }
+        Verdict::Uninstall(why) => {
+            log::info!(target: SCOPE, "{name}: uninstall ({why}): removing the accelerator, then the plugin entry, the kubeconfig and the binary");
+            uninstall_node(&cfg, &mut installer)
         }
     }
+}
+
+/// Everything off the node, in the order that loses no byte and never leaves a config naming
+/// a missing binary: the accelerator (its connections drained to TCP first), then the plugin's
+/// entry, kubeconfig and binary.
+fn uninstall_node(cfg: &Config, installer: &mut Installer) -> i32 {
+    let mut code = 0;
+    if let Err(e) = accel::uninstall(&cfg.accel) {
+        log::error!(target: SCOPE, "removing the accelerator: {e:#}");
+        code = 1;
+    }
+    match installer.cleanup() {
+        Ok(()) => log::info!(target: SCOPE, "cleanup done"),
+        Err(e) => {
+            log::error!(target: SCOPE, "cleanup incomplete: {e}");
+            code = 1;
+        }
+    }
+    code
 }
 
 /// Waits for the next pass: a debounced file event, a timer, or a signal (returned).

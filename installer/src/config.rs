@@ -114,7 +114,9 @@ pub const PARAMS: &[Param] = &[
     p("fastpath-cni-bin-source-dir", "FASTPATH_CNI_BIN_SOURCE_DIR", "/opt/cni/bin", Str, "Directory in the image holding the plugin binary"),
     p("fastpath-host-cni-bin-dir", "FASTPATH_HOST_CNI_BIN_DIR", "/host/opt/cni/bin", Str, "Host CNI bin dir, as mounted in the container"),
     p("fastpath-service-account-dir", "FASTPATH_SERVICE_ACCOUNT_DIR", "/var/run/secrets/kubernetes.io/serviceaccount", Str, "Service-account token and CA directory"),
-    p("fastpath-keep-install-on-shutdown", "FASTPATH_KEEP_INSTALL_ON_SHUTDOWN", "false", Bool, "On SIGTERM leave the plugin entry, kubeconfig and binary in place (rolling updates)"),
+    p("fastpath-keep-install-on-shutdown", "FASTPATH_KEEP_INSTALL_ON_SHUTDOWN", "auto", Str, "On SIGTERM: auto (ask the API: keep everything for an upgrade, remove everything when the DaemonSet is gone, being deleted or no longer selects this node), true (always keep), false (always remove)"),
+    p("pod-name", "POD_NAME", "", Str, "Name of this pod (downward API): finds the DaemonSet that owns it on SIGTERM"),
+    p("node-name", "NODE_NAME", "", Str, "Name of this node (downward API): checks the DaemonSet still selects it on SIGTERM"),
     p("fastpath-fight-threshold", "FASTPATH_FIGHT_THRESHOLD", "5", Int, "Removals of the plugin entry within the fight window that count as a fight with another agent; 0 disables detection"),
     p("fastpath-fight-window-seconds", "FASTPATH_FIGHT_WINDOW_SECONDS", "10", Int, "The fight window, in seconds"),
     p("fastpath-acceleration", "FASTPATH_ACCELERATION", "true", Bool, "Load the eBPF same-node accelerator"),
@@ -346,7 +348,9 @@ pub struct Config {
     pub bin_source_dir: PathBuf,
     pub host_bin_dir: PathBuf,
     pub service_account_dir: PathBuf,
-    pub keep_install_on_shutdown: bool,
+    pub keep_install_on_shutdown: crate::shutdown::KeepInstall,
+    /// Who this pod is, for the SIGTERM decision.
+    pub identity: crate::shutdown::Identity,
     pub fight_threshold: usize,
     pub fight_window: std::time::Duration,
     pub accel: crate::accel::AccelSettings,
@@ -484,7 +488,20 @@ impl Config {
             bin_source_dir: raw.path("FASTPATH_CNI_BIN_SOURCE_DIR")?,
             host_bin_dir: raw.path("FASTPATH_HOST_CNI_BIN_DIR")?,
             service_account_dir,
-            keep_install_on_shutdown: raw.bool("FASTPATH_KEEP_INSTALL_ON_SHUTDOWN")?,
+            keep_install_on_shutdown: crate::shutdown::KeepInstall::parse(
+                raw.get("FASTPATH_KEEP_INSTALL_ON_SHUTDOWN"),
+            )
+            .ok_or_else(|| {
+                raw.bad(
+                    "FASTPATH_KEEP_INSTALL_ON_SHUTDOWN",
+                    "expected auto, true or false",
+                )
+            })?,
+            identity: crate::shutdown::Identity {
+                pod_namespace: raw.get("POD_NAMESPACE").to_string(),
+                pod_name: raw.get("POD_NAME").to_string(),
+                node_name: raw.get("NODE_NAME").to_string(),
+            },
             fight_threshold: usize::try_from(raw.int("FASTPATH_FIGHT_THRESHOLD")?)
                 .map_err(|_| raw.bad("FASTPATH_FIGHT_THRESHOLD", "expected 0 or more"))?,
             fight_window: std::time::Duration::from_secs(
@@ -613,7 +630,10 @@ mod tests {
         );
         assert_eq!(c.host_bin_dir, PathBuf::from("/host/opt/cni/bin"));
         assert_eq!(c.template.origin, "built-in");
-        assert!(!c.keep_install_on_shutdown);
+        assert_eq!(
+            c.keep_install_on_shutdown,
+            crate::shutdown::KeepInstall::Auto
+        );
         assert!(c.accel.enabled);
     }
 
@@ -658,6 +678,11 @@ mod tests {
         assert!(e.contains("MOUNTED_CNI_NET_DIR"), "{e}");
         let e = build(&[], &[("AMBIENT_ENABLED", "true")]).unwrap_err();
         assert!(e.contains("AMBIENT_ENABLED"), "{e}");
+        let e = build(&[], &[("FASTPATH_KEEP_INSTALL_ON_SHUTDOWN", "sometimes")]).unwrap_err();
+        assert_eq!(
+            e,
+            "invalid FASTPATH_KEEP_INSTALL_ON_SHUTDOWN=\"sometimes\": expected auto, true or false"
+        );
         for bad in ["1000", "2147483648", "-1", "2MiB"] {
             let e = build(&[], &[("FASTPATH_MAX_QUEUED_BYTES", bad)]).unwrap_err();
             assert!(

@@ -235,6 +235,11 @@ impl Installer {
 
     // ----- kubeconfig -----
 
+    /// The service account's API access (what the plugin's kubeconfig holds).
+    pub fn api_access(&self) -> Result<fastpath_cni_plugin::kube::KubeAccess, String> {
+        self.kubeconfig_inputs().map(|i| i.access())
+    }
+
     fn kubeconfig_inputs(&self) -> Result<KubeconfigInputs, String> {
         let token_path = self.cfg.token_path();
         let token = match fsutil::read_regular(&token_path) {

@@ -33,6 +33,18 @@ pub fn render(i: &KubeconfigInputs) -> String {
     )
 }
 
+impl KubeconfigInputs {
+    /// The same credentials for the agent's own API calls.
+    pub fn access(&self) -> fastpath_cni_plugin::kube::KubeAccess {
+        fastpath_cni_plugin::kube::KubeAccess {
+            server: server_url(&self.protocol, &self.host, &self.port),
+            ca_pem: self.ca_pem.clone(),
+            insecure: self.ca_pem.is_none(),
+            token: Some(self.token.trim().to_string()),
+        }
+    }
+}
+
 /// The same text with the token hidden, for the log.
 pub fn redacted(i: &KubeconfigInputs) -> String {
     let mut r = i.clone();

@@ -18,3 +18,4 @@ pub mod logsock;
 pub mod metrics;
 pub mod probes;
 pub mod readiness;
+pub mod shutdown;

@@ -29,6 +29,10 @@ pub struct Recorded {
 #[derive(Default)]
 struct State {
     pods: HashMap<(String, String), Value>,
+    /// Other objects, by API path (`/apis/apps/v1/namespaces/ns/daemonsets/name`).
+    objects: HashMap<String, Value>,
+    /// Forced answers per API path: status + body.
+    forced_paths: HashMap<String, (u16, Value)>,
     /// Forced answers per (ns, name): status + body.
     forced: HashMap<(String, String), (u16, Value)>,
     /// How long the answer takes, per (ns, name).
@@ -257,6 +261,29 @@ impl FakeKubeApi {
         self.state.lock().unwrap().pods.insert(key, pod);
     }
 
+    /// Serves `object` at the API `path` (a DaemonSet, a Node).
+    pub fn set_object(&self, path: &str, object: Value) {
+        self.state
+            .lock()
+            .unwrap()
+            .objects
+            .insert(path.to_string(), object);
+    }
+
+    /// Stops serving the object at `path` (404 from then on).
+    pub fn remove_object(&self, path: &str) {
+        self.state.lock().unwrap().objects.remove(path);
+    }
+
+    /// Answers requests for `path` with this status and a Status body instead.
+    pub fn force_path_status(&self, path: &str, status: u16, message: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .forced_paths
+            .insert(path.to_string(), (status, status_object(status, message)));
+    }
+
     /// Answers requests for ns/name with this status and body instead.
     pub fn force_status(&self, ns: &str, name: &str, status: u16, message: &str) {
         let body = status_object(status, message);
@@ -414,6 +441,14 @@ fn answer(
 ) -> (u16, Value) {
     if authorization != Some(&format!("Bearer {token}")) {
         return (401, status_object(401, "Unauthorized"));
+    }
+    if let Some((s, b)) = st.forced_paths.get(path) {
+        return (*s, b.clone());
+    }
+    if method == "GET"
+        && let Some(o) = st.objects.get(path)
+    {
+        return (200, o.clone());
     }
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (method, parts.as_slice()) {

@@ -284,7 +284,13 @@ fn conf_primary_is_converted_to_conflist() {
 fn standalone_mode_writes_its_own_file_and_leaves_the_primary() {
     let h = Host::new("standalone");
     h.write("10-dbnet.conflist", PRIMARY);
-    let mut a = Agent::start(&h, &[("CHAINED_CNI_PLUGIN", "false")]);
+    let mut a = Agent::start(
+        &h,
+        &[
+            ("CHAINED_CNI_PLUGIN", "false"),
+            ("FASTPATH_KEEP_INSTALL_ON_SHUTDOWN", "false"),
+        ],
+    );
     a.wait_ready();
     assert_eq!(
         std::fs::read_to_string(h.net_file("10-dbnet.conflist")).unwrap(),
@@ -336,7 +342,7 @@ fn waits_not_ready_until_a_primary_appears() {
 fn sigterm_removes_entry_then_kubeconfig_then_binary() {
     let h = Host::new("shutdown");
     h.write("10-dbnet.conflist", PRIMARY);
-    let mut a = Agent::start(&h, &[]);
+    let mut a = Agent::start(&h, &[("FASTPATH_KEEP_INSTALL_ON_SHUTDOWN", "false")]);
     a.wait_ready();
     let st = a.terminate();
     assert!(st.success(), "{st}; log:\n{}", a.log());

@@ -171,7 +171,7 @@ fn read_only_conf_dir_is_a_clear_error_not_a_crash_loop() {
     let h = Host::new("rodir");
     h.write("10-dbnet.conflist", PRIMARY);
     let ro = ReadOnly::new(&h.net);
-    let mut a = Agent::start(&h, &[]);
+    let mut a = Agent::start(&h, &[("FASTPATH_KEEP_INSTALL_ON_SHUTDOWN", "false")]);
     a.wait_until("read-only reported", |a| {
         a.log().contains("read-only file system")
     });
