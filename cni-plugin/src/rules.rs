@@ -167,6 +167,9 @@ pub fn rule_counts(text: &str) -> Vec<(String, String, usize)> {
     counts
 }
 
+/// `Run()`: the rules of one family, in Istio's order. One iptables rule is one line here
+/// (the table, the chain, then its arguments), as in Istio's builder calls.
+#[rustfmt::skip]
 fn build(r: &Redirect, b: &mut Builder) {
     let fam = b.family;
     let tproxy = r.mode == InterceptionMode::Tproxy;
@@ -175,6 +178,7 @@ fn build(r: &Redirect, b: &mut Builder) {
         Family::V4 => lo_v4.as_str(),
         Family::V6 => fam.loopback(),
     };
+    let passthrough = fam.inbound_passthrough_source();
     let uid = r.proxy_uid.to_string();
     let gid = r.proxy_gid.to_string();
     let tunnel = INBOUND_TUNNEL_PORT.to_string();
@@ -186,10 +190,9 @@ fn build(r: &Redirect, b: &mut Builder) {
             Some(list.iter().filter(|c| c.addr.is_ipv6()).collect::<Vec<_>>()),
         ),
     };
-    let include_has_loopback = [&include_v4, &include_v6].iter().any(|l| {
-        l.as_ref()
-            .is_some_and(|l| l.iter().any(|c| c.addr.is_loopback()))
-    });
+    let include_has_loopback = [&include_v4, &include_v6]
+        .iter()
+        .any(|l| l.as_ref().is_some_and(|l| l.iter().any(|c| c.addr.is_loopback())));
 
     // Excluded interfaces are never captured.
     for ifc in &r.exclude_interfaces {
@@ -207,35 +210,12 @@ fn build(r: &Redirect, b: &mut Builder) {
         b.insert("nat", "PREROUTING", 1, p!["-i", ifc, "-j", "RETURN"]);
     }
     if r.drop_invalid {
-        b.append(
-            "mangle",
-            "PREROUTING",
-            p!["-m", "conntrack", "--ctstate", "INVALID", "-j", ISTIO_DROP],
-        );
+        b.append("mangle", "PREROUTING", p!["-m", "conntrack", "--ctstate", "INVALID", "-j", ISTIO_DROP]);
         b.append("mangle", ISTIO_DROP, p!["-j", "DROP"]);
     }
-    b.append(
-        "nat",
-        ISTIO_INBOUND,
-        p!["-p", "tcp", "--dport", tunnel, "-j", "RETURN"],
-    );
-    b.append(
-        "nat",
-        ISTIO_REDIRECT,
-        p!["-p", "tcp", "-j", "REDIRECT", "--to-ports", PROXY_PORT],
-    );
-    b.append(
-        "nat",
-        ISTIO_IN_REDIRECT,
-        p![
-            "-p",
-            "tcp",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            INBOUND_CAPTURE_PORT
-        ],
-    );
+    b.append("nat", ISTIO_INBOUND, p!["-p", "tcp", "--dport", tunnel, "-j", "RETURN"]);
+    b.append("nat", ISTIO_REDIRECT, p!["-p", "tcp", "-j", "REDIRECT", "--to-ports", PROXY_PORT]);
+    b.append("nat", ISTIO_IN_REDIRECT, p!["-p", "tcp", "-j", "REDIRECT", "--to-ports", INBOUND_CAPTURE_PORT]);
 
     // Inbound.
     let inbound_all = r.include_inbound_ports == Selection::All;
@@ -247,23 +227,7 @@ fn build(r: &Redirect, b: &mut Builder) {
         let table = if tproxy {
             b.append("mangle", ISTIO_DIVERT, p!["-j", "MARK", "--set-mark", mark]);
             b.append("mangle", ISTIO_DIVERT, p!["-j", "ACCEPT"]);
-            b.append(
-                "mangle",
-                ISTIO_TPROXY,
-                p![
-                    "!",
-                    "-d",
-                    lo,
-                    "-p",
-                    "tcp",
-                    "-j",
-                    "TPROXY",
-                    "--tproxy-mark",
-                    format!("{mark}/0xffffffff"),
-                    "--on-port",
-                    INBOUND_CAPTURE_PORT
-                ],
-            );
+            b.append("mangle", ISTIO_TPROXY, p!["!", "-d", lo, "-p", "tcp", "-j", "TPROXY", "--tproxy-mark", format!("{mark}/0xffffffff"), "--on-port", INBOUND_CAPTURE_PORT]);
             "mangle"
         } else {
             "nat"
@@ -271,65 +235,21 @@ fn build(r: &Redirect, b: &mut Builder) {
         b.append(table, "PREROUTING", p!["-p", "tcp", "-j", ISTIO_INBOUND]);
         if inbound_all {
             for port in &r.exclude_inbound_ports {
-                b.append(
-                    table,
-                    ISTIO_INBOUND,
-                    p!["-p", "tcp", "--dport", port, "-j", "RETURN"],
-                );
+                b.append(table, ISTIO_INBOUND, p!["-p", "tcp", "--dport", port, "-j", "RETURN"]);
             }
             if tproxy {
-                b.append(
-                    "mangle",
-                    ISTIO_INBOUND,
-                    p![
-                        "-p",
-                        "tcp",
-                        "-m",
-                        "conntrack",
-                        "--ctstate",
-                        "RELATED,ESTABLISHED",
-                        "-j",
-                        ISTIO_DIVERT
-                    ],
-                );
+                b.append("mangle", ISTIO_INBOUND, p!["-p", "tcp", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", ISTIO_DIVERT]);
                 b.append("mangle", ISTIO_INBOUND, p!["-p", "tcp", "-j", ISTIO_TPROXY]);
             } else {
-                b.append(
-                    "nat",
-                    ISTIO_INBOUND,
-                    p!["-p", "tcp", "-j", ISTIO_IN_REDIRECT],
-                );
+                b.append("nat", ISTIO_INBOUND, p!["-p", "tcp", "-j", ISTIO_IN_REDIRECT]);
             }
         } else {
             for port in inbound_list {
                 if tproxy {
-                    b.append(
-                        "mangle",
-                        ISTIO_INBOUND,
-                        p![
-                            "-p",
-                            "tcp",
-                            "--dport",
-                            port,
-                            "-m",
-                            "conntrack",
-                            "--ctstate",
-                            "RELATED,ESTABLISHED",
-                            "-j",
-                            ISTIO_DIVERT
-                        ],
-                    );
-                    b.append(
-                        "mangle",
-                        ISTIO_INBOUND,
-                        p!["-p", "tcp", "--dport", port, "-j", ISTIO_TPROXY],
-                    );
+                    b.append("mangle", ISTIO_INBOUND, p!["-p", "tcp", "--dport", port, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", ISTIO_DIVERT]);
+                    b.append("mangle", ISTIO_INBOUND, p!["-p", "tcp", "--dport", port, "-j", ISTIO_TPROXY]);
                 } else {
-                    b.append(
-                        "nat",
-                        ISTIO_INBOUND,
-                        p!["-p", "tcp", "--dport", port, "-j", ISTIO_IN_REDIRECT],
-                    );
+                    b.append("nat", ISTIO_INBOUND, p!["-p", "tcp", "--dport", port, "-j", ISTIO_IN_REDIRECT]);
                 }
             }
         }
@@ -338,117 +258,36 @@ fn build(r: &Redirect, b: &mut Builder) {
     // Outbound.
     b.append("nat", "OUTPUT", p!["-j", ISTIO_OUTPUT]);
     for port in &r.exclude_outbound_ports {
-        b.append(
-            "nat",
-            ISTIO_OUTPUT,
-            p!["-p", "tcp", "--dport", port, "-j", "RETURN"],
-        );
-        b.append(
-            "nat",
-            ISTIO_OUTPUT,
-            p!["-p", "udp", "--dport", port, "-j", "RETURN"],
-        );
+        b.append("nat", ISTIO_OUTPUT, p!["-p", "tcp", "--dport", port, "-j", "RETURN"]);
+        b.append("nat", ISTIO_OUTPUT, p!["-p", "udp", "--dport", port, "-j", "RETURN"]);
     }
-    b.append(
-        "nat",
-        ISTIO_OUTPUT,
-        p![
-            "-o",
-            "lo",
-            "-s",
-            fam.inbound_passthrough_source(),
-            "-j",
-            "RETURN"
-        ],
-    );
+    b.append("nat", ISTIO_OUTPUT, p!["-o", "lo", "-s", passthrough, "-j", "RETURN"]);
     for (flag, id) in [("--uid-owner", &uid), ("--gid-owner", &gid)] {
         // App calls to itself through a service VIP go through Envoy inbound.
         if r.dns_capture && flag == "--uid-owner" {
-            b.append(
-                "nat",
-                ISTIO_OUTPUT,
-                p![
-                    "-o",
-                    "lo",
-                    "!",
-                    "-d",
-                    lo,
-                    "-p",
-                    "tcp",
-                    "-m",
-                    "multiport",
-                    "!",
-                    "--dports",
-                    format!("53,{tunnel}"),
-                    "-m",
-                    "owner",
-                    flag,
-                    id,
-                    "-j",
-                    ISTIO_IN_REDIRECT
-                ],
-            );
+            b.append("nat", ISTIO_OUTPUT, p!["-o", "lo", "!", "-d", lo, "-p", "tcp", "-m", "multiport", "!", "--dports", format!("53,{tunnel}"), "-m", "owner", flag, id, "-j", ISTIO_IN_REDIRECT]);
         } else {
-            b.append(
-                "nat",
-                ISTIO_OUTPUT,
-                p![
-                    "-o",
-                    "lo",
-                    "!",
-                    "-d",
-                    lo,
-                    "-p",
-                    "tcp",
-                    "!",
-                    "--dport",
-                    tunnel,
-                    "-m",
-                    "owner",
-                    flag,
-                    id,
-                    "-j",
-                    ISTIO_IN_REDIRECT
-                ],
-            );
+            b.append("nat", ISTIO_OUTPUT, p!["-o", "lo", "!", "-d", lo, "-p", "tcp", "!", "--dport", tunnel, "-m", "owner", flag, id, "-j", ISTIO_IN_REDIRECT]);
         }
         // App to itself by its own address stays local (unless loopback is explicitly included).
         if !include_has_loopback {
             if r.dns_capture {
-                b.append(
-                    "nat",
-                    ISTIO_OUTPUT,
-                    p![
-                        "-o", "lo", "-p", "tcp", "!", "--dport", "53", "-m", "owner", "!", flag,
-                        id, "-j", "RETURN"
-                    ],
-                );
+                b.append("nat", ISTIO_OUTPUT, p!["-o", "lo", "-p", "tcp", "!", "--dport", "53", "-m", "owner", "!", flag, id, "-j", "RETURN"]);
             } else {
-                b.append(
-                    "nat",
-                    ISTIO_OUTPUT,
-                    p!["-o", "lo", "-m", "owner", "!", flag, id, "-j", "RETURN"],
-                );
+                b.append("nat", ISTIO_OUTPUT, p!["-o", "lo", "-m", "owner", "!", flag, id, "-j", "RETURN"]);
             }
         }
         // Envoy's own traffic is never captured again.
-        b.append(
-            "nat",
-            ISTIO_OUTPUT,
-            p!["-m", "owner", flag, id, "-j", "RETURN"],
-        );
+        b.append("nat", ISTIO_OUTPUT, p!["-m", "owner", flag, id, "-j", "RETURN"]);
     }
     match &r.owner_groups {
         OwnerGroups::AllExcept(groups) => {
             for g in groups {
-                b.append(
-                    "nat",
-                    ISTIO_OUTPUT,
-                    p!["-m", "owner", "--gid-owner", g, "-j", "RETURN"],
-                );
+                b.append("nat", ISTIO_OUTPUT, p!["-m", "owner", "--gid-owner", g, "-j", "RETURN"]);
             }
         }
         OwnerGroups::Only(groups) => {
+            // One rule: RETURN unless the sender is in one of the groups.
             let mut params = Vec::new();
             for g in groups {
                 params.extend(p!["-m", "owner", "!", "--gid-owner", g]);
@@ -458,7 +297,7 @@ fn build(r: &Redirect, b: &mut Builder) {
         }
     }
     if r.dns_capture {
-        dns_rules(r, b, &uid, &gid);
+        dns_rules(b, &uid, &gid);
     }
     b.append("nat", ISTIO_OUTPUT, p!["-d", lo, "-j", "RETURN"]);
     for c in &r.exclude_outbound_cidrs {
@@ -467,11 +306,7 @@ fn build(r: &Redirect, b: &mut Builder) {
         }
     }
     for port in &r.include_outbound_ports {
-        b.append(
-            "nat",
-            ISTIO_OUTPUT,
-            p!["-p", "tcp", "--dport", port, "-j", ISTIO_REDIRECT],
-        );
+        b.append("nat", ISTIO_OUTPUT, p!["-p", "tcp", "--dport", port, "-j", ISTIO_REDIRECT]);
     }
     let include = if b.is_v4() { &include_v4 } else { &include_v6 };
     match include {
@@ -484,12 +319,7 @@ fn build(r: &Redirect, b: &mut Builder) {
         Some(cidrs) => {
             for c in cidrs {
                 for ifc in &r.reroute_virtual_interfaces {
-                    b.insert(
-                        "nat",
-                        "PREROUTING",
-                        1,
-                        p!["-i", ifc, "-d", c, "-j", ISTIO_REDIRECT],
-                    );
+                    b.insert("nat", "PREROUTING", 1, p!["-i", ifc, "-d", c, "-j", ISTIO_REDIRECT]);
                 }
                 b.append("nat", ISTIO_OUTPUT, p!["-d", c, "-j", ISTIO_REDIRECT]);
             }
@@ -497,169 +327,34 @@ fn build(r: &Redirect, b: &mut Builder) {
     }
 
     if tproxy {
-        b.append(
-            "mangle",
-            "PREROUTING",
-            p![
-                "-p",
-                "tcp",
-                "-m",
-                "mark",
-                "--mark",
-                mark,
-                "-j",
-                "CONNMARK",
-                "--save-mark"
-            ],
-        );
-        b.append(
-            "mangle",
-            "OUTPUT",
-            p![
-                "-p", "tcp", "-o", "lo", "-m", "mark", "--mark", mark, "-j", "RETURN"
-            ],
-        );
+        b.append("mangle", "PREROUTING", p!["-p", "tcp", "-m", "mark", "--mark", mark, "-j", "CONNMARK", "--save-mark"]);
+        b.append("mangle", "OUTPUT", p!["-p", "tcp", "-o", "lo", "-m", "mark", "--mark", mark, "-j", "RETURN"]);
         for (flag, id) in [("--uid-owner", &uid), ("--gid-owner", &gid)] {
-            b.append(
-                "mangle",
-                "OUTPUT",
-                p![
-                    "!",
-                    "-d",
-                    lo,
-                    "-p",
-                    "tcp",
-                    "-o",
-                    "lo",
-                    "-m",
-                    "owner",
-                    flag,
-                    id,
-                    "-j",
-                    "MARK",
-                    "--set-mark",
-                    OUTBOUND_MARK
-                ],
-            );
+            b.append("mangle", "OUTPUT", p!["!", "-d", lo, "-p", "tcp", "-o", "lo", "-m", "owner", flag, id, "-j", "MARK", "--set-mark", OUTBOUND_MARK]);
         }
-        b.append(
-            "mangle",
-            "OUTPUT",
-            p![
-                "-p",
-                "tcp",
-                "-m",
-                "connmark",
-                "--mark",
-                mark,
-                "-j",
-                "CONNMARK",
-                "--restore-mark"
-            ],
-        );
-        b.insert(
-            "mangle",
-            ISTIO_INBOUND,
-            1,
-            p!["-p", "tcp", "-m", "mark", "--mark", mark, "-j", "RETURN"],
-        );
-        b.insert(
-            "mangle",
-            ISTIO_INBOUND,
-            2,
-            p![
-                "-p",
-                "tcp",
-                "-s",
-                fam.inbound_passthrough_source(),
-                "-i",
-                "lo",
-                "-j",
-                "RETURN"
-            ],
-        );
-        b.insert(
-            "mangle",
-            ISTIO_INBOUND,
-            3,
-            p![
-                "-p",
-                "tcp",
-                "-i",
-                "lo",
-                "-m",
-                "mark",
-                "!",
-                "--mark",
-                OUTBOUND_MARK,
-                "-j",
-                "RETURN"
-            ],
-        );
+        b.append("mangle", "OUTPUT", p!["-p", "tcp", "-m", "connmark", "--mark", mark, "-j", "CONNMARK", "--restore-mark"]);
+        b.insert("mangle", ISTIO_INBOUND, 1, p!["-p", "tcp", "-m", "mark", "--mark", mark, "-j", "RETURN"]);
+        b.insert("mangle", ISTIO_INBOUND, 2, p!["-p", "tcp", "-s", passthrough, "-i", "lo", "-j", "RETURN"]);
+        b.insert("mangle", ISTIO_INBOUND, 3, p!["-p", "tcp", "-i", "lo", "-m", "mark", "!", "--mark", OUTBOUND_MARK, "-j", "RETURN"]);
     }
 }
 
 /// `SetupDNSRedir` with capture-all (what the plugin always uses when DNS capture is on).
-fn dns_rules(_r: &Redirect, b: &mut Builder, uid: &str, gid: &str) {
+#[rustfmt::skip]
+fn dns_rules(b: &mut Builder, uid: &str, gid: &str) {
     let dns_port = DNS_LISTENER_PORT.to_string();
     b.append("raw", "OUTPUT", p!["-j", ISTIO_OUTPUT_DNS]);
     b.append("nat", ISTIO_OUTPUT, p!["-j", ISTIO_OUTPUT_DNS]);
-    b.append(
-        "nat",
-        ISTIO_OUTPUT_DNS,
-        p![
-            "-p",
-            "tcp",
-            "--dport",
-            "53",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            dns_port
-        ],
-    );
-    b.append(
-        "nat",
-        ISTIO_OUTPUT_DNS,
-        p![
-            "-p",
-            "udp",
-            "--dport",
-            "53",
-            "-j",
-            "REDIRECT",
-            "--to-port",
-            dns_port
-        ],
-    );
+    b.append("nat", ISTIO_OUTPUT_DNS, p!["-p", "tcp", "--dport", "53", "-j", "REDIRECT", "--to-ports", dns_port]);
+    b.append("nat", ISTIO_OUTPUT_DNS, p!["-p", "udp", "--dport", "53", "-j", "REDIRECT", "--to-port", dns_port]);
+    // Conntrack zones: the proxy's upstream queries in zone 1, its answers to the app in zone 2.
     for (flag, id) in [("--uid-owner", uid), ("--gid-owner", gid)] {
-        b.append(
-            "raw",
-            ISTIO_OUTPUT_DNS,
-            p![
-                "-p", "udp", "--dport", "53", "-m", "owner", flag, id, "-j", "CT", "--zone", "1"
-            ],
-        );
-        b.append(
-            "raw",
-            ISTIO_OUTPUT_DNS,
-            p![
-                "-p", "udp", "--sport", dns_port, "-m", "owner", flag, id, "-j", "CT", "--zone",
-                "2"
-            ],
-        );
+        b.append("raw", ISTIO_OUTPUT_DNS, p!["-p", "udp", "--dport", "53", "-m", "owner", flag, id, "-j", "CT", "--zone", "1"]);
+        b.append("raw", ISTIO_OUTPUT_DNS, p!["-p", "udp", "--sport", dns_port, "-m", "owner", flag, id, "-j", "CT", "--zone", "2"]);
     }
     b.append("raw", "PREROUTING", p!["-j", ISTIO_INBOUND]);
-    b.append(
-        "raw",
-        ISTIO_OUTPUT_DNS,
-        p!["-p", "udp", "--dport", "53", "-j", "CT", "--zone", "2"],
-    );
-    b.append(
-        "raw",
-        ISTIO_INBOUND,
-        p!["-p", "udp", "--sport", "53", "-j", "CT", "--zone", "1"],
-    );
+    b.append("raw", ISTIO_OUTPUT_DNS, p!["-p", "udp", "--dport", "53", "-j", "CT", "--zone", "2"]);
+    b.append("raw", ISTIO_INBOUND, p!["-p", "udp", "--sport", "53", "-j", "CT", "--zone", "1"]);
 }
 
 #[cfg(test)]
@@ -686,9 +381,129 @@ mod tests {
     /// `cni/pkg/plugin/testdata/basic.txt.golden` from Istio's repository.
     const BASIC_GOLDEN: &str = include_str!("../../testdata/istio/basic.txt.golden");
 
+    /// One subtest of Istio's `TestIPTablesRuleGeneration` (`cni/pkg/plugin/plugin_dryrun_test.go`),
+    /// which writes a golden of `cni/pkg/plugin/testdata/` from a fake pod: `sidecar.istio.io/status`
+    /// set, an `istio-proxy` container with these env values and a securityContext holding only
+    /// these ids, IPv4 only. `testdata/istio/README.md` says where each copy comes from.
+    struct IstioCase {
+        /// Istio's subtest name.
+        name: &'static str,
+        /// File under `testdata/istio/`.
+        golden: &'static str,
+        annotations: &'static [(&'static str, &'static str)],
+        proxy_env: &'static [(&'static str, &'static str)],
+        run_as_user: Option<i64>,
+        run_as_group: Option<i64>,
+    }
+
+    /// Only cases whose golden is in `testdata/istio/` (see its README for the others).
+    const ISTIO_CASES: &[IstioCase] = &[
+        IstioCase {
+            name: "basic",
+            golden: "basic.txt.golden",
+            annotations: &[],
+            proxy_env: &[],
+            run_as_user: None,
+            run_as_group: None,
+        },
+        // runAsUser 0 is not a proxy uid: the default 1337 applies, so the rules are basic's.
+        IstioCase {
+            name: "custom-uid-zero",
+            golden: "basic.txt.golden",
+            annotations: &[],
+            proxy_env: &[],
+            run_as_user: Some(0),
+            run_as_group: None,
+        },
+    ];
+
+    /// The case's pod, through the plugin's own path: the pod JSON is parsed as the API's answer
+    /// is, then `from_pod` reads its annotations and proxy container, then the runtime's settings
+    /// are applied (none are set, as in Istio's test).
+    fn istio_case_redirect(c: &IstioCase) -> Redirect {
+        let mut v = injected_pod();
+        for (k, val) in c.annotations {
+            v["metadata"]["annotations"][*k] = json!(val);
+        }
+        let proxy = &mut v["spec"]["containers"][1];
+        assert_eq!(proxy["name"], "istio-proxy");
+        proxy["env"] = Value::Array(
+            c.proxy_env
+                .iter()
+                .map(|(n, val)| json!({"name": n, "value": val}))
+                .collect(),
+        );
+        proxy["securityContext"] = json!({});
+        if let Some(uid) = c.run_as_user {
+            proxy["securityContext"]["runAsUser"] = json!(uid);
+        }
+        if let Some(gid) = c.run_as_group {
+            proxy["securityContext"]["runAsGroup"] = json!(gid);
+        }
+        let pod = Pod::from_json(v.to_string().as_bytes()).unwrap();
+        let mut r = from_pod(&pod).unwrap_or_else(|e| panic!("case {}: {e}", c.name));
+        redirect::apply_runtime_env(&mut r, &|_: &str| None).unwrap();
+        r
+    }
+
+    /// The two texts line by line, aligned on their longest common subsequence:
+    /// `-` only in `want`, `+` only in `got`.
+    fn line_diff(want: &str, got: &str) -> String {
+        let (w, g): (Vec<&str>, Vec<&str>) = (want.lines().collect(), got.lines().collect());
+        // lcs[i][j]: length of the longest common subsequence of w[i..] and g[j..].
+        let mut lcs = vec![vec![0usize; g.len() + 1]; w.len() + 1];
+        for i in (0..w.len()).rev() {
+            for j in (0..g.len()).rev() {
+                lcs[i][j] = if w[i] == g[j] {
+                    lcs[i + 1][j + 1] + 1
+                } else {
+                    lcs[i + 1][j].max(lcs[i][j + 1])
+                };
+            }
+        }
+        let (mut i, mut j, mut out) = (0, 0, String::new());
+        while i < w.len() || j < g.len() {
+            if i < w.len() && j < g.len() && w[i] == g[j] {
+                out.push_str(&format!("  {}\n", w[i]));
+                (i, j) = (i + 1, j + 1);
+            } else if i < w.len() && (j == g.len() || lcs[i + 1][j] >= lcs[i][j + 1]) {
+                out.push_str(&format!("- {}\n", w[i]));
+                i += 1;
+            } else {
+                out.push_str(&format!("+ {}\n", g[j]));
+                j += 1;
+            }
+        }
+        out
+    }
+
+    /// Every Istio sidecar golden in `testdata/istio/`, byte for byte. With `REFRESH_GOLDEN=true`
+    /// the goldens are first rewritten from this crate's output (as Istio's `RefreshGoldenFile`
+    /// does) so that `git diff testdata/istio` shows a difference; never keep such a rewrite:
+    /// the goldens are Istio's, and a difference is this crate's to fix.
     #[test]
-    fn default_pod_matches_istio_golden_byte_for_byte() {
-        assert_eq!(restore_text(&redirect(&[], None), Family::V4), BASIC_GOLDEN);
+    fn rules_match_istio_goldens() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/istio");
+        let refresh = std::env::var("REFRESH_GOLDEN").is_ok_and(|v| v == "true");
+        let mut failures = Vec::new();
+        for c in ISTIO_CASES {
+            let got = restore_text(&istio_case_redirect(c), Family::V4);
+            let path = dir.join(c.golden);
+            if refresh {
+                std::fs::write(&path, &got).unwrap();
+            }
+            let want = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("case {}: {}: {e}", c.name, path.display()));
+            if got != want {
+                failures.push(format!(
+                    "case {}: the rules differ from testdata/istio/{} (- Istio's golden, + this crate):\n{}",
+                    c.name,
+                    c.golden,
+                    line_diff(&want, &got)
+                ));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
 
     #[test]
