@@ -194,10 +194,10 @@ fn pod_node(pod: &Value) -> Option<&str> {
 pub fn selects(spec: &Value, node: &Value, node_name: &str) -> bool {
     let labels = &node["metadata"]["labels"];
     let label = |k: &str| labels[k].as_str();
-    if let Some(selector) = spec["nodeSelector"].as_object() {
-        if !selector.iter().all(|(k, v)| label(k) == v.as_str()) {
-            return false;
-        }
+    if let Some(selector) = spec["nodeSelector"].as_object()
+        && !selector.iter().all(|(k, v)| label(k) == v.as_str())
+    {
+        return false;
     }
     let terms = &spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
         ["nodeSelectorTerms"];
