@@ -13,7 +13,14 @@ pub mod time;
 /// Bumped when the meaning of a map's entries changes while its key and value sizes stay the
 /// same. (A size change is caught by the loader's layout check on its own, and only that map
 /// is recreated.)
-pub const MAP_ABI_VERSION: u32 = 2;
+///
+/// 3: `sk_msg` honours [`config_index::DRAIN`], so an uninstall may take a paired socket whose
+/// redirect queue is empty out of the sockhash. Every socket in a sockhash stamped 3 or later
+/// runs such an `sk_msg`: the upgrade to 3 retired the connection maps of earlier builds.
+pub const MAP_ABI_VERSION: u32 = 3;
+
+/// The first [`MAP_ABI_VERSION`] whose `sk_msg` honours [`config_index::DRAIN`].
+pub const DRAIN_ABI_VERSION: u32 = 3;
 
 /// Directory under the bpffs mount where fastpath pins its programs, links and maps.
 pub const PIN_DIR_NAME: &str = "fastpath";
@@ -358,7 +365,11 @@ pub mod config_index {
     /// the installer whenever it attaches new programs, and cleared once no paired socket is
     /// missing from the filter (those a build without it paired are gone).
     pub const READ_FILTER_BYPASS: u32 = 4;
-    pub const LEN: u32 = 5;
+    /// Non-zero (set by an uninstall): `sk_msg` demotes a paired connection at its next message,
+    /// as the queue bound does, and the installer may take a paired socket whose redirect
+    /// queue is empty out of the sockhash (`installer/src/accel/drain.rs`). A start clears it.
+    pub const DRAIN: u32 = 5;
+    pub const LEN: u32 = 6;
 }
 
 /// Capacities of the maps (max_entries), shared by the probes and the loader's layout check.

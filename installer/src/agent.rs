@@ -220,28 +220,9 @@ pub fn run(cfg: Config, entry: serde_json::Map<String, serde_json::Value>) -> i3
         }
         Verdict::Uninstall(why) => {
             log::info!(target: SCOPE, "{name}: uninstall ({why}): removing the accelerator, then the plugin entry, the kubeconfig and the binary");
-            uninstall_node(&cfg, &mut installer)
+            crate::uninstall::node(&cfg, installer.pinned_conf())
         }
     }
-}
-
-/// Everything off the node, in the order that loses no byte and never leaves a config naming
-/// a missing binary: the accelerator (its connections drained to TCP first), then the plugin's
-/// entry, kubeconfig and binary.
-fn uninstall_node(cfg: &Config, installer: &mut Installer) -> i32 {
-    let mut code = 0;
-    if let Err(e) = accel::uninstall(&cfg.accel) {
-        log::error!(target: SCOPE, "removing the accelerator: {e:#}");
-        code = 1;
-    }
-    match installer.cleanup() {
-        Ok(()) => log::info!(target: SCOPE, "cleanup done"),
-        Err(e) => {
-            log::error!(target: SCOPE, "cleanup incomplete: {e}");
-            code = 1;
-        }
-    }
-    code
 }
 
 /// Waits for the next pass: a debounced file event, a timer, or a signal (returned).

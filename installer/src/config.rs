@@ -131,6 +131,9 @@ pub const PARAMS: &[Param] = &[
 pub enum Command {
     Run,
     Uninstall,
+    /// Uninstall, then stay up until SIGTERM (the container of the cleanup DaemonSet: a
+    /// container that exits is restarted).
+    UninstallAndWait,
     AccelStatus,
     Version,
     Help,
@@ -189,12 +192,13 @@ impl RawConfig {
             else {
                 let c = match arg.as_str() {
                     "uninstall" => Command::Uninstall,
+                    "uninstall-and-wait" => Command::UninstallAndWait,
                     "accel-status" => Command::AccelStatus,
                     "version" => Command::Version,
                     "help" => Command::Help,
                     other => {
                         return Err(format!(
-                            "unknown command {other:?} (expected uninstall, accel-status, version)"
+                            "unknown command {other:?} (expected uninstall, uninstall-and-wait, accel-status, version)"
                         ));
                     }
                 };
@@ -527,6 +531,7 @@ impl Config {
                             "expected bytes between 65536 (64 KiB) and 1073741824 (1 GiB)",
                         )
                     })?,
+                drain_timeout: crate::accel::drain::DRAIN_TIMEOUT,
             },
         })
     }
@@ -583,7 +588,8 @@ pub fn usage() -> String {
     let mut s = String::from(
         "install-cni (fastpath): installs the istio-cni plugin on this node and keeps it installed.\n\n\
          Usage: install-cni [command] [--flag=value ...]\n\n\
-         Commands:\n  (none)        run the agent\n  uninstall     remove the plugin entry, kubeconfig, binary and the accelerator's pins\n  \
+         Commands:\n  (none)        run the agent\n  uninstall     drain and remove the accelerator, then the plugin entry, kubeconfig and binary;\n                say what is left\n  \
+         uninstall-and-wait  the same, then wait for SIGTERM (the cleanup DaemonSet's container)\n  \
          accel-status  print the accelerator's state\n  version       print the version\n\n\
          Flags (each also settable as the env var shown; a flag wins over its env var):\n",
     );

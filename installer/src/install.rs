@@ -511,6 +511,11 @@ impl Installer {
         )
     }
 
+    /// The config file this agent put its entry in (a chained install), if any.
+    pub fn pinned_conf(&self) -> Option<&Path> {
+        self.pinned.as_deref()
+    }
+
     /// Shutdown cleanup, in the order that never leaves a config naming a missing binary:
     /// the entry, then the kubeconfig, then the binary. The binary stays when an entry could
     /// not be removed.

@@ -19,3 +19,4 @@ pub mod metrics;
 pub mod probes;
 pub mod readiness;
 pub mod shutdown;
+pub mod uninstall;

@@ -1,6 +1,6 @@
 //! install-cni: reads the configuration, then runs the agent or a one-shot command.
 use fastpath_installer::config::{Command, Config, RawConfig, usage};
-use fastpath_installer::{accel, agent, install, logging};
+use fastpath_installer::{accel, agent, install, logging, uninstall};
 
 fn main() {
     std::process::exit(run());
@@ -45,17 +45,28 @@ fn run() -> i32 {
                 1
             }
         },
-        Command::Uninstall => {
-            let mut code = 0;
-            if let Err(e) = install::cleanup_node(&cfg, None) {
-                eprintln!("install-cni uninstall: {e}");
-                code = 1;
-            }
-            if let Err(e) = accel::uninstall(&cfg.accel) {
-                eprintln!("install-cni uninstall: removing the accelerator: {e:#}");
-                code = 1;
-            }
-            code
+        Command::Uninstall => uninstall::node(&cfg, None),
+        Command::UninstallAndWait => match uninstall::node(&cfg, None) {
+            // Exit on failure, so that the container is restarted and tries again.
+            0 => wait_for_termination(),
+            code => code,
+        },
+    }
+}
+
+/// Blocks until SIGTERM or SIGINT; 0.
+fn wait_for_termination() -> i32 {
+    match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]) {
+        Ok(mut signals) => {
+            let _ = signals.forever().next();
+            0
+        }
+        Err(e) => {
+            eprintln!("install-cni: cannot wait for SIGTERM: {e}");
+            1
         }
     }
 }

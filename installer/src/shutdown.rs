@@ -66,7 +66,7 @@ pub struct Identity {
 
 /// The command that removes what an agent left, for the log line of [`Verdict::Unknown`].
 pub const CLEANUP_HINT: &str = "to remove fastpath from this node, run `install-cni uninstall` \
-    with the DaemonSet's mounts (manifests/cleanup-job.yaml does)";
+    with the DaemonSet's mounts (manifests/cleanup-daemonset.yaml runs it on every node)";
 
 /// Decides from the API's answers; `get` returns an object's JSON or why it could not.
 pub fn decide(me: &Identity, get: impl Fn(Object<'_>) -> Result<Value, FetchError>) -> Verdict {

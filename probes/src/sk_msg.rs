@@ -7,11 +7,11 @@ use aya_ebpf::{
     macros::sk_msg,
     programs::SkMsgContext,
 };
-use fastpath_common::{AF_INET, Ip, SockKey, rxq_state, sock_state};
+use fastpath_common::{AF_INET, Ip, SockKey, config_index, rxq_state, sock_state};
 
 use crate::{
     atomic::{atomic_add, atomic_sub},
-    maps::{FP_META, FP_PAIRS, FP_RXQ, FP_SOCKS, stats},
+    maps::{FP_META, FP_PAIRS, FP_RXQ, FP_SOCKS, config, stats},
     pair_state::{paired_peer, state_cas, state_load},
     rx_queue::{demote, queue_limit, rxq_state},
 };
@@ -67,6 +67,14 @@ pub fn fastpath_skmsg(ctx: SkMsgContext) -> u32 {
         atomic_add(queued, size);
         if rxq_state(q) != rxq_state::OPEN {
             atomic_sub(queued, size);
+            return sk_action::SK_PASS;
+        }
+        // An uninstall is draining the accelerator: this connection goes to TCP as at the
+        // queue bound. Read after the state's full barrier, so the installer, which reads the
+        // count after it set the flag, sees this message counted or this program sees the flag.
+        if config(config_index::DRAIN) != 0 {
+            atomic_sub(queued, size);
+            demote(q, peer);
             return sk_action::SK_PASS;
         }
         // Over the limit, unless this message alone is (it goes into an empty queue). The

@@ -48,9 +48,10 @@ impl Accel {
             enabled: true,
             bpffs: PathBuf::from("/sys/fs/bpf"),
             pin_dir: pins.path().join("fastpath"),
-            cgroup_root: None,
+            cgroup_root: fastpath_installer::accel::CgroupRoot::FromOwnMounts,
             run_dir: run_dir.clone(),
             max_queued_bytes: fastpath_common::DEFAULT_QUEUE_LIMIT_BYTES,
+            drain_timeout: fastpath_installer::accel::drain::DRAIN_TIMEOUT,
         };
         Self {
             settings,

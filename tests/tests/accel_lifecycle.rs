@@ -345,7 +345,8 @@ fn disabled_or_unusable_kernel_leaves_traffic_alone() {
     assert!(!fixture.pin_dir().exists(), "disabled: nothing loaded");
 
     fixture.settings.enabled = true;
-    fixture.settings.cgroup_root = Some("/nonexistent/cgroup".into());
+    fixture.settings.cgroup_root =
+        fastpath_installer::accel::CgroupRoot::At("/nonexistent/cgroup".into());
     match accel::start(&fixture.settings) {
         AccelState::Unavailable { reason } => {
             assert!(reason.contains("/nonexistent/cgroup"), "{reason}");

@@ -809,3 +809,42 @@ fn metrics_port_zero_disables_metrics() {
     assert!(a.log().contains("monitoring_port=disabled"));
     assert!(a.metrics().is_empty());
 }
+
+/// Istio's chart without `/host/proc` (`repair.repairPods=false`) and a runtime that gives the
+/// pod a cgroup namespace of its own: the cgroup mount the agent sees is its own subtree, and
+/// sock_ops attached there would accelerate nothing but the agent. Acceleration must be
+/// unavailable, and say which mount is missing; redirection goes on.
+#[test]
+fn in_its_own_cgroup_namespace_without_the_host_procfs_acceleration_is_unavailable_and_says_why() {
+    if !fastpath_tests::require_privileges!() {
+        return;
+    }
+    assert!(
+        !std::path::Path::new("/host/proc").exists(),
+        "this test needs a machine without /host/proc"
+    );
+    let h = Host::new("cgroupns");
+    h.write("10-dbnet.conflist", PRIMARY);
+    let mut a = Agent::start_under(
+        &h,
+        &[("FASTPATH_ACCELERATION", "true")],
+        &[],
+        &["unshare", "--cgroup", "--"],
+    );
+    a.wait_ready();
+    a.wait_until("acceleration decided", |a| {
+        a.metric("fastpath_accel_state{state=\"unavailable\"}") == Some(1.0)
+    });
+    assert_eq!(a.metric("fastpath_accel_enabled"), Some(0.0));
+    let (_, body) = a.readyz().expect("readyz");
+    assert!(
+        body.contains("/host/proc is not mounted"),
+        "readyz does not name the missing mount: {body}"
+    );
+    assert!(
+        a.log().contains("/host/proc is not mounted"),
+        "log:\n{}",
+        a.log()
+    );
+    assert!(has_entry(&h, "10-dbnet.conflist"), "redirection installed");
+}

@@ -16,6 +16,7 @@
 //! attached when the installer exits; a restart of the same build loads nothing; a new build
 //! swaps programs in the cgroup and sockhash links with BPF_LINK_UPDATE, and replaces the
 //! tracepoint link (which cannot be updated) by detaching the old one, then attaching its own.
+pub mod drain;
 pub mod foreign;
 mod pindir;
 mod plan;
@@ -79,14 +80,17 @@ pub struct AccelSettings {
     pub bpffs: PathBuf,
     /// Our pin directory under it (`/sys/fs/bpf/fastpath`).
     pub pin_dir: PathBuf,
-    /// The cgroup v2 root to attach sock_ops to; `None` = find it from /proc/self/mounts.
-    pub cgroup_root: Option<PathBuf>,
+    /// The cgroup v2 root to attach sock_ops to.
+    pub cgroup_root: CgroupRoot,
     /// `cni_agent_run_dir` (`/var/run/istio-cni`): the plugin keeps its per-pod enrollment
     /// records under `fastpath/pods/` there (counter labels, re-enrollment after an upgrade).
     pub run_dir: PathBuf,
     /// Bytes a reader may have queued before its connection goes back to TCP
     /// (`FASTPATH_MAX_QUEUED_BYTES`).
     pub max_queued_bytes: u64,
+    /// How long an uninstall waits for accelerated connections to drain to TCP
+    /// ([`drain::DRAIN_TIMEOUT`]).
+    pub drain_timeout: std::time::Duration,
 }
 
 impl AccelSettings {
@@ -97,11 +101,24 @@ impl AccelSettings {
             enabled: true,
             pin_dir: bpffs.join(fastpath_common::PIN_DIR_NAME),
             bpffs,
-            cgroup_root: None,
+            cgroup_root: CgroupRoot::FromOwnMounts,
             run_dir: PathBuf::from("/var/run/istio-cni"),
             max_queued_bytes: fastpath_common::DEFAULT_QUEUE_LIMIT_BYTES,
+            drain_timeout: drain::DRAIN_TIMEOUT,
         }
     }
+}
+
+/// Where sock_ops attaches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CgroupRoot {
+    /// This path (`FASTPATH_CGROUP_ROOT`, or found through the host's procfs).
+    At(PathBuf),
+    /// The cgroup v2 mount this process sees (`/proc/self/mounts`): on the host, or in a pod
+    /// that shares the host's cgroup namespace.
+    FromOwnMounts,
+    /// The host's root cannot be reached; acceleration is unavailable for this reason.
+    Unreachable(String),
 }
 
 /// Where Istio's chart mounts the host's procfs in the DaemonSet pod.
@@ -113,14 +130,15 @@ pub fn locate_host_paths(
     bpffs: Option<PathBuf>,
     pin_dir: Option<PathBuf>,
     cgroup_root: Option<PathBuf>,
-) -> (PathBuf, PathBuf, Option<PathBuf>) {
+) -> (PathBuf, PathBuf, CgroupRoot) {
     let host_proc = Path::new(HOST_PROC);
     let own_mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     let host_mounts = std::fs::read_to_string(host_proc.join("1/mounts")).ok();
     let ns = |p: &Path| std::fs::read_link(p).ok();
+    let own_ns = ns(Path::new("/proc/self/ns/cgroup"));
     let host_cgroup_ns = match ns(&host_proc.join("1/ns/cgroup")) {
-        Some(host) => ns(Path::new("/proc/self/ns/cgroup")) == Some(host),
-        None => true,
+        Some(host) => own_ns == Some(host),
+        None => own_ns.is_some_and(|n| n == Path::new(plan::INIT_CGROUP_NS)),
     };
     let host_root = host_proc.join("1/root");
     let view = NodeView {
@@ -131,7 +149,13 @@ pub fn locate_host_paths(
     };
     let bpffs = bpffs.unwrap_or_else(|| host_bpffs(&view));
     let pin_dir = pin_dir.unwrap_or_else(|| bpffs.join(fastpath_common::PIN_DIR_NAME));
-    let cgroup_root = cgroup_root.or_else(|| host_cgroup_root(&view));
+    let cgroup_root = match cgroup_root {
+        Some(p) => CgroupRoot::At(p),
+        None => match host_cgroup_root(&view) {
+            Ok(p) => CgroupRoot::At(p),
+            Err(why) => CgroupRoot::Unreachable(why),
+        },
+    };
     (bpffs, pin_dir, cgroup_root)
 }
 
@@ -229,11 +253,12 @@ fn refuse_to_share(settings: &AccelSettings) -> Result<Vec<foreign::ForeignProgr
 
 fn cgroup_root(settings: &AccelSettings) -> Result<PathBuf> {
     match &settings.cgroup_root {
-        Some(p) => Ok(p.clone()),
-        None => {
+        CgroupRoot::At(p) => Ok(p.clone()),
+        CgroupRoot::FromOwnMounts => {
             let mounts = std::fs::read_to_string("/proc/self/mounts").context("read mounts")?;
             plan::cgroup2_root(&mounts).ok_or_else(|| anyhow!("no cgroup v2 mount found"))
         }
+        CgroupRoot::Unreachable(why) => Err(anyhow!("{why}")),
     }
 }
 
@@ -416,11 +441,14 @@ fn set_enabled(pin_dir: &Path, on: bool) -> Result<()> {
     Ok(())
 }
 
+/// Sets the queue bound, and clears a drain an uninstall left set (a start means the
+/// accelerator is wanted).
 fn set_queue_limit(pin_dir: &Path, bytes: u64) -> Result<()> {
     let kib = u32::try_from(bytes.div_ceil(1024))
         .with_context(|| format!("queue limit of {bytes} bytes is too large"))?;
     let mut cfg: Array<MapData, u32> = pinned_map(pin_dir, map_names::CONFIG)?.try_into()?;
     cfg.set(config_index::QUEUE_LIMIT_KIB, kib, 0)?;
+    cfg.set(config_index::DRAIN, 0, 0)?;
     Ok(())
 }
 
@@ -905,6 +933,40 @@ pub fn status_report(settings: &AccelSettings) -> Result<String> {
     Ok(s)
 }
 
+/// Ids of the programs fastpath has pinned under `pin_dir`, directly or through its links, in
+/// the current set and the retired ones: what an uninstall must leave unloaded.
+pub fn pinned_program_ids(pin_dir: &Path) -> Vec<u32> {
+    let mut dirs = vec![pin_dir.to_path_buf()];
+    dirs.extend(retire::sets(pin_dir));
+    let mut ids = Vec::new();
+    for dir in &dirs {
+        for name in PINNED_PROGS {
+            if let Ok(info) = aya::programs::ProgramInfo::from_pin(pin(dir, name)) {
+                ids.push(info.id());
+            }
+        }
+        for name in PINNED_LINKS {
+            if let Ok(fd) = sys::obj_get(&pin(dir, name))
+                && let Ok(link) = sys::link_ids(fd.as_fd())
+            {
+                ids.push(link.prog_id);
+            }
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// The programs of `ids` that are still loaded, as `name (id N)`.
+pub fn still_loaded(ids: &[u32]) -> Vec<String> {
+    aya::programs::loaded_programs()
+        .flatten()
+        .filter(|p| ids.contains(&p.id()))
+        .map(|p| format!("{} (id {})", p.name_as_str().unwrap_or("?"), p.id()))
+        .collect()
+}
+
 /// Removes every pin and detaches everything: unpinning the links detaches the programs;
 /// the maps go when the last program using them is gone.
 pub fn uninstall(settings: &AccelSettings) -> Result<()> {
@@ -914,6 +976,15 @@ pub fn uninstall(settings: &AccelSettings) -> Result<()> {
         return Ok(());
     }
     pindir::check(dir)?;
+    match drain::drain(dir, settings.drain_timeout) {
+        Ok(0) => log::info!("acceleration: every connection is back on TCP"),
+        Ok(left) => log::warn!(
+            "acceleration: {left} sockets still accelerated after {:?} (their readers did not \
+             read what was sent to them); they keep fastpath's programs loaded until they close",
+            settings.drain_timeout
+        ),
+        Err(e) => log::warn!("acceleration: draining connections to TCP: {e:#}"),
+    }
     let _ = set_enabled(dir, false);
     retire::remove_all(dir)?;
     let mut names: Vec<PathBuf> = PINNED_LINKS.iter().map(|n| pin(dir, n)).collect();

@@ -36,7 +36,7 @@ pub struct NodeView<'a> {
     /// `/host/proc/1/mounts`, when the host's procfs is mounted there.
     pub host_mounts: Option<&'a str>,
     /// Whether this process shares the host's cgroup namespace (`/proc/self/ns/cgroup` is
-    /// `/host/proc/1/ns/cgroup`); true when there is no host procfs to compare with.
+    /// `/host/proc/1/ns/cgroup`, or, without the host's procfs, the initial namespace).
     pub host_cgroup_ns: bool,
     /// The host's root as reachable from here (`/host/proc/1/root`).
     pub host_root: &'a Path,
@@ -66,16 +66,31 @@ pub fn host_bpffs(view: &NodeView<'_>) -> PathBuf {
     }
 }
 
-/// The host's cgroup v2 root, as a path this process can open.
-pub fn host_cgroup_root(view: &NodeView<'_>) -> Option<PathBuf> {
+/// The host's cgroup v2 root, as a path this process can open, or why it cannot be reached.
+/// A pod in a cgroup namespace of its own sees only its own subtree at its cgroup mount:
+/// attached there, sock_ops would accelerate nothing but this pod, so without the host's
+/// procfs to reach the host's root through there is no root to use.
+pub fn host_cgroup_root(view: &NodeView<'_>) -> Result<PathBuf, String> {
     match view.host_mounts {
         Some(host) if !view.host_cgroup_ns => {
-            let root = cgroup2_root(host)?;
-            Some(view.host_root.join(root.strip_prefix("/").unwrap_or(&root)))
+            let root = cgroup2_root(host).ok_or_else(|| {
+                "no cgroup v2 mount in the host's /host/proc/1/mounts".to_string()
+            })?;
+            Ok(view.host_root.join(root.strip_prefix("/").unwrap_or(&root)))
         }
-        _ => cgroup2_root(view.own_mounts),
+        None if !view.host_cgroup_ns => Err(
+            "this pod has a cgroup namespace of its own and /host/proc is not mounted, so the \
+             host's cgroup v2 root cannot be reached (mount the host's /proc at /host/proc, as \
+             Istio's chart does with repair.repairPods=true, or set FASTPATH_CGROUP_ROOT)"
+                .to_string(),
+        ),
+        _ => cgroup2_root(view.own_mounts).ok_or_else(|| "no cgroup v2 mount found".to_string()),
     }
 }
+
+/// The inode of the initial cgroup namespace (`PROC_CGROUP_INIT_INO`, fixed by the kernel):
+/// `/proc/self/ns/cgroup` reads `cgroup:[4026531835]` in the host's namespace.
+pub const INIT_CGROUP_NS: &str = "cgroup:[4026531835]";
 
 /// FNV-1a over the probe object: identifies the build whose programs are attached.
 pub fn object_hash(object: &[u8]) -> u64 {
@@ -223,7 +238,7 @@ mod tests {
         );
         assert_eq!(
             host_cgroup_root(&view),
-            Some(PathBuf::from("/host/proc/1/root/sys/fs/cgroup/unified"))
+            Ok(PathBuf::from("/host/proc/1/root/sys/fs/cgroup/unified"))
         );
     }
 
@@ -237,10 +252,7 @@ mod tests {
             host_root: Path::new("/host/proc/1/root"),
         };
         assert_eq!(host_bpffs(&view), PathBuf::from("/sys/fs/bpf"));
-        assert_eq!(
-            host_cgroup_root(&view),
-            Some(PathBuf::from("/sys/fs/cgroup"))
-        );
+        assert_eq!(host_cgroup_root(&view), Ok(PathBuf::from("/sys/fs/cgroup")));
     }
 
     #[test]
@@ -254,7 +266,7 @@ mod tests {
         assert_eq!(host_bpffs(&view), PathBuf::from("/sys/fs/bpf"));
         assert_eq!(
             host_cgroup_root(&view),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+            Ok(PathBuf::from("/sys/fs/cgroup/unified"))
         );
         // No bpffs anywhere: mount one here.
         let bare = NodeView {
@@ -263,6 +275,20 @@ mod tests {
             ..view
         };
         assert_eq!(host_bpffs(&bare), PathBuf::from("/sys/fs/bpf"));
+    }
+
+    /// Istio's chart with repair.repairPods=false mounts no /host/proc: a pod in a cgroup
+    /// namespace of its own must not take its own cgroup mount for the host's root.
+    #[test]
+    fn without_the_host_procfs_a_private_cgroup_namespace_has_no_root() {
+        let view = NodeView {
+            own_mounts: POD_MOUNTS,
+            host_mounts: None,
+            host_cgroup_ns: false,
+            host_root: Path::new("/host/proc/1/root"),
+        };
+        let e = host_cgroup_root(&view).unwrap_err();
+        assert!(e.contains("/host/proc is not mounted"), "{e}");
     }
 
     #[test]

@@ -262,9 +262,10 @@ fn main() {
             enabled: true,
             bpffs: PathBuf::from("/sys/fs/bpf"),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/fastpath-bench-{pid}")),
-            cgroup_root: None,
+            cgroup_root: fastpath_installer::accel::CgroupRoot::FromOwnMounts,
             run_dir: run_dir.clone(),
             max_queued_bytes: fastpath_common::DEFAULT_QUEUE_LIMIT_BYTES,
+            drain_timeout: fastpath_installer::accel::drain::DRAIN_TIMEOUT,
         },
         namespaces: vec![
             format!("fpbplain{pid}"),
