@@ -7,7 +7,9 @@
 //!   the log line, the readiness detail and the `fastpath_accel_*` metrics.
 //! - [`pod_counters`]: per-pod counters for /metrics.
 //! - [`status_report`]: the state of the pins, for `install-cni accel-status`.
-//! - [`uninstall`]: the explicit uninstall command (never called on SIGTERM).
+//! - [`uninstall`]: drains every connection to TCP, then detaches and unpins everything
+//!   (`crate::uninstall`: on SIGTERM when the agent decided it is an uninstall, and the
+//!   uninstall commands).
 //!
 //! Pins under `pin_dir`: the maps by name (`FP_*`), `prog_sockops`, `prog_skmsg`,
 //! `prog_rx_consumed`, `link_sockops` (cgroup link on the cgroup v2 root), `link_skmsg`
