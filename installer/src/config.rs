@@ -123,6 +123,7 @@ pub const PARAMS: &[Param] = &[
     p("fastpath-max-queued-bytes", "FASTPATH_MAX_QUEUED_BYTES", "16777216", Int, "Bytes an accelerated reader may have queued (unread) before its connection goes back to TCP; 65536 to 1073741824"),
     p("fastpath-bpffs", "FASTPATH_BPFFS", "", Str, "The host's bpffs; empty: /sys/fs/bpf if mounted there, else the host's through /host/proc/1/root"),
     p("fastpath-bpf-pin-dir", "FASTPATH_BPF_PIN_DIR", "", Str, "Directory of the accelerator's pins; empty: <bpffs>/fastpath"),
+    p("fastpath-kernel-features-off", "FASTPATH_KERNEL_FEATURES_OFF", "", Str, "Kernel features the accelerator must not use, as if the kernel lacked them (comma-separated: sockmap-link, recvmsg-tracepoint, btf); each has a fallback (docs/install.md, Kernels)"),
     p("fastpath-cgroup-root", "FASTPATH_CGROUP_ROOT", "", Str, "The host's cgroup v2 root to attach to; empty: found from the host's mounts (/host/proc/1/mounts) or /proc/self/mounts"),
 ];
 
@@ -532,6 +533,10 @@ impl Config {
                         )
                     })?,
                 drain_timeout: crate::accel::drain::DRAIN_TIMEOUT,
+                features_off: crate::accel::features::FeaturesOff::parse(
+                    raw.get("FASTPATH_KERNEL_FEATURES_OFF"),
+                )
+                .map_err(|why| raw.bad("FASTPATH_KERNEL_FEATURES_OFF", &why))?,
             },
         })
     }

@@ -19,6 +19,7 @@
 //! swaps programs in the cgroup and sockhash links with BPF_LINK_UPDATE, and replaces the
 //! tracepoint link (which cannot be updated) by detaching the old one, then attaching its own.
 pub mod drain;
+pub mod features;
 pub mod foreign;
 mod pindir;
 mod plan;
@@ -93,6 +94,8 @@ pub struct AccelSettings {
     /// How long an uninstall waits for accelerated connections to drain to TCP
     /// ([`drain::DRAIN_TIMEOUT`]).
     pub drain_timeout: std::time::Duration,
+    /// Kernel features used as if absent ([`features`]).
+    pub features_off: features::FeaturesOff,
 }
 
 impl AccelSettings {
@@ -107,6 +110,7 @@ impl AccelSettings {
             run_dir: PathBuf::from("/var/run/istio-cni"),
             max_queued_bytes: fastpath_common::DEFAULT_QUEUE_LIMIT_BYTES,
             drain_timeout: drain::DRAIN_TIMEOUT,
+            features_off: features::FeaturesOff::default(),
         }
     }
 }
@@ -477,6 +481,13 @@ fn check_kernel(settings: &AccelSettings) -> Result<PathBuf> {
     if !crate::probes::embedded() {
         bail!("this build carries no eBPF probes (built with AYA_BUILD_SKIP)");
     }
+    if settings.features_off.recvmsg_tracepoint {
+        bail!(
+            "the sock:{RX_CONSUMED_TRACEPOINT} tracepoint is switched off \
+             (FASTPATH_KERNEL_FEATURES_OFF=recvmsg-tracepoint): without it no redirect queue can \
+             be bounded"
+        );
+    }
     sys::ensure_bpffs(&settings.bpffs).context("bpffs")?;
     let cgroup = cgroup_root(settings)?;
     sys::current_netns_cookie().context("netns cookie")?;
@@ -509,7 +520,7 @@ fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
         .collect();
     let pinned = plan::Pinned {
         sockops_link: pin(dir, PIN_LINK_SOCKOPS).exists(),
-        skmsg_link: pin(dir, PIN_LINK_SKMSG).exists(),
+        skmsg_link: pin(dir, PIN_LINK_SKMSG).exists() || skmsg_prog_attached(dir),
         rx_consumed_link: pin(dir, PIN_LINK_RX_CONSUMED).exists(),
         ingress_gate_link: pin(dir, PIN_LINK_INGRESS_GATE).exists(),
         object_hash: stored.map(|s| s.1),
@@ -551,7 +562,9 @@ fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
             recreated.push(layout.name);
         }
     }
+    let btf = features::kernel_btf(&settings.features_off);
     let mut ebpf = EbpfLoader::new()
+        .btf(btf.as_ref())
         .default_map_pin_directory(dir)
         .load(crate::probes::OBJECT)
         .context("load the probes")?;
@@ -603,14 +616,36 @@ fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
             log::info!("sk_msg: new program swapped into the pinned sockhash link");
         }
         _ => {
-            let link = sys::sockmap_link_create(
-                skmsg.fd()?.as_fd(),
-                socks_fd.as_fd(),
-                sys::BPF_SK_MSG_VERDICT,
-            )?;
+            let linked = match settings.features_off.sockmap_link {
+                true => Err(anyhow!(
+                    "sockmap links switched off (FASTPATH_KERNEL_FEATURES_OFF=sockmap-link)"
+                )),
+                false => sys::sockmap_link_create(
+                    skmsg.fd()?.as_fd(),
+                    socks_fd.as_fd(),
+                    sys::BPF_SK_MSG_VERDICT,
+                ),
+            };
             let _ = std::fs::remove_file(&skmsg_link_pin);
-            sys::obj_pin(link.as_fd(), &skmsg_link_pin)?;
-            log::info!("sk_msg: attached to the sockhash and pinned");
+            match linked {
+                Ok(link) => {
+                    sys::obj_pin(link.as_fd(), &skmsg_link_pin)?;
+                    log::info!("sk_msg: attached to the sockhash and pinned");
+                }
+                Err(e) => {
+                    // Before Linux 6.10: attached to the map itself, which keeps it as long
+                    // as the sockhash is pinned (a new build's attach replaces it).
+                    sys::sockmap_prog_attach(
+                        skmsg.fd()?.as_fd(),
+                        socks_fd.as_fd(),
+                        sys::BPF_SK_MSG_VERDICT,
+                    )?;
+                    log::info!(
+                        "sk_msg: attached to the sockhash with BPF_PROG_ATTACH ({e:#}); it stays \
+                         attached while the sockhash is pinned"
+                    );
+                }
+            }
         }
     }
     replace_program_pin(skmsg.fd()?.as_fd(), &pin(dir, PIN_PROG_SKMSG))?;
@@ -635,6 +670,19 @@ fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
     }
     restrict_pins(dir)?;
     Ok(())
+}
+
+/// Whether the pinned sk_msg program is attached to the pinned sockhash with BPF_PROG_ATTACH
+/// (kernels without sockmap links; see [`features`]).
+fn skmsg_prog_attached(dir: &Path) -> bool {
+    let (Ok(socks), Ok(info)) = (
+        sys::obj_get(&pin(dir, map_names::SOCKS)),
+        aya::programs::ProgramInfo::from_pin(pin(dir, PIN_PROG_SKMSG)),
+    ) else {
+        return false;
+    };
+    sys::prog_query(socks.as_fd(), sys::BPF_SK_MSG_VERDICT)
+        .is_ok_and(|ids| ids.contains(&info.id()))
 }
 
 /// Loads the raw tracepoint that counts what readers take from their redirect queues and

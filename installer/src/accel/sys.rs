@@ -12,6 +12,7 @@ use std::{
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
@@ -101,6 +102,22 @@ pub fn sockmap_link_create(
     let rc = bpf(BPF_LINK_CREATE, &mut a)
         .context("BPF_LINK_CREATE on the sockhash (needs Linux >= 6.10)")?;
     Ok(fd_from(rc))
+}
+
+/// `BPF_PROG_ATTACH` of `prog` to a sockmap or sockhash (`map`): the attachment before
+/// sockmap links (Linux 6.10). It replaces the program attached there with that type, and
+/// lasts until the map's last user reference (its pin) is gone.
+pub fn sockmap_prog_attach(
+    prog: BorrowedFd<'_>,
+    map: BorrowedFd<'_>,
+    attach_type: u32,
+) -> Result<()> {
+    let mut a = Attr::new();
+    a.put_u32(0, map.as_raw_fd() as u32)
+        .put_u32(4, prog.as_raw_fd() as u32)
+        .put_u32(8, attach_type);
+    bpf(BPF_PROG_ATTACH, &mut a).context("BPF_PROG_ATTACH on the sockhash")?;
+    Ok(())
 }
 
 /// `BPF_PROG_QUERY`: the ids of the programs attached to a cgroup or a sockmap (`target`) for

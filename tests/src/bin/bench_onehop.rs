@@ -266,6 +266,7 @@ fn main() {
             run_dir: run_dir.clone(),
             max_queued_bytes: fastpath_common::DEFAULT_QUEUE_LIMIT_BYTES,
             drain_timeout: fastpath_installer::accel::drain::DRAIN_TIMEOUT,
+            features_off: Default::default(),
         },
         namespaces: vec![
             format!("fpbplain{pid}"),
