@@ -42,6 +42,14 @@ enum Outcome {
     Redirected,
 }
 
+/// Whether a pod gets the sidecar redirection.
+enum Selection {
+    /// A mesh pod, as the API returned it.
+    Mesh(Box<Pod>),
+    /// Not redirected, and why (the pass-through log line says it).
+    Skip(String),
+}
+
 fn ms(d: Duration) -> Value {
     json!((d.as_secs_f64() * 1e6).round() / 1e3)
 }
@@ -66,7 +74,7 @@ impl IstioCni {
         conf: &PluginConfig,
         k8s: &K8sArgs,
         api_time: &mut Duration,
-    ) -> Result<Result<Pod, String>, CniError> {
+    ) -> Result<Selection, CniError> {
         if conf.ambient_enabled {
             self.log.borrow_mut().warn(
                 "ambient_enabled is set, but this istio-cni (fastpath) implements sidecar mode only; applying sidecar logic",
@@ -80,18 +88,21 @@ impl IstioCni {
             );
         }
         if pod::is_agent_pod(&k8s.pod_name, &k8s.pod_namespace, &conf.pod_namespace) {
-            return Ok(Err("the istio-cni agent's own pod".into()));
+            return Ok(Selection::Skip("the istio-cni agent's own pod".into()));
         }
         if k8s.pod_namespace.is_empty() || k8s.pod_name.is_empty() {
-            return Ok(Err("not a kubernetes pod".into()));
+            return Ok(Selection::Skip("not a kubernetes pod".into()));
         }
         if conf.is_excluded_namespace(&k8s.pod_namespace) {
-            return Ok(Err(format!("namespace {} is excluded", k8s.pod_namespace)));
+            return Ok(Selection::Skip(format!(
+                "namespace {} is excluded",
+                k8s.pod_namespace
+            )));
         }
         let pod = self.lookup_pod(conf, k8s, api_time)?;
         match pod::sidecar_skip_reason(&pod) {
-            Some(skip) => Ok(Err(skip.to_string())),
-            None => Ok(Ok(pod)),
+            Some(skip) => Ok(Selection::Skip(skip.to_string())),
+            None => Ok(Selection::Mesh(Box::new(pod))),
         }
     }
 
@@ -318,8 +329,8 @@ impl IstioCni {
         let out = result::output(conf.prev_result.as_ref(), args.cni_version)?;
         let mut api_time = Duration::ZERO;
         let pod = match self.mesh_pod(&conf, &k8s, &mut api_time)? {
-            Err(why) => return Ok((out, Outcome::PassThrough(why, api_time))),
-            Ok(p) => p,
+            Selection::Skip(why) => return Ok((out, Outcome::PassThrough(why, api_time))),
+            Selection::Mesh(p) => p,
         };
         let r = Self::redirect_for(&pod)?;
         let ips = self.pod_ips(&conf);
@@ -404,8 +415,8 @@ impl Commands for IstioCni {
         let (conf, k8s) = self.setup(args)?;
         let mut api_time = Duration::ZERO;
         let pod = match self.mesh_pod(&conf, &k8s, &mut api_time)? {
-            Err(_) => return Ok(()),
-            Ok(p) => p,
+            Selection::Skip(_) => return Ok(()),
+            Selection::Mesh(p) => p,
         };
         let r = Self::redirect_for(&pod)?;
         let ips = self.pod_ips(&conf);

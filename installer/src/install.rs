@@ -326,9 +326,9 @@ impl Installer {
 
     // ----- CNI config, chained -----
 
-    fn ensure_chained(&mut self, now: Instant, wrote: &mut bool) -> Result<(), CniError> {
+    fn ensure_chained(&mut self, now: Instant, wrote: &mut bool) -> Result<(), ConfInstallError> {
         let dir = self.cfg.mounted_cni_net_dir.clone();
-        let scan = scan_conf_dir(&dir).map_err(CniError::failed)?;
+        let scan = scan_conf_dir(&dir).map_err(ConfInstallError::failed)?;
         for (name, why) in &scan.invalid {
             self.say_once(
                 &format!("invalid:{name}:{why}"),
@@ -351,7 +351,7 @@ impl Installer {
                         dir.display()
                     ),
                 );
-                return Err(CniError::waiting(format!(
+                return Err(ConfInstallError::waiting(format!(
                     "no primary CNI config in {}: {why}",
                     dir.display()
                 )));
@@ -365,7 +365,7 @@ impl Installer {
                 path.display(),
                 target
             );
-            return Err(CniError::failed(msg));
+            return Err(ConfInstallError::failed(msg));
         }
         // A different primary than before: take our entry out of the old one.
         if let Some(old) = self.pinned.clone()
@@ -373,7 +373,7 @@ impl Installer {
             && old != path.with_extension("conflist")
         {
             log::info!(target: SCOPE, "primary CNI config changed from {} to {}", old.display(), path.display());
-            remove_entry_from_file(&old).map_err(CniError::failed)?;
+            remove_entry_from_file(&old).map_err(ConfInstallError::failed)?;
             self.written = None;
         }
         let conf = &primary.conf;
@@ -390,7 +390,7 @@ impl Installer {
                 self.unsay("fight");
             }
             return match self.fight.is_fighting() {
-                true => Err(CniError::backoff(format!(
+                true => Err(ConfInstallError::backoff(format!(
                     "backing off: another agent keeps rewriting {}",
                     path.display()
                 ))),
@@ -433,25 +433,27 @@ impl Installer {
             }
         }
         if !self.fight.may_write(now) {
-            return Err(CniError::backoff(format!(
+            return Err(ConfInstallError::backoff(format!(
                 "backing off: another agent keeps rewriting {}",
                 path.display()
             )));
         }
         let merged = conflist::insert_entry(conf, &self.entry);
         conflist::check_preserved(conf, &merged)
-            .map_err(|e| CniError::failed(format!("{}: {e}", path.display())))?;
+            .map_err(|e| ConfInstallError::failed(format!("{}: {e}", path.display())))?;
         let bytes = conflist::to_go_json(&Value::Object(merged), true);
         // Keep the primary's mode.
         let mode = fsutil::mode_of(&path).unwrap_or(self.cfg.created_conf_mode());
         fsutil::remove_stale_temps(&target);
-        fsutil::atomic_write(&target, bytes.as_bytes(), mode).map_err(CniError::failed)?;
+        fsutil::atomic_write(&target, bytes.as_bytes(), mode).map_err(ConfInstallError::failed)?;
         if conf.single {
             // The .conflist is in place; now the .conf it replaces can go.
             if let Err(e) = std::fs::remove_file(&path)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
-                return Err(CniError::failed(fsutil::describe_write_error(&path, &e)));
+                return Err(ConfInstallError::failed(fsutil::describe_write_error(
+                    &path, &e,
+                )));
             }
         }
         *wrote = true;
@@ -466,7 +468,7 @@ impl Installer {
         });
         self.pinned = Some(target);
         match self.fight.is_fighting() {
-            true => Err(CniError::backoff(format!(
+            true => Err(ConfInstallError::backoff(format!(
                 "backing off: another agent keeps rewriting {}",
                 path.display()
             ))),
@@ -476,7 +478,7 @@ impl Installer {
 
     // ----- CNI config, standalone -----
 
-    fn ensure_standalone(&mut self, wrote: &mut bool) -> Result<(), CniError> {
+    fn ensure_standalone(&mut self, wrote: &mut bool) -> Result<(), ConfInstallError> {
         let path = self.standalone_path();
         let bytes = conflist::to_go_json(&Value::Object(self.entry.clone()), false);
         if let ReadOutcome::Data(d) = fsutil::read_regular(&path)
@@ -486,7 +488,7 @@ impl Installer {
         }
         let mode = fsutil::mode_of(&path).unwrap_or(self.cfg.created_conf_mode());
         fsutil::remove_stale_temps(&path);
-        fsutil::atomic_write(&path, bytes.as_bytes(), mode).map_err(CniError::failed)?;
+        fsutil::atomic_write(&path, bytes.as_bytes(), mode).map_err(ConfInstallError::failed)?;
         *wrote = true;
         if self.written.is_some() {
             self.metrics.repair(Repair::CniConfig);
@@ -524,8 +526,10 @@ impl Installer {
     }
 }
 
+/// Why the plugin's entry is not in place (the `cni-config` readiness reason): an install
+/// failure, or waiting for a primary config to appear.
 #[derive(Debug)]
-struct CniError {
+struct ConfInstallError {
     reason: String,
     /// Waiting for a primary: not an install failure.
     waiting: bool,
@@ -533,9 +537,9 @@ struct CniError {
     quiet: bool,
 }
 
-impl CniError {
+impl ConfInstallError {
     fn failed(reason: String) -> Self {
-        CniError {
+        ConfInstallError {
             reason,
             waiting: false,
             quiet: false,
@@ -543,7 +547,7 @@ impl CniError {
     }
     /// Waiting for a primary (logged by the caller in Istio's words).
     fn waiting(reason: String) -> Self {
-        CniError {
+        ConfInstallError {
             reason,
             waiting: true,
             quiet: true,
@@ -551,7 +555,7 @@ impl CniError {
     }
     /// Backing off in a fight (logged once by the fight line).
     fn backoff(reason: String) -> Self {
-        CniError {
+        ConfInstallError {
             reason,
             waiting: false,
             quiet: true,
