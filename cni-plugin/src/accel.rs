@@ -16,7 +16,8 @@
 use anyhow::{Context as _, Result, bail};
 use fastpath_common::pod_record::{self, PodRecord, ip_key};
 use fastpath_common::{
-    ANNOTATION_ACCELERATE, ANNOTATION_EXCLUDE_PORTS, MAX_EXCLUDED_PORTS, PodInfo, map_names,
+    ANNOTATION_ACCELERATE, ANNOTATION_EXCLUDE_PORTS, MAP_ABI_VERSION, MAX_EXCLUDED_PORTS, PodInfo,
+    map_names, meta_index,
 };
 use std::{
     net::IpAddr,
@@ -152,6 +153,15 @@ pub fn enroll_at(pod: &PodEnrollment<'_>, pin_dir: &Path) -> Result<()> {
             return Ok(());
         }
     };
+    if let Err(why) = pinned_abi_matches(pin_dir) {
+        log::info!(
+            "pod {}/{} is redirected without acceleration for now: {why}; the agent enrolls it \
+             from its record when it loads its own build",
+            pod.namespace,
+            pod.name
+        );
+        return Ok(());
+    }
     let ips = bpf::obj_get(&pin_dir.join(map_names::POD_IPS)).context("open FP_POD_IPS")?;
     for ip in &pod.ips {
         bpf::update(&ips, &ip_key(*ip), &cookie).with_context(|| format!("register {ip}"))?;
@@ -176,6 +186,7 @@ pub fn unenroll(_netns_path: &str, container_id: &str, run_dir: &str) -> Result<
         Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
     };
     if record.accelerate
+        && pinned_abi_matches(&record.pin_dir).is_ok()
         && let Ok(pods) = bpf::obj_get(&record.pin_dir.join(map_names::PODS))
     {
         bpf::delete(&pods, &record.netns_cookie).context("remove netns")?;
@@ -197,6 +208,29 @@ pub fn unenroll(_netns_path: &str, container_id: &str, run_dir: &str) -> Result<
             Err(e).with_context(|| format!("remove {}", path.display()))
         }
         _ => Ok(()),
+    }
+}
+
+/// Whether the maps pinned in `pin_dir` are of the layout this plugin writes: their
+/// [`MAP_ABI_VERSION`] stamp (FP_META) must be this build's. A plugin binary and an agent of
+/// different builds meet during an upgrade; writing another build's maps could put entries
+/// where their programs read something else.
+fn pinned_abi_matches(pin_dir: &Path) -> Result<(), String> {
+    let meta = bpf::obj_get(&pin_dir.join(map_names::META))
+        .map_err(|e| format!("cannot open the accelerator's stamp (FP_META): {e}"))?;
+    let stamp = bpf::lookup::<u32, u64>(&meta, &meta_index::ABI_VERSION)
+        .map_err(|e| format!("cannot read the accelerator's stamp: {e:#}"))?;
+    abi_verdict(stamp)
+}
+
+/// The decision of [`pinned_abi_matches`] on the stamp read.
+fn abi_verdict(stamp: Option<u64>) -> Result<(), String> {
+    match stamp {
+        Some(v) if v == MAP_ABI_VERSION as u64 => Ok(()),
+        Some(0) | None => Err("the accelerator's maps carry no map ABI stamp yet".into()),
+        Some(v) => Err(format!(
+            "the accelerator's maps have map ABI {v}, this plugin writes {MAP_ABI_VERSION}"
+        )),
     }
 }
 
@@ -381,6 +415,18 @@ mod tests {
             let e = format!("{:#}", opt_outs(Some(&a)).unwrap_err());
             assert!(e.contains(k), "{e}");
         }
+    }
+
+    #[test]
+    fn only_maps_of_this_abi_are_written() {
+        assert_eq!(abi_verdict(Some(MAP_ABI_VERSION as u64)), Ok(()));
+        let older = abi_verdict(Some(MAP_ABI_VERSION as u64 - 1)).unwrap_err();
+        assert!(
+            older.contains(&format!("map ABI {}", MAP_ABI_VERSION - 1)),
+            "{older}"
+        );
+        assert!(abi_verdict(Some(0)).is_err());
+        assert!(abi_verdict(None).is_err());
     }
 
     #[test]
