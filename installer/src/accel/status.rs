@@ -1,0 +1,176 @@
+//! What is pinned and counted: per-pod counters for /metrics, and `install-cni accel-status`.
+use super::*;
+
+/// One enrolled pod's counters, summed over CPUs, with the pod's identity when known.
+#[derive(Clone, Debug, Default)]
+pub struct PodCounters {
+    pub netns_cookie: u64,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub stats: fastpath_common::PodStats,
+}
+
+pub(super) fn add(into: &mut PodStats, s: &PodStats) {
+    into.sockets_enrolled += s.sockets_enrolled;
+    into.enroll_failures += s.enroll_failures;
+    into.msgs_redirected += s.msgs_redirected;
+    into.bytes_redirected += s.bytes_redirected;
+    into.peer_misses += s.peer_misses;
+    into.connections_paired += s.connections_paired;
+    into.early_data_fallbacks += s.early_data_fallbacks;
+    into.queue_demotions += s.queue_demotions;
+    into.tcp_segments_held += s.tcp_segments_held;
+}
+
+/// Per-pod counters for /metrics. Empty when the accelerator is not pinned.
+pub fn pod_counters(settings: &AccelSettings) -> Result<Vec<PodCounters>> {
+    if !pin(&settings.pin_dir, map_names::STATS).exists() {
+        return Ok(Vec::new());
+    }
+    let stats: PerCpuHashMap<MapData, u64, PodStats> =
+        pinned_map(&settings.pin_dir, map_names::STATS)?.try_into()?;
+    let records = pods::read_all(&settings.run_dir).unwrap_or_default();
+    let mut out = Vec::new();
+    for cookie in stats.keys() {
+        let cookie = cookie?;
+        let Ok(per_cpu) = stats.get(&cookie, 0) else {
+            continue;
+        };
+        let mut sum = PodStats::default();
+        for s in per_cpu.iter() {
+            add(&mut sum, s);
+        }
+        let who = records.iter().find(|r| r.netns_cookie == cookie);
+        out.push(PodCounters {
+            netns_cookie: cookie,
+            namespace: who.map(|r| r.namespace.clone()),
+            name: who.map(|r| r.name.clone()),
+            stats: sum,
+        });
+    }
+    out.sort_by_key(|c| c.netns_cookie);
+    Ok(out)
+}
+
+/// Human-readable state of the pins, for `install-cni accel-status`.
+pub fn status_report(settings: &AccelSettings) -> Result<String> {
+    use std::fmt::Write as _;
+    let dir = &settings.pin_dir;
+    let others = match refuse_to_share(settings) {
+        Ok(p) if p.is_empty() => "other sockmap accelerators: none".to_string(),
+        Ok(p) => format!(
+            "other sockmap accelerators: {} (acceleration stays off while they are attached)",
+            foreign::describe(&p)
+        ),
+        Err(e) => format!("other sockmap accelerators: unknown ({e:#})"),
+    };
+    if !dir.exists() {
+        return Ok(format!(
+            "no accelerator pins under {}\n{others}",
+            dir.display()
+        ));
+    }
+    let mut s = String::new();
+    writeln!(s, "pin directory: {}", dir.display())?;
+    writeln!(s, "{others}")?;
+    match read_meta(dir) {
+        Some((abi, hash)) => writeln!(s, "ABI stamp: map ABI {abi}, object {hash:016x}")?,
+        None => writeln!(s, "ABI stamp: missing")?,
+    }
+    writeln!(
+        s,
+        "this build: map ABI {MAP_ABI_VERSION}, object {:016x}",
+        plan::object_hash(crate::probes::OBJECT)
+    )?;
+    let retired = retire::sets(dir);
+    if !retired.is_empty() {
+        let sockets = retire::accelerated_sockets_in_sets(dir)
+            .map(|n| n.to_string())
+            .unwrap_or_else(|e| format!("? ({e:#})"));
+        writeln!(
+            s,
+            "retired connection maps: {} set(s) with {sockets} socket(s), removed when their \
+             last connection closes",
+            retired.len()
+        )?;
+    }
+    for link in PINNED_LINKS {
+        match sys::obj_get(&pin(dir, link)).map_err(anyhow::Error::from) {
+            Ok(fd) => {
+                let ids = sys::link_ids(fd.as_fd())?;
+                writeln!(
+                    s,
+                    "link {link}: id {} type {} program id {}",
+                    ids.id, ids.link_type, ids.prog_id
+                )?;
+            }
+            Err(e) => writeln!(s, "link {link}: not pinned ({e})")?,
+        }
+    }
+    for prog in PINNED_PROGS {
+        match aya::programs::ProgramInfo::from_pin(pin(dir, prog)) {
+            Ok(info) => writeln!(
+                s,
+                "program {prog}: id {} name {}",
+                info.id(),
+                info.name_as_str().unwrap_or("?")
+            )?,
+            Err(e) => writeln!(s, "program {prog}: not pinned ({e})")?,
+        }
+    }
+    for name in ALL_MAPS {
+        match sys::obj_get(&pin(dir, name)) {
+            Ok(fd) => {
+                let ids = sys::map_ids(fd.as_fd())?;
+                let entries = sys::map_entry_count(fd.as_fd(), ids.key_size)
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|e| format!("? ({e})"));
+                writeln!(
+                    s,
+                    "map {name}: id {} entries {entries} (max {})",
+                    ids.id, ids.max_entries
+                )?;
+            }
+            Err(e) => writeln!(s, "map {name}: not pinned ({e})")?,
+        }
+    }
+    if let Ok(cfg) = pinned_map(dir, map_names::CONFIG)
+        .and_then(|m| Array::<MapData, u32>::try_from(m).map_err(Into::into))
+    {
+        let on = cfg.get(&config_index::ACCEL_ENABLED, 0).unwrap_or(0);
+        writeln!(
+            s,
+            "acceleration switch: {}",
+            if on != 0 { "on" } else { "off" }
+        )?;
+        let kib = cfg.get(&config_index::QUEUE_LIMIT_KIB, 0).unwrap_or(0);
+        let limit = match kib {
+            0 => fastpath_common::DEFAULT_QUEUE_LIMIT_BYTES,
+            k => u64::from(k) << 10,
+        };
+        writeln!(s, "redirect queue limit: {limit} bytes per reader")?;
+    }
+    if let Ok(filter) = pinned_map(dir, map_names::SK_FILTER)
+        .and_then(|m| Array::<MapData, u64>::try_from(m).map_err(Into::into))
+    {
+        let used = filter
+            .iter()
+            .filter(|v| matches!(v, Ok(n) if *n != 0))
+            .count();
+        let state = match read_filter_bypassed(dir) {
+            Ok(false) => "in use",
+            Ok(true) => "bypassed (every read is looked up)",
+            Err(_) => "unknown",
+        };
+        let missing = uncounted_paired_sockets(dir)
+            .map(|n| n.to_string())
+            .unwrap_or_else(|e| format!("? ({e:#})"));
+        writeln!(
+            s,
+            "recvmsg read filter: {state}; paired sockets not in it: {missing}; {used} of {} \
+             slots hold paired sockets",
+            filter.len()
+        )?;
+    }
+    Ok(s)
+}
