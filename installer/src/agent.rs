@@ -85,7 +85,98 @@ pub fn run(cfg: Config, entry: serde_json::Map<String, serde_json::Value>) -> i3
     let metrics = Arc::new(Metrics::default());
 
     // Acceleration: never fatal, never a readiness condition (redirection works without it).
-    // Loaded on its own thread so that installing the plugin does not wait for it.
+    let accel_state = start_accelerator(&cfg, &readiness);
+
+    let (tx, rx) = mpsc::channel::<Msg>();
+    if let Err(e) = start_servers(&cfg, &readiness, &metrics, &accel_state) {
+        log::error!(target: SCOPE, "{e}");
+        return 1;
+    }
+    readiness.register("log-socket", "not listening yet");
+    let mut log_socket_started = start_log_socket(&cfg, &metrics, &readiness);
+
+    if let Err(e) = forward_signals(tx.clone()) {
+        log::error!(target: SCOPE, "cannot install signal handlers: {e}");
+        return 1;
+    }
+
+    let mut watches = Watches::new(&cfg, tx.clone());
+    let mut installer = Installer::new(cfg.clone(), entry, metrics.clone());
+    let mut retry = RETRY_FIRST;
+    let signal = loop {
+        watches.ensure();
+        if !log_socket_started {
+            log_socket_started = start_log_socket(&cfg, &metrics, &readiness);
+        }
+        let now = Instant::now();
+        let pass = installer.reconcile(now);
+        let was_ready = readiness.is_ready();
+        readiness.set("binary", pass.binary.clone());
+        readiness.set("kubeconfig", pass.kubeconfig.clone());
+        readiness.set("cni-config", pass.cni_config.clone());
+        let ready = readiness.is_ready();
+        if ready != was_ready {
+            match ready {
+                true => log::info!(target: SCOPE, "ready: the istio-cni plugin is installed"),
+                false => log::warn!(target: SCOPE, "not ready: {}", readiness.unmet().join("; ")),
+            }
+        }
+        let mut wake = now + RESYNC;
+        if pass.all_ok() {
+            retry = RETRY_FIRST;
+        } else {
+            wake = wake.min(now + retry);
+            retry = (retry * 2).min(RETRY_MAX);
+        }
+        if let Some(at) = pass.wake_at {
+            wake = wake.min(at.max(now + Duration::from_millis(10)));
+        }
+        match wait(&rx, wake) {
+            Some(sig) => break sig,
+            None => continue,
+        }
+    };
+
+    readiness.set("cni-config", Err("shutting down".into()));
+    drop(watches);
+    shut_down(&cfg, &installer, signal)
+}
+
+/// On SIGTERM or SIGINT: an upgrade keeps everything, an uninstall removes everything, and an
+/// unknown keeps everything and says how to clean up ([`shutdown`]). Returns the exit code.
+fn shut_down(cfg: &Config, installer: &Installer, signal: i32) -> i32 {
+    let name = if signal == signal_hook::consts::SIGINT {
+        "SIGINT"
+    } else {
+        "SIGTERM"
+    };
+    let verdict = match cfg.keep_install_on_shutdown {
+        KeepInstall::Always => Verdict::Upgrade("FASTPATH_KEEP_INSTALL_ON_SHUTDOWN=true".into()),
+        KeepInstall::Never => Verdict::Uninstall("FASTPATH_KEEP_INSTALL_ON_SHUTDOWN=false".into()),
+        KeepInstall::Auto => match installer.api_access() {
+            Ok(access) => shutdown::decide(&cfg.identity, |o| shutdown::ask_api(&access, o)),
+            Err(e) => Verdict::Unknown(format!("no API access: {e}")),
+        },
+    };
+    match verdict {
+        Verdict::Upgrade(why) => {
+            log::info!(target: SCOPE, "{name}: upgrade or restart ({why}): the plugin, its config and kubeconfig, and the accelerator stay for the next agent");
+            0
+        }
+        Verdict::Unknown(why) => {
+            log::warn!(target: SCOPE, "{name}: cannot tell an upgrade from an uninstall ({why}), so everything stays; {}", shutdown::CLEANUP_HINT);
+            0
+        }
+        Verdict::Uninstall(why) => {
+            log::info!(target: SCOPE, "{name}: uninstall ({why}): removing the accelerator, then the plugin entry, the kubeconfig and the binary");
+            crate::uninstall::node(cfg, installer.pinned_conf())
+        }
+    }
+}
+
+/// Loads the accelerator on its own thread, so that installing the plugin does not wait for
+/// it; the state is set once it is known. Once active, the thread looks after it.
+fn start_accelerator(cfg: &Config, readiness: &Arc<Readiness>) -> Arc<OnceLock<AccelState>> {
     let accel_state: Arc<OnceLock<AccelState>> = Arc::new(OnceLock::new());
     readiness.detail("acceleration", "starting".into());
     {
@@ -126,103 +217,24 @@ pub fn run(cfg: Config, entry: serde_json::Map<String, serde_json::Value>) -> i3
             });
         }
     }
+    accel_state
+}
 
-    let (tx, rx) = mpsc::channel::<Msg>();
-    if let Err(e) = start_servers(&cfg, &readiness, &metrics, &accel_state) {
-        log::error!(target: SCOPE, "{e}");
-        return 1;
-    }
-    readiness.register("log-socket", "not listening yet");
-    let mut log_socket_started = start_log_socket(&cfg, &metrics, &readiness);
-
-    {
-        let tx = tx.clone();
-        let mut signals = match signal_hook::iterator::Signals::new([
-            signal_hook::consts::SIGTERM,
-            signal_hook::consts::SIGINT,
-        ]) {
-            Ok(s) => s,
-            Err(e) => {
-                log::error!(target: SCOPE, "cannot install signal handlers: {e}");
-                return 1;
+/// Sends the first SIGTERM or SIGINT to the loop.
+fn forward_signals(tx: mpsc::Sender<Msg>) -> std::io::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .stack_size(64 << 10)
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                let _ = tx.send(Msg::Shutdown(sig));
             }
-        };
-        let _ = std::thread::Builder::new()
-            .name("signals".into())
-            .stack_size(64 << 10)
-            .spawn(move || {
-                if let Some(sig) = signals.forever().next() {
-                    let _ = tx.send(Msg::Shutdown(sig));
-                }
-            });
-    }
-
-    let mut watches = Watches::new(&cfg, tx.clone());
-    let mut installer = Installer::new(cfg.clone(), entry, metrics.clone());
-    let mut retry = RETRY_FIRST;
-    let signal = loop {
-        watches.ensure();
-        if !log_socket_started {
-            log_socket_started = start_log_socket(&cfg, &metrics, &readiness);
-        }
-        let now = Instant::now();
-        let pass = installer.reconcile(now);
-        let was_ready = readiness.is_ready();
-        readiness.set("binary", pass.binary.clone());
-        readiness.set("kubeconfig", pass.kubeconfig.clone());
-        readiness.set("cni-config", pass.cni_config.clone());
-        let ready = readiness.is_ready();
-        if ready != was_ready {
-            match ready {
-                true => log::info!(target: SCOPE, "ready: the istio-cni plugin is installed"),
-                false => log::warn!(target: SCOPE, "not ready: {}", readiness.unmet().join("; ")),
-            }
-        }
-        let mut wake = now + RESYNC;
-        if pass.all_ok() {
-            retry = RETRY_FIRST;
-        } else {
-            wake = wake.min(now + retry);
-            retry = (retry * 2).min(RETRY_MAX);
-        }
-        if let Some(at) = pass.wake_at {
-            wake = wake.min(at.max(now + Duration::from_millis(10)));
-        }
-        match wait(&rx, wake) {
-            Some(sig) => break sig,
-            None => continue,
-        }
-    };
-
-    let name = if signal == signal_hook::consts::SIGINT {
-        "SIGINT"
-    } else {
-        "SIGTERM"
-    };
-    readiness.set("cni-config", Err("shutting down".into()));
-    drop(watches);
-    let verdict = match cfg.keep_install_on_shutdown {
-        KeepInstall::Always => Verdict::Upgrade("FASTPATH_KEEP_INSTALL_ON_SHUTDOWN=true".into()),
-        KeepInstall::Never => Verdict::Uninstall("FASTPATH_KEEP_INSTALL_ON_SHUTDOWN=false".into()),
-        KeepInstall::Auto => match installer.api_access() {
-            Ok(access) => shutdown::decide(&cfg.identity, |o| shutdown::ask_api(&access, o)),
-            Err(e) => Verdict::Unknown(format!("no API access: {e}")),
-        },
-    };
-    match verdict {
-        Verdict::Upgrade(why) => {
-            log::info!(target: SCOPE, "{name}: upgrade or restart ({why}): the plugin, its config and kubeconfig, and the accelerator stay for the next agent");
-            0
-        }
-        Verdict::Unknown(why) => {
-            log::warn!(target: SCOPE, "{name}: cannot tell an upgrade from an uninstall ({why}), so everything stays; {}", shutdown::CLEANUP_HINT);
-            0
-        }
-        Verdict::Uninstall(why) => {
-            log::info!(target: SCOPE, "{name}: uninstall ({why}): removing the accelerator, then the plugin entry, the kubeconfig and the binary");
-            crate::uninstall::node(&cfg, installer.pinned_conf())
-        }
-    }
+        })?;
+    Ok(())
 }
 
 /// Waits for the next pass: a debounced file event, a timer, or a signal (returned).
