@@ -266,6 +266,18 @@ pub fn reuse_listener(addr: std::net::SocketAddr) -> std::net::TcpListener {
     s.into()
 }
 
+/// Asserts that a stream read back is the one written: as long, and every byte equal (the
+/// first one that is not is named).
+pub fn assert_same_bytes(got: &[u8], want: &[u8]) {
+    let first_bad = got.iter().zip(want).position(|(a, b)| a != b);
+    assert!(
+        got.len() == want.len() && first_bad.is_none(),
+        "{} of {} bytes, first bad offset {first_bad:?}",
+        got.len(),
+        want.len()
+    );
+}
+
 /// Blocking reads on a paired socket can fail with EAGAIN when a wakeup carries no data (a
 /// 6.18 tcp_bpf_recvmsg defect, see docs/accelerator.md): retry those until `timeout`.
 pub fn read_exact_retry(s: &mut impl std::io::Read, buf: &mut [u8], timeout: std::time::Duration) {

@@ -8,7 +8,8 @@ use fastpath_installer::accel::{
     AccelState, ReadFilter, refresh_read_filter, start, status_report,
 };
 use fastpath_tests::accel::{
-    Accel, Pod, fionread, pattern, read_exact_retry, read_like_a_proxy, read_to_end_retry,
+    Accel, Pod, assert_same_bytes, fionread, pattern, read_exact_retry, read_like_a_proxy,
+    read_to_end_retry,
 };
 use std::{
     io::{ErrorKind, Read as _, Write as _},
@@ -712,13 +713,7 @@ fn a_writer_held_at_the_gate_keeps_a_short_retransmission_timer_and_resumes_once
             drained.elapsed()
         );
         assert!(held > 0, "the gate held nothing: the test did not test");
-        let first_bad = got.iter().zip(&data).position(|(a, b)| a != b);
-        assert!(
-            got.len() == data.len() && first_bad.is_none(),
-            "{} of {} bytes, first bad offset {first_bad:?}",
-            got.len(),
-            data.len()
-        );
+        assert_same_bytes(&got, &data);
         let cap_us = fastpath_common::HELD_WRITER_RTO_MAX_MS as u32 * 1000;
         assert!(
             longest_rto_us <= cap_us,
@@ -765,12 +760,6 @@ fn a_closed_writer_held_at_the_gate_is_not_dropped_while_its_reader_reads() {
         s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
         got.extend(read_to_end_retry(&mut s, Duration::from_secs(30)));
         assert!(held > 0, "the gate held nothing: the test did not test");
-        let first_bad = got.iter().zip(&data).position(|(a, b)| a != b);
-        assert!(
-            got.len() == data.len() && first_bad.is_none(),
-            "{} of {} bytes, first bad offset {first_bad:?}",
-            got.len(),
-            data.len()
-        );
+        assert_same_bytes(&got, &data);
     });
 }

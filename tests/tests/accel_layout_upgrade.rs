@@ -6,7 +6,7 @@
 use fastpath_common::map_names;
 use fastpath_installer::accel::{self, AccelState, retire};
 use fastpath_tests::{
-    accel::{Accel, Pod, pattern, read_like_a_proxy},
+    accel::{Accel, Pod, assert_same_bytes, pattern, read_like_a_proxy},
     stress::stamp_another_map_abi,
 };
 use std::{
@@ -64,13 +64,7 @@ fn an_upgrade_that_recreates_the_connection_maps_loses_no_byte_of_live_connectio
         std::thread::sleep(Duration::from_millis(500));
         let got = read_like_a_proxy(&s);
         let c = writer.join().unwrap();
-        let first_bad = got.iter().zip(&data).position(|(a, b)| a != b);
-        assert!(
-            got.len() == data.len() && first_bad.is_none(),
-            "{} of {} bytes, first bad offset {first_bad:?}",
-            got.len(),
-            data.len()
-        );
+        assert_same_bytes(&got, &data);
 
         // Once the old connection is closed, the agent's sweep removes the retired set (its
         // programs detach); the new connection is untouched.
