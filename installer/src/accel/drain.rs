@@ -46,6 +46,9 @@ pub fn drain(pin_dir: &Path, within: Duration) -> Result<usize> {
         return accelerated_sockets(pin_dir);
     }
     cfg.set(config_index::DRAIN, 1, 0)?;
+    // The flag's store before any count is loaded below: the syscall boundary alone is no
+    // full barrier on every CPU.
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     let deadline = Instant::now() + within;
     loop {
         sweep_demoted(pin_dir)?;
