@@ -94,6 +94,14 @@ pub fn status_report(settings: &AccelSettings) -> Result<String> {
             retired.len()
         )?;
     }
+    write_pins(&mut s, dir)?;
+    write_switches(&mut s, dir)?;
+    Ok(s)
+}
+
+/// The pinned links, programs and maps, with their ids and sizes.
+fn write_pins(s: &mut String, dir: &Path) -> Result<()> {
+    use std::fmt::Write as _;
     for link in PINNED_LINKS {
         match sys::obj_get(&pin(dir, link)).map_err(anyhow::Error::from) {
             Ok(fd) => {
@@ -104,6 +112,11 @@ pub fn status_report(settings: &AccelSettings) -> Result<String> {
                     ids.id, ids.link_type, ids.prog_id
                 )?;
             }
+            Err(_) if link == PIN_LINK_SKMSG && skmsg_prog_attached(dir) => writeln!(
+                s,
+                "link {link}: none; sk_msg is attached to the sockhash with BPF_PROG_ATTACH \
+                 (a kernel without sockmap links, or FASTPATH_KERNEL_FEATURES_OFF=sockmap-link)"
+            )?,
             Err(e) => writeln!(s, "link {link}: not pinned ({e})")?,
         }
     }
@@ -134,6 +147,12 @@ pub fn status_report(settings: &AccelSettings) -> Result<String> {
             Err(e) => writeln!(s, "map {name}: not pinned ({e})")?,
         }
     }
+    Ok(())
+}
+
+/// The runtime switches and the read filter's state.
+fn write_switches(s: &mut String, dir: &Path) -> Result<()> {
+    use std::fmt::Write as _;
     if let Ok(cfg) = pinned_map(dir, map_names::CONFIG)
         .and_then(|m| Array::<MapData, u32>::try_from(m).map_err(Into::into))
     {
@@ -149,6 +168,12 @@ pub fn status_report(settings: &AccelSettings) -> Result<String> {
             k => u64::from(k) << 10,
         };
         writeln!(s, "redirect queue limit: {limit} bytes per reader")?;
+        if cfg.get(&config_index::DRAIN, 0).unwrap_or(0) != 0 {
+            writeln!(
+                s,
+                "draining: every connection is being sent back to TCP (an uninstall)"
+            )?;
+        }
     }
     if let Ok(filter) = pinned_map(dir, map_names::SK_FILTER)
         .and_then(|m| Array::<MapData, u64>::try_from(m).map_err(Into::into))
@@ -172,5 +197,5 @@ pub fn status_report(settings: &AccelSettings) -> Result<String> {
             filter.len()
         )?;
     }
-    Ok(s)
+    Ok(())
 }
