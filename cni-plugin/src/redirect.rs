@@ -321,31 +321,8 @@ fn id_from(key: &str, v: Option<i64>, default: u32) -> Result<u32, InvalidValue>
 /// Builds the redirection for a mesh pod (`NewRedirect`).
 pub fn from_pod(pod: &Pod) -> Result<Redirect, InvalidValue> {
     let a = |k: &str| pod.annotation(k);
-    // Non-string annotation values cannot come from the API; refuse them rather than guess.
-    for (k, v) in &pod.metadata.annotations {
-        if !v.is_string()
-            && (k.starts_with("traffic.sidecar.istio.io/")
-                || k == ANNOT_INTERCEPTION_MODE
-                || k == ANNOT_REROUTE_VIRTUAL_INTERFACES)
-        {
-            return Err(invalid(
-                k,
-                &v.to_string(),
-                "annotation values must be strings",
-            ));
-        }
-    }
-    let mode = match a(ANNOT_INTERCEPTION_MODE) {
-        None | Some("REDIRECT") => InterceptionMode::Redirect,
-        Some("TPROXY") => InterceptionMode::Tproxy,
-        Some(other) => {
-            return Err(invalid(
-                ANNOT_INTERCEPTION_MODE,
-                other,
-                "the istio-cni plugin supports REDIRECT or TPROXY",
-            ));
-        }
-    };
+    refuse_non_string_annotations(pod)?;
+    let mode = interception_mode(a(ANNOT_INTERCEPTION_MODE))?;
     let proxy = pod.proxy_container();
     let sc = proxy.and_then(|p| p.security_context.as_ref());
     let proxy_uid = id_from(
@@ -392,31 +369,7 @@ pub fn from_pod(pod: &Pod) -> Result<Redirect, InvalidValue> {
         None => Vec::new(),
         Some(v) => parse_ifnames(ANNOT_EXCLUDE_INTERFACES, v)?,
     };
-    // The newer annotation wins over the deprecated one when both are present.
-    let reroute_key = match a(ANNOT_REROUTE_VIRTUAL_INTERFACES) {
-        Some(_) => ANNOT_REROUTE_VIRTUAL_INTERFACES,
-        None => ANNOT_KUBEVIRT_INTERFACES,
-    };
-    let reroute_virtual_interfaces = match a(reroute_key) {
-        Some(v) => parse_ifnames(reroute_key, v)?,
-        None => Vec::new(),
-    };
-    if let Selection::Only(cidrs) = &include_outbound_cidrs {
-        let rules = cidrs.len() * reroute_virtual_interfaces.len();
-        if rules > limits::REROUTE_RULES {
-            return Err(invalid(
-                reroute_key,
-                a(reroute_key).unwrap_or_default(),
-                format!(
-                    "{} rerouted interfaces times {} CIDRs in {ANNOT_INCLUDE_OUTBOUND_IP_RANGES} \
-                     make {rules} rules; at most {} are accepted",
-                    reroute_virtual_interfaces.len(),
-                    cidrs.len(),
-                    limits::REROUTE_RULES
-                ),
-            ));
-        }
-    }
+    let reroute_virtual_interfaces = reroute_interfaces(pod, &include_outbound_cidrs)?;
     // Istio logs and ignores env values that are not booleans.
     let env_bool = |name: &str| {
         proxy
@@ -445,6 +398,72 @@ pub fn from_pod(pod: &Pod) -> Result<Redirect, InvalidValue> {
             len: 32,
         },
     })
+}
+
+/// Non-string annotation values cannot come from the API; refused rather than guessed at.
+fn refuse_non_string_annotations(pod: &Pod) -> Result<(), InvalidValue> {
+    for (k, v) in &pod.metadata.annotations {
+        if !v.is_string()
+            && (k.starts_with("traffic.sidecar.istio.io/")
+                || k == ANNOT_INTERCEPTION_MODE
+                || k == ANNOT_REROUTE_VIRTUAL_INTERFACES)
+        {
+            return Err(invalid(
+                k,
+                &v.to_string(),
+                "annotation values must be strings",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `sidecar.istio.io/interceptionMode`: REDIRECT (the default) or TPROXY.
+fn interception_mode(value: Option<&str>) -> Result<InterceptionMode, InvalidValue> {
+    match value {
+        None | Some("REDIRECT") => Ok(InterceptionMode::Redirect),
+        Some("TPROXY") => Ok(InterceptionMode::Tproxy),
+        Some(other) => Err(invalid(
+            ANNOT_INTERCEPTION_MODE,
+            other,
+            "the istio-cni plugin supports REDIRECT or TPROXY",
+        )),
+    }
+}
+
+/// The interfaces whose traffic is rerouted to the sidecar, with the bound on the rules they
+/// make with the included CIDRs (one per pair). The newer annotation wins over the
+/// deprecated one when both are present.
+fn reroute_interfaces(
+    pod: &Pod,
+    include_outbound_cidrs: &Selection<Cidr>,
+) -> Result<Vec<IfName>, InvalidValue> {
+    let a = |k: &str| pod.annotation(k);
+    let reroute_key = match a(ANNOT_REROUTE_VIRTUAL_INTERFACES) {
+        Some(_) => ANNOT_REROUTE_VIRTUAL_INTERFACES,
+        None => ANNOT_KUBEVIRT_INTERFACES,
+    };
+    let reroute_virtual_interfaces = match a(reroute_key) {
+        Some(v) => parse_ifnames(reroute_key, v)?,
+        None => Vec::new(),
+    };
+    if let Selection::Only(cidrs) = include_outbound_cidrs {
+        let rules = cidrs.len() * reroute_virtual_interfaces.len();
+        if rules > limits::REROUTE_RULES {
+            return Err(invalid(
+                reroute_key,
+                a(reroute_key).unwrap_or_default(),
+                format!(
+                    "{} rerouted interfaces times {} CIDRs in {ANNOT_INCLUDE_OUTBOUND_IP_RANGES} \
+                     make {rules} rules; at most {} are accepted",
+                    reroute_virtual_interfaces.len(),
+                    cidrs.len(),
+                    limits::REROUTE_RULES
+                ),
+            ));
+        }
+    }
+    Ok(reroute_virtual_interfaces)
 }
 
 #[cfg(test)]
