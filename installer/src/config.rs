@@ -457,15 +457,6 @@ impl Config {
             _ => raw.path("KUBE_CA_FILE")?,
         };
         let exclude_raw = raw.get("EXCLUDE_NAMESPACES").to_string();
-        let optional_path = |env: &'static str| match raw.get(env) {
-            "" => Ok(None),
-            _ => raw.path(env).map(Some),
-        };
-        let (bpffs, pin_dir, cgroup_root) = crate::accel::locate_host_paths(
-            optional_path("FASTPATH_BPFFS")?,
-            optional_path("FASTPATH_BPF_PIN_DIR")?,
-            optional_path("FASTPATH_CGROUP_ROOT")?,
-        );
         Ok(Config {
             cni_conf_name: (!conf_name.is_empty()).then(|| conf_name.to_string()),
             chained: raw.bool("CHAINED_CNI_PLUGIN")?,
@@ -517,27 +508,7 @@ impl Config {
                         raw.bad("FASTPATH_FIGHT_WINDOW_SECONDS", "expected 1 or more")
                     })?,
             ),
-            accel: crate::accel::AccelSettings {
-                enabled: raw.bool("FASTPATH_ACCELERATION")?,
-                bpffs,
-                pin_dir,
-                cgroup_root,
-                run_dir: raw.path("CNI_AGENT_RUN_DIR")?,
-                max_queued_bytes: u64::try_from(raw.int("FASTPATH_MAX_QUEUED_BYTES")?)
-                    .ok()
-                    .filter(|b| (MIN_QUEUED_BYTES..=MAX_QUEUED_BYTES).contains(b))
-                    .ok_or_else(|| {
-                        raw.bad(
-                            "FASTPATH_MAX_QUEUED_BYTES",
-                            "expected bytes between 65536 (64 KiB) and 1073741824 (1 GiB)",
-                        )
-                    })?,
-                drain_timeout: crate::accel::drain::DRAIN_TIMEOUT,
-                features_off: crate::accel::features::FeaturesOff::parse(
-                    raw.get("FASTPATH_KERNEL_FEATURES_OFF"),
-                )
-                .map_err(|why| raw.bad("FASTPATH_KERNEL_FEATURES_OFF", &why))?,
-            },
+            accel: accel_settings(raw)?,
         })
     }
 
@@ -589,6 +560,41 @@ pub fn split_exclude_namespaces(s: &str) -> Vec<String> {
 }
 
 /// `install-cni --help`.
+/// The accelerator's settings: the host paths found from what this process sees of the
+/// node, unless set, and the acceleration knobs.
+fn accel_settings(raw: &RawConfig) -> Result<crate::accel::AccelSettings, String> {
+    let optional_path = |env: &'static str| match raw.get(env) {
+        "" => Ok(None),
+        _ => raw.path(env).map(Some),
+    };
+    let (bpffs, pin_dir, cgroup_root) = crate::accel::locate_host_paths(
+        optional_path("FASTPATH_BPFFS")?,
+        optional_path("FASTPATH_BPF_PIN_DIR")?,
+        optional_path("FASTPATH_CGROUP_ROOT")?,
+    );
+    Ok(crate::accel::AccelSettings {
+        enabled: raw.bool("FASTPATH_ACCELERATION")?,
+        bpffs,
+        pin_dir,
+        cgroup_root,
+        run_dir: raw.path("CNI_AGENT_RUN_DIR")?,
+        max_queued_bytes: u64::try_from(raw.int("FASTPATH_MAX_QUEUED_BYTES")?)
+            .ok()
+            .filter(|b| (MIN_QUEUED_BYTES..=MAX_QUEUED_BYTES).contains(b))
+            .ok_or_else(|| {
+                raw.bad(
+                    "FASTPATH_MAX_QUEUED_BYTES",
+                    "expected bytes between 65536 (64 KiB) and 1073741824 (1 GiB)",
+                )
+            })?,
+        drain_timeout: crate::accel::drain::DRAIN_TIMEOUT,
+        features_off: crate::accel::features::FeaturesOff::parse(
+            raw.get("FASTPATH_KERNEL_FEATURES_OFF"),
+        )
+        .map_err(|why| raw.bad("FASTPATH_KERNEL_FEATURES_OFF", &why))?,
+    })
+}
+
 pub fn usage() -> String {
     let mut s = String::from(
         "install-cni (fastpath): installs the istio-cni plugin on this node and keeps it installed.\n\n\
