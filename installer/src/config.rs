@@ -406,28 +406,7 @@ impl Config {
             (None, true) => log_level,
             (None, false) => log.level_for("cni-plugin"),
         };
-        let template = match (
-            raw.get("CNI_NETWORK_CONFIG"),
-            raw.get("CNI_NETWORK_CONFIG_FILE"),
-        ) {
-            (t, _) if !t.is_empty() => Template {
-                text: t.to_string(),
-                origin: "CNI_NETWORK_CONFIG".into(),
-            },
-            (_, f) if !f.is_empty() => {
-                let text = read_file(f).map_err(|e| {
-                    raw.bad("CNI_NETWORK_CONFIG_FILE", &format!("cannot read it: {e}"))
-                })?;
-                Template {
-                    text,
-                    origin: format!("CNI_NETWORK_CONFIG_FILE={f}"),
-                }
-            }
-            _ => Template {
-                text: crate::conflist::DEFAULT_TEMPLATE.to_string(),
-                origin: "built-in".into(),
-            },
-        };
+        let template = template(raw, read_file)?;
         let ambient_enabled = raw.bool("AMBIENT_ENABLED")?;
         if ambient_enabled {
             return Err(raw.bad(
@@ -560,6 +539,38 @@ pub fn split_exclude_namespaces(s: &str) -> Vec<String> {
 }
 
 /// `install-cni --help`.
+/// The plugin entry's template: `CNI_NETWORK_CONFIG`, else the file
+/// `CNI_NETWORK_CONFIG_FILE` names, else the built-in one.
+fn template(
+    raw: &RawConfig,
+    read_file: impl Fn(&str) -> std::io::Result<String>,
+) -> Result<Template, String> {
+    Ok(
+        match (
+            raw.get("CNI_NETWORK_CONFIG"),
+            raw.get("CNI_NETWORK_CONFIG_FILE"),
+        ) {
+            (t, _) if !t.is_empty() => Template {
+                text: t.to_string(),
+                origin: "CNI_NETWORK_CONFIG".into(),
+            },
+            (_, f) if !f.is_empty() => {
+                let text = read_file(f).map_err(|e| {
+                    raw.bad("CNI_NETWORK_CONFIG_FILE", &format!("cannot read it: {e}"))
+                })?;
+                Template {
+                    text,
+                    origin: format!("CNI_NETWORK_CONFIG_FILE={f}"),
+                }
+            }
+            _ => Template {
+                text: crate::conflist::DEFAULT_TEMPLATE.to_string(),
+                origin: "built-in".into(),
+            },
+        },
+    )
+}
+
 /// The accelerator's settings: the host paths found from what this process sees of the
 /// node, unless set, and the acceleration knobs.
 fn accel_settings(raw: &RawConfig) -> Result<crate::accel::AccelSettings, String> {
