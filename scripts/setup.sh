@@ -38,8 +38,27 @@ declare -A PKG_PROBE=(
   [buildah]=/usr/bin/buildah
 )
 missing=()
-# The image's builder stage needs only the toolchain steps below.
-[ "${FASTPATH_SETUP_ONLY_TOOLCHAIN:-0}" = 1 ] && PKG_PROBE=()
+# scripts/build-static.sh and the image's builder stage need only the toolchain steps below and,
+# for the static (musl) binaries of each architecture in FASTPATH_ARCHES, a C compiler for ring
+# (rustls): musl-gcc on this machine's own architecture; Debian's cross gcc (also the linker) and
+# that architecture's libc headers for the other one.
+if [ "${FASTPATH_SETUP_ONLY_TOOLCHAIN:-0}" = 1 ]; then
+  PKG_PROBE=()
+  HOST_ARCH=$(dpkg --print-architecture)
+  for arch in ${FASTPATH_ARCHES:-}; do
+    case $arch in
+      amd64) gnu=x86_64-linux-gnu gcc=gcc-x86-64-linux-gnu ;;
+      arm64) gnu=aarch64-linux-gnu gcc=gcc-aarch64-linux-gnu ;;
+      *) fail static-targets "no static build for architecture '$arch' (amd64, arm64)" ;;
+    esac
+    if [ "$arch" = "$HOST_ARCH" ]; then
+      PKG_PROBE[musl-tools]=/usr/bin/musl-gcc
+    else
+      PKG_PROBE[$gcc]=/usr/bin/$gnu-gcc
+      PKG_PROBE[libc6-dev-$arch-cross]=/usr/$gnu/include/string.h
+    fi
+  done
+fi
 for pkg in "${!PKG_PROBE[@]}"; do
   [ -e "${PKG_PROBE[$pkg]}" ] || missing+=("$pkg")
 done
@@ -59,6 +78,16 @@ if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q
   echo "setup: adding rust-src to nightly"
   rustup component add rust-src --toolchain nightly >>"$LOG" 2>&1 || fail rust-src "rustup component add rust-src --toolchain nightly"
 fi
+
+# --- step: rustup targets of the static binaries (FASTPATH_ARCHES, set by build-static.sh) ------
+for arch in ${FASTPATH_ARCHES:-}; do
+  case $arch in amd64) triple=x86_64-unknown-linux-musl ;; arm64) triple=aarch64-unknown-linux-musl ;; esac
+  # In the repository, so that the target goes to the toolchain rust-toolchain.toml selects.
+  if ! (cd "$ROOT" && rustup target list --installed) | grep -qx "$triple"; then
+    echo "setup: adding the $triple target"
+    (cd "$ROOT" && rustup target add "$triple") >>"$LOG" 2>&1 || fail rust-target "rustup target add $triple"
+  fi
+done
 
 # --- step: bpf-linker against the nightly's own libLLVM ------------------------------------------
 NIGHTLY_LIB=$(rustc +nightly --print sysroot)/lib

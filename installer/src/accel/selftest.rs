@@ -137,10 +137,10 @@ fn loopback_up() -> Result<()> {
         for (d, c) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
             *d = *c as libc::c_char;
         }
-        let mut rc = libc::ioctl(s, libc::SIOCGIFFLAGS, &mut ifr);
+        let mut rc = libc::ioctl(s, libc::SIOCGIFFLAGS as _, &mut ifr);
         if rc == 0 {
             ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            rc = libc::ioctl(s, libc::SIOCSIFFLAGS, &mut ifr);
+            rc = libc::ioctl(s, libc::SIOCSIFFLAGS as _, &mut ifr);
         }
         let err = std::io::Error::last_os_error();
         libc::close(s);
