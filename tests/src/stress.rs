@@ -759,6 +759,25 @@ impl Bench {
         }));
     }
 
+    /// The TCP sockets of the client and server pods (`ss -tanoie`), and the accelerator's
+    /// queue entries (cookie, state, bytes queued), for a failure report.
+    fn sockets_now(&self, client: &Pod, server: &Pod) -> String {
+        let ss = |pod: &Pod| pod.sh("ss -tanoie 2>&1 | grep -v LISTEN");
+        let queues: aya::maps::HashMap<_, u64, fastpath_common::RxQueue> =
+            self.accel.map(fastpath_common::map_names::RXQ);
+        let entries: Vec<String> = queues
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(cookie, q)| format!("{cookie}: state {} queued {}", q.state, q.queued as i64))
+            .collect();
+        format!(
+            "\n  client pod sockets:\n{}\n  server pod sockets:\n{}\n  queue entries: {}",
+            ss(client),
+            ss(server),
+            entries.join(", ")
+        )
+    }
+
     fn stop_sweeper(&mut self) {
         self.sweeper_stop
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -929,12 +948,21 @@ impl Bench {
         });
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = monitor.join();
+        let errors: Vec<String> = result.into_iter().flatten().collect();
+        let failed = (!errors.is_empty()).then(|| {
+            let mut what = errors.join("; ");
+            // A stream whose end did not arrive: what each pod's sockets hold tells which hop
+            // kept it (Recv-Q, Send-Q, state), and which ones are still accelerated.
+            if what.contains("TimedOut") {
+                what.push_str(&self.sockets_now(client_pod, listener_pod));
+            }
+            what
+        });
         if case.event == Event::SweeperKilled {
             self.start_sweeper();
         }
-        let errors: Vec<String> = result.into_iter().flatten().collect();
-        if !errors.is_empty() {
-            return Err(fail(errors.join("; ")));
+        if let Some(what) = failed {
+            return Err(fail(what));
         }
         let p = peak.load(std::sync::atomic::Ordering::Relaxed);
         if p > limit + case.max_write.max(1 << 20) {
