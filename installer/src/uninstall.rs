@@ -60,7 +60,7 @@ pub fn leftovers(cfg: &Config, programs: &[u32]) -> Vec<String> {
     if cfg.accel.pin_dir.exists() {
         left.push(format!("pins under {}", cfg.accel.pin_dir.display()));
     }
-    let programs = accel::still_loaded(programs);
+    let programs = accel::still_loaded_after(programs, std::time::Duration::from_secs(2));
     if !programs.is_empty() {
         left.push(format!(
             "fastpath programs still loaded (held by connections that did not drain; they \

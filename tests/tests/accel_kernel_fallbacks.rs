@@ -69,7 +69,7 @@ fn without_sockmap_links_sk_msg_is_attached_to_the_sockhash_and_survives_a_resta
     let programs = accel::pinned_program_ids(&dir);
     assert!(programs.contains(&prog), "{programs:?}");
     accel::uninstall(&accel.settings).unwrap();
-    let loaded = accel::still_loaded(&programs);
+    let loaded = accel::still_loaded_after(&programs, Duration::from_secs(2));
     assert!(loaded.is_empty(), "still loaded: {loaded:?}");
 }
 

@@ -106,7 +106,7 @@ fn an_uninstall_drains_every_connection_to_tcp_then_unloads_everything_and_loses
             uninstall.join().unwrap().expect("uninstall");
             assert!(!accel.pin_dir().exists(), "pins left");
             // Every connection is still open, and nothing holds a program any more.
-            let loaded = accel::still_loaded(&programs);
+            let loaded = accel::still_loaded_after(&programs, Duration::from_secs(2));
             assert!(
                 loaded.is_empty(),
                 "fastpath programs still loaded after the uninstall: {loaded:?}"

@@ -63,7 +63,7 @@ pub use plan::{NodeView, cgroup2_root, host_bpffs, host_cgroup_root, object_hash
 use read_filter::*;
 pub use read_filter::{ReadFilter, read_filter_bypassed, refresh_read_filter};
 use removal::*;
-pub use removal::{pinned_program_ids, still_loaded, uninstall};
+pub use removal::{pinned_program_ids, still_loaded, still_loaded_after, uninstall};
 pub use status::{PodCounters, pod_counters, status_report};
 
 /// Pin names of the programs and links under the pin directory.

@@ -53,6 +53,19 @@ pub fn pinned_program_ids(pin_dir: &Path) -> Vec<u32> {
     ids
 }
 
+/// The programs of `ids` still loaded after waiting up to `within` for them to go: the kernel
+/// frees a program whose last reference is gone after an RCU grace period, not at once.
+pub fn still_loaded_after(ids: &[u32], within: std::time::Duration) -> Vec<String> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let loaded = still_loaded(ids);
+        if loaded.is_empty() || std::time::Instant::now() >= deadline {
+            return loaded;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// The programs of `ids` that are still loaded, as `name (id N)`.
 pub fn still_loaded(ids: &[u32]) -> Vec<String> {
     aya::programs::loaded_programs()
