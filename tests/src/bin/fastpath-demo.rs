@@ -3,9 +3,11 @@
 //! It makes host CNI dirs under a temp dir with a primary conflist from the reference plugins,
 //! a small API server that serves the pods, runs the real `install-cni` against that node,
 //! creates pods as network namespaces through the real CNI chain (with `istio-cni` chained in),
-//! runs a sidecar in each mesh pod, sends traffic app → sidecar → sidecar → app, shows the
-//! rules, the metrics and the accelerator's per-pod counters, then shuts `install-cni` down and
-//! cleans everything up.
+//! runs a sidecar in each mesh pod, sends traffic app → sidecar → sidecar → app with acceleration
+//! off, restarts `install-cni` with it on (an upgrade: everything stays) and sends the same
+//! traffic again, side by side, shows the rules, the metrics and the accelerator's per-pod
+//! counters, then deletes the DaemonSet in the API and stops `install-cni`, which decides that
+//! this is an uninstall and removes everything.
 //!
 //! Subcommands used inside the pods: `sidecar`, `echo PORT`, `ping ADDR SIZE COUNT`.
 use anyhow::{Context as _, Result, bail};
@@ -149,6 +151,82 @@ fn bin(name: &str) -> PathBuf {
     me.parent().expect("bin dir").join(name)
 }
 
+const AGENT_POD: &str = "istio-cni-node-demo1";
+const DAEMONSET: &str = "/apis/apps/v1/namespaces/istio-system/daemonsets/istio-cni-node";
+
+/// Starts install-cni as the DaemonSet's container would run, logging to install-cni.log.
+fn start_agent(
+    node: &Node,
+    api: &FakeKubeApi,
+    health: u16,
+    metrics: u16,
+    accelerate: bool,
+) -> Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(node.root.join("install-cni.log"))?;
+    Command::new(bin("install-cni"))
+        .env_clear()
+        .envs(agent_env(node, health, metrics))
+        .env("KUBERNETES_SERVICE_HOST", api.addr.ip().to_string())
+        .env("KUBERNETES_SERVICE_PORT", api.addr.port().to_string())
+        .env("POD_NAME", AGENT_POD)
+        .env("NODE_NAME", "demo-node")
+        .env("FASTPATH_ACCELERATION", accelerate.to_string())
+        .arg("--log_output_level=info")
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .context("start install-cni")
+}
+
+/// SIGTERM to install-cni, and its exit.
+fn stop_agent(node: &mut Node) -> Result<std::process::ExitStatus> {
+    let mut agent = node.agent.take().context("install-cni is not running")?;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    Ok(agent.wait()?)
+}
+
+/// p50 and p99 (µs) of 5000 echoes of 64 B from the app of `client_ns` to `ip`.
+fn ping(client_ns: &str, ip: &str) -> Result<(f64, f64)> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            client_ns,
+            "setpriv",
+            "--reuid",
+            APP_UID,
+            "--regid",
+            APP_UID,
+            "--clear-groups",
+        ])
+        .arg(std::env::current_exe()?)
+        .args(["ping", &format!("{ip}:{APP_PORT}"), "64", "5000"])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "ping to {ip} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let r: Value = serde_json::from_slice(&out.stdout)?;
+    Ok((
+        r["p50_us"].as_f64().unwrap_or_default(),
+        r["p99_us"].as_f64().unwrap_or_default(),
+    ))
+}
+
+/// Whether the primary config chains istio-cni.
+fn chained(primary: &Path) -> Result<bool> {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(primary)?)?;
+    Ok(v["plugins"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|p| p["type"] == "istio-cni")))
+}
+
 fn agent_env(node: &Node, health: u16, metrics: u16) -> Vec<(String, String)> {
     let p = |p: PathBuf| p.display().to_string();
     vec![
@@ -258,23 +336,32 @@ fn demo() -> Result<()> {
     std::fs::create_dir_all(&sa)?;
     std::fs::write(sa.join("token"), "demo-token")?;
     std::fs::write(sa.join("ca.crt"), &api.ca_pem)?;
-    println!("serving {} pods at {}", 3, api.url());
+    // What install-cni asks on SIGTERM: its own pod, the DaemonSet that owns it, its node.
+    api.set_pod(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": AGENT_POD, "namespace": "istio-system",
+                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet",
+                                          "name": "istio-cni-node", "uid": "demo", "controller": true}]},
+        "spec": {"nodeName": "demo-node"}}));
+    api.set_object(
+        DAEMONSET,
+        json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": "istio-cni-node", "namespace": "istio-system", "uid": "demo"},
+        "spec": {"template": {"spec": {"nodeSelector": {"kubernetes.io/os": "linux"}}}}}),
+    );
+    api.set_object(
+        "/api/v1/nodes/demo-node",
+        json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "demo-node", "labels": {"kubernetes.io/os": "linux"}}}),
+    );
+    println!(
+        "serving 3 pods, the DaemonSet istio-system/istio-cni-node and its pod, at {}",
+        api.url()
+    );
 
-    step("install-cni starts (the DaemonSet's container)");
+    step("install-cni starts (the DaemonSet's container), acceleration off for now");
     let (health, metrics) = (free_port(), free_port());
-    let log = std::fs::File::create(node.root.join("install-cni.log"))?;
     let started = Instant::now();
-    let agent = Command::new(bin("install-cni"))
-        .env_clear()
-        .envs(agent_env(&node, health, metrics))
-        .env("KUBERNETES_SERVICE_HOST", api.addr.ip().to_string())
-        .env("KUBERNETES_SERVICE_PORT", api.addr.port().to_string())
-        .arg("--log_output_level=info")
-        .stdout(Stdio::from(log.try_clone()?))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .context("start install-cni")?;
-    node.agent = Some(agent);
+    node.agent = Some(start_agent(&node, &api, health, metrics, false)?);
     let readyz = wait_for(Duration::from_secs(30), || {
         match http_get(health, "/readyz") {
             Some((200, body)) => Some(body),
@@ -361,44 +448,62 @@ fn demo() -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
 
     step("Traffic: productpage-v1 app → its sidecar → reviews-v1 sidecar → reviews-v1 app");
-    let client_ns = &pods[0].0;
-    for (target, ip) in [
-        ("reviews-v1 (mesh)", &pods[1].1),
-        ("legacy-db (no sidecar)", &pods[2].1),
-    ] {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                client_ns,
-                "setpriv",
-                "--reuid",
-                APP_UID,
-                "--regid",
-                APP_UID,
-                "--clear-groups",
-            ])
-            .arg(std::env::current_exe()?)
-            .args(["ping", &format!("{ip}:{APP_PORT}"), "64", "5000"])
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "ping to {target} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let r: Value = serde_json::from_slice(&out.stdout)?;
+    let client_ns = pods[0].0.clone();
+    let targets = [
+        ("reviews-v1 (mesh)", pods[1].1.clone()),
+        ("legacy-db (no sidecar)", pods[2].1.clone()),
+    ];
+    let mut off = Vec::new();
+    for (target, ip) in &targets {
+        let (p50, p99) = ping(&client_ns, ip)?;
         println!(
-            "to {target:<24} 5000 × 64 B echoed intact   p50 {:>6.1} µs   p99 {:>6.1} µs",
-            r["p50_us"].as_f64().unwrap_or_default(),
-            r["p99_us"].as_f64().unwrap_or_default()
+            "acceleration off: to {target:<24} 5000 × 64 B echoed intact   p50 {p50:>6.1} µs   p99 {p99:>6.1} µs"
         );
+        off.push((p50, p99));
     }
 
-    step("install-cni's metrics (Istio's names, then fastpath's)");
+    step(
+        "install-cni restarts with acceleration on (SIGTERM: the DaemonSet is there, so an upgrade)",
+    );
+    stop_agent(&mut node)?;
+    let log = std::fs::read_to_string(node.root.join("install-cni.log"))?;
+    for l in log.lines().filter(|l| l.contains("SIGTERM")) {
+        println!("  {l}");
+    }
+    println!(
+        "after it stopped: istio-cni still chained: {}, plugin binary present: {}",
+        chained(&primary_path)?,
+        node.bin_dir().join("istio-cni").exists()
+    );
+    node.agent = Some(start_agent(&node, &api, health, metrics, true)?);
+    wait_for(Duration::from_secs(60), || {
+        http_get(metrics, "/metrics")
+            .and_then(|(_, t)| t.contains("fastpath_accel_enabled 1").then_some(()))
+    })
+    .context("acceleration did not come on in 60 s; see install-cni.log")?;
+    println!(
+        "acceleration active (eBPF sock_ops, sk_msg, a recvmsg tracepoint and an ingress gate)"
+    );
+
+    step("The same traffic, accelerated, side by side");
+    println!(
+        "{:<24} {:>12} {:>12} {:>12} {:>12} {:>8}",
+        "to", "off p50 µs", "on p50 µs", "off p99 µs", "on p99 µs", "p50 ×"
+    );
+    for ((target, ip), (off50, off99)) in targets.iter().zip(off) {
+        let (on50, on99) = ping(&client_ns, ip)?;
+        println!(
+            "{target:<24} {off50:>12.1} {on50:>12.1} {off99:>12.1} {on99:>12.1} {:>8.2}",
+            off50 / on50
+        );
+    }
+    println!("(the no-sidecar pod is not enrolled: its path is plain TCP both times)");
+
+    step("install-cni's metrics (Istio's names, then fastpath's per-pod counters)");
     let (_, text) = http_get(metrics, "/metrics").context("GET /metrics")?;
     for l in text.lines().filter(|l| !l.starts_with('#')) {
-        if l.starts_with("istio_cni_install") || (l.starts_with("fastpath_") && !l.contains(" 0")) {
+        if l.starts_with("istio_cni_install") || (l.starts_with("fastpath_") && !l.ends_with(" 0"))
+        {
             println!("  {l}");
         }
     }
@@ -414,7 +519,7 @@ fn demo() -> Result<()> {
         String::from_utf8_lossy(&status.stderr)
     );
 
-    step("Pods deleted, then install-cni stops (SIGTERM, as at uninstall)");
+    step("Pods deleted; the DaemonSet is deleted (helm uninstall); install-cni gets SIGTERM");
     for p in &mut node.processes {
         let _ = p.kill();
         let _ = p.wait();
@@ -431,36 +536,20 @@ fn demo() -> Result<()> {
             .map_err(|e| anyhow::anyhow!("{e:#}"))?;
         println!("{:<15} DEL ok", pod.name);
     }
-    if let Some(mut agent) = node.agent.take() {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-        let status = agent.wait()?;
-        println!("install-cni exited: {status}");
+    api.remove_object(DAEMONSET);
+    let before = std::fs::read_to_string(node.root.join("install-cni.log"))?.len();
+    let status = stop_agent(&mut node)?;
+    println!("install-cni exited: {status}");
+    let log = std::fs::read_to_string(node.root.join("install-cni.log"))?;
+    for l in log[before..].lines() {
+        println!("  {l}");
     }
-    let after: Value = serde_json::from_str(&std::fs::read_to_string(&primary_path)?)?;
-    let types: Vec<&str> = after["plugins"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|p| p["type"].as_str()).collect())
-        .unwrap_or_default();
     println!(
-        "primary config plugins now: {types:?}; plugin binary present: {}",
-        node.bin_dir().join("istio-cni").exists()
+        "primary config chains istio-cni: {}; plugin binary present: {}; pins present: {}",
+        chained(&primary_path)?,
+        node.bin_dir().join("istio-cni").exists(),
+        node.pin_dir.exists()
     );
-    println!(
-        "(the accelerator's pins stay across restarts; `install-cni uninstall` removes them, as the demo does now)"
-    );
-    let out = Command::new(bin("install-cni"))
-        .arg("uninstall")
-        .envs(agent_env(&node, 0, 0))
-        .output()?;
-    if out.status.success() {
-        println!("uninstall: ok");
-    } else {
-        println!(
-            "uninstall failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
     println!(
         "\nlog of install-cni: {} (removed with the node)",
         node.root.join("install-cni.log").display()
