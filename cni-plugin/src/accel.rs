@@ -238,7 +238,9 @@ fn write_record(path: &Path, record: &PodRecord) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let dir = path.parent().expect("record path has a parent");
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    let tmp = path.with_extension("json.tmp");
+    // One temp file per writer: concurrent ADDs of one pod (a runtime's retries) must not
+    // rename each other's.
+    let tmp = path.with_extension(format!("json.tmp.{}", std::process::id()));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)

@@ -502,6 +502,12 @@ impl EventFilter {
     }
 
     fn path_relevant(&self, p: &Path) -> bool {
+        // An atomic write's temp file comes and goes with the write, also when the write
+        // fails: taken as a change, a failing write (a full disk) would trigger the next one
+        // at once, past the retry back-off.
+        if crate::fsutil::is_temp_file(p) {
+            return false;
+        }
         let parent = p.parent().unwrap_or(p);
         if p == self.run_dir
             || (parent == self.run_dir

@@ -20,6 +20,13 @@ fn temp_prefix(target: &Path) -> String {
     )
 }
 
+/// Whether `path` names a temp file of an atomic write (`<name>.tmp.<random>`, Istio's and
+/// ours): its creation and removal change nothing that a pass would act on.
+pub fn is_temp_file(path: &Path) -> bool {
+    path.file_name()
+        .is_some_and(|n| n.to_string_lossy().contains(".tmp."))
+}
+
 fn temp_path(target: &Path) -> PathBuf {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);

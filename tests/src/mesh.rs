@@ -170,6 +170,12 @@ impl Drop for Mesh {
 
 fn load_rules(pod: &Pod) {
     use std::io::Write as _;
+    // Packets conntrack takes as INVALID (which Istio's REDIRECT then leaves un-NATed) go to
+    // the kernel log with the reason, for a failure report.
+    let _ = Command::new("ip")
+        .args(["netns", "exec", &pod.ns.name, "sysctl", "-qw"])
+        .arg("net.netfilter.nf_conntrack_log_invalid=6")
+        .status();
     let mut child = Command::new("ip")
         .args([
             "netns",

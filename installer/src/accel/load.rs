@@ -16,6 +16,13 @@ pub(super) fn check_kernel(settings: &AccelSettings) -> Result<PathBuf> {
     }
     sys::ensure_bpffs(&settings.bpffs).context("bpffs")?;
     let cgroup = cgroup_root(settings)?;
+    if !sys::is_cgroup2(&cgroup) {
+        bail!(
+            "{} is not a cgroup v2 mount: sock_ops attaches to the host's cgroup v2 root \
+             (FASTPATH_CGROUP_ROOT, or found from the host's mounts)",
+            cgroup.display()
+        );
+    }
     sys::current_netns_cookie().context("netns cookie")?;
     Ok(cgroup)
 }

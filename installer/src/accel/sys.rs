@@ -222,18 +222,56 @@ pub fn map_entry_count(map: BorrowedFd<'_>, key_size: u32) -> Result<usize> {
 
 /// Whether `path` is a bpffs mount point.
 pub fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = cpath(path) else { return false };
+    // BPF_FS_MAGIC
+    fs_magic(path) == Some(0xcafe_4a11)
+}
+
+/// Whether this process shares the host's mount namespace: compared with the host's init
+/// through `/host/proc` (Istio's chart mounts it), or through `/proc/1` when this process is
+/// in the host's PID namespace (its inode is the kernel's fixed `PROC_PID_INIT_INO`). `None`
+/// when neither is there to compare with.
+pub fn in_host_mount_namespace() -> Option<bool> {
+    let link = |p: &str| std::fs::read_link(p).ok();
+    let own = link("/proc/self/ns/mnt")?;
+    if let Some(host) = link("/host/proc/1/ns/mnt") {
+        return Some(own == host);
+    }
+    const INIT_PID_NS: &str = "pid:[4026531836]";
+    if link("/proc/self/ns/pid").is_some_and(|p| p == Path::new(INIT_PID_NS)) {
+        return link("/proc/1/ns/mnt").map(|init| init == own);
+    }
+    None
+}
+
+/// Whether `path` is a cgroup v2 mount (CGROUP2_SUPER_MAGIC), where sock_ops can attach.
+pub fn is_cgroup2(path: &Path) -> bool {
+    fs_magic(path) == Some(0x6367_7270)
+}
+
+/// The file system type (`statfs`'s `f_type`) of `path`.
+fn fs_magic(path: &Path) -> Option<u64> {
+    let c = cpath(path).ok()?;
     // SAFETY: statfs into a zeroed struct we own.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    // BPF_FS_MAGIC
-    rc == 0 && st.f_type as u64 == 0xcafe_4a11
+    (rc == 0).then_some(st.f_type as u64)
 }
 
 /// Mounts bpffs at `path` when it is not mounted there.
 pub fn ensure_bpffs(path: &Path) -> Result<()> {
     if is_bpffs(path) {
         return Ok(());
+    }
+    // A bpffs mounted in a pod's own mount namespace is the pod's: the plugin, which the
+    // host's runtime runs, would not see the pins, and the accelerator would report active
+    // while no pod could enroll.
+    if in_host_mount_namespace() == Some(false) {
+        bail!(
+            "{} is not a bpffs and this agent's mounts are its own (not the host's): a bpffs \
+             it mounted there would not be seen by the plugin; mount the host's /sys/fs/bpf \
+             into the pod (fastpath's manifest does), or mount bpffs there on the host",
+            path.display()
+        );
     }
     std::fs::create_dir_all(path).with_context(|| format!("create {}", path.display()))?;
     let target = cpath(path)?;
