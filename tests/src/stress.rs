@@ -771,10 +771,13 @@ impl Bench {
             .map(|(cookie, q)| format!("{cookie}: state {} queued {}", q.state, q.queued as i64))
             .collect();
         format!(
-            "\n  client pod sockets:\n{}\n  server pod sockets:\n{}\n  queue entries: {}",
+            "\n  client pod sockets:\n{}\n  server pod sockets:\n{}\n  queue entries: {}\n  \
+             client pod counters: {:?}\n  server pod counters: {:?}",
             ss(client),
             ss(server),
-            entries.join(", ")
+            entries.join(", "),
+            crate::mesh::NetCounters::of(client),
+            crate::mesh::NetCounters::of(server)
         )
     }
 
