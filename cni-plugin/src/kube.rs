@@ -320,9 +320,19 @@ fn transport_error(e: ureq::Error) -> FetchError {
 /// passed [`valid_object_name`] only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Object<'a> {
-    Pod { namespace: &'a str, name: &'a str },
-    DaemonSet { namespace: &'a str, name: &'a str },
-    Node { name: &'a str },
+    Pod {
+        namespace: &'a str,
+        name: &'a str,
+    },
+    DaemonSet {
+        namespace: &'a str,
+        name: &'a str,
+    },
+    Node {
+        name: &'a str,
+    },
+    /// The server's version (`/version`): what the agent asks to check TLS at start.
+    Version,
 }
 
 impl Object<'_> {
@@ -333,6 +343,7 @@ impl Object<'_> {
                 (Some(namespace), name)
             }
             Object::Node { name } => (None, name),
+            Object::Version => return Ok("/version".into()),
         };
         if !namespace.is_none_or(valid_object_name) || !valid_object_name(name) {
             return Err(FetchError::Config(format!(
@@ -349,6 +360,7 @@ impl Object<'_> {
                 format!("/apis/apps/v1/namespaces/{namespace}/daemonsets/{name}")
             }
             Object::Node { name } => format!("/api/v1/nodes/{name}"),
+            Object::Version => "/version".into(),
         })
     }
 
@@ -357,6 +369,7 @@ impl Object<'_> {
             Object::Pod { .. } => "pod",
             Object::DaemonSet { .. } => "daemonset",
             Object::Node { .. } => "node",
+            Object::Version => "version",
         }
     }
 }

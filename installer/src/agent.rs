@@ -14,6 +14,7 @@ use crate::install::Installer;
 use crate::metrics::{self, Metrics};
 use crate::readiness::Readiness;
 use crate::shutdown::{self, KeepInstall, Verdict};
+use fastpath_cni_plugin::kube::FetchError;
 
 const SCOPE: &str = crate::logging::SCOPE_AGENT;
 
@@ -102,6 +103,7 @@ pub fn run(cfg: Config, entry: serde_json::Map<String, serde_json::Value>) -> i3
 
     let mut watches = Watches::new(&cfg, tx.clone());
     let mut installer = Installer::new(cfg.clone(), entry, metrics.clone());
+    check_api_tls(&installer);
     let mut retry = RETRY_FIRST;
     let signal = loop {
         watches.ensure();
@@ -218,6 +220,40 @@ fn start_accelerator(cfg: &Config, readiness: &Arc<Readiness>) -> Arc<OnceLock<A
         }
     }
     accel_state
+}
+
+/// Checks once, in the background, that the API server's certificate verifies with the
+/// service account's CA, as the plugin will on every ADD: a certificate that can never verify
+/// fails every mesh pod's ADD on this node, and the agent says so at start, with the cause,
+/// rather than only in the plugin's log of each pod.
+fn check_api_tls(installer: &Installer) {
+    let access = match installer.api_access() {
+        Ok(a) => a,
+        Err(e) => {
+            log::info!(target: SCOPE, "API server TLS not checked: {e}");
+            return;
+        }
+    };
+    if access.insecure {
+        log::info!(target: SCOPE, "API server TLS not verified (SKIP_TLS_VERIFY=true)");
+        return;
+    }
+    let server = access.server.clone();
+    let _ = std::thread::Builder::new()
+        .name("api-tls".into())
+        .spawn(move || match fastpath_cni_plugin::kube::get(&access, fastpath_cni_plugin::kube::Object::Version) {
+            Err(e @ FetchError::Certificate(_)) => {
+                log::error!(target: SCOPE, "API server {server}: {e}; every mesh pod's ADD on this node will fail until it is fixed")
+            }
+            Err(FetchError::Transport(e)) => {
+                log::warn!(target: SCOPE, "API server {server} not reachable at start: {e}")
+            }
+            // An answer (whatever its status) came over a verified connection.
+            Ok(_) | Err(FetchError::Status(..)) => {
+                log::info!(target: SCOPE, "API server {server}: TLS verified with the service account's CA")
+            }
+            Err(e) => log::warn!(target: SCOPE, "API server {server}: {e}"),
+        });
 }
 
 /// Sends the first SIGTERM or SIGINT to the loop.
