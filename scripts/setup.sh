@@ -112,14 +112,15 @@ fi
 if [ "${FASTPATH_SETUP_ONLY_TOOLCHAIN:-0}" = 1 ]; then echo "setup: toolchain ok"; exit 0; fi
 
 # --- step: the offline Kubernetes schema validator the manifest tests use (PyPI) -----------------
-if ! command -v kubernetes-validate >/dev/null 2>&1; then
+# `--version`, not `command -v`: pyenv keeps a shim after the package is gone.
+if ! kubernetes-validate --version >/dev/null 2>&1; then
   echo "setup: installing kubernetes-validate (PyPI)"
   python3 -m pip install --quiet kubernetes-validate >>"$LOG" 2>&1 \
     || python3 -m pip install --quiet --break-system-packages kubernetes-validate >>"$LOG" 2>&1 \
     || fail kubernetes-validate "pip install kubernetes-validate"
   command -v pyenv >/dev/null 2>&1 && pyenv rehash >>"$LOG" 2>&1
   hash -r
-  command -v kubernetes-validate >/dev/null 2>&1 || fail kubernetes-validate "installed, but not on PATH"
+  kubernetes-validate --version >/dev/null 2>&1 || fail kubernetes-validate "installed, but it does not run from PATH"
 fi
 if ! mountpoint -q /sys/fs/bpf; then
   mount -t bpf bpf /sys/fs/bpf 2>>"$LOG" || fail bpffs "mount -t bpf bpf /sys/fs/bpf"
