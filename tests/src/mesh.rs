@@ -326,6 +326,11 @@ pub struct NetCounters {
     pub abort_on_close: u64,
     /// Resets sent because data arrived after close.
     pub abort_on_data: u64,
+    /// Challenge ACKs sent (a RST or SYN whose sequence number was in the window but not the
+    /// expected one is answered with one and otherwise ignored), and those skipped by the
+    /// rate limit.
+    pub challenge_acks: u64,
+    pub challenge_acks_skipped: u64,
 }
 
 impl NetCounters {
@@ -349,6 +354,16 @@ impl NetCounters {
                     &read("/proc/thread-self/net/netstat"),
                     "TcpExt",
                     "TCPAbortOnData",
+                ),
+                challenge_acks: proc_net_field(
+                    &read("/proc/thread-self/net/netstat"),
+                    "TcpExt",
+                    "TCPChallengeACK",
+                ),
+                challenge_acks_skipped: proc_net_field(
+                    &read("/proc/thread-self/net/netstat"),
+                    "TcpExt",
+                    "TCPACKSkippedChallenge",
                 ),
             }
         })
