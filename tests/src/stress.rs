@@ -731,9 +731,38 @@ impl Bench {
                 &format!("{tag}m"),
                 62,
                 accelerated.then_some(&accel),
-                SidecarPolling::EdgeTriggered,
+                // STRESS_SIDECAR_POLLING=default: HAProxy's own (level-triggered) polling.
+                match std::env::var("STRESS_SIDECAR_POLLING").as_deref() {
+                    Ok("default") => SidecarPolling::Default,
+                    _ => SidecarPolling::EdgeTriggered,
+                },
             )
         });
+        // STRESS_PCAP=<dir>: a capture of both mesh pods' handshakes, FINs, resets and small
+        // segments (tcpdump), for a replayed failure.
+        if let (Ok(dir), Some(m)) = (std::env::var("STRESS_PCAP"), &mesh) {
+            for (pod, name) in [(&m.client, "client"), (&m.server, "server")] {
+                let _ = std::process::Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &pod.ns.name,
+                        "tcpdump",
+                        "-i",
+                        "any",
+                        "-s",
+                        "128",
+                        "-U",
+                        "-w",
+                    ])
+                    .arg(format!("{dir}/{name}.pcap"))
+                    .arg("tcp and (tcp[tcpflags] & (tcp-rst|tcp-fin|tcp-syn) != 0 or len < 120)")
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn();
+            }
+            std::thread::sleep(Duration::from_millis(800));
+        }
         let mut b = Self {
             accel,
             pod,
