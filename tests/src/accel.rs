@@ -266,6 +266,16 @@ pub fn reuse_listener(addr: std::net::SocketAddr) -> std::net::TcpListener {
     s.into()
 }
 
+/// A loopback connection in the current network namespace (call it inside [`Pod::run`] of an
+/// enrolled pod), once both its sockets are in `accel`'s sockhash: (client, server).
+pub fn paired_loopback_connection(accel: &Accel) -> (std::net::TcpStream, std::net::TcpStream) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (s, _) = l.accept().unwrap();
+    accel.wait_entries(fastpath_common::map_names::SOCKS, 2, "after pairing");
+    (c, s)
+}
+
 /// Asserts that a stream read back is the one written: as long, and every byte equal (the
 /// first one that is not is named).
 pub fn assert_same_bytes(got: &[u8], want: &[u8]) {

@@ -94,6 +94,27 @@ impl ScratchBpffsDir {
     }
 }
 
+/// What a test that runs an agent with acceleration on holds: the node's sock_ops lock (one
+/// accelerator at a time) and a scratch pin directory on bpffs (`dir`), unpinned on drop.
+pub struct AgentPins {
+    pub dir: std::path::PathBuf,
+    _pins: ScratchBpffsDir,
+    _lock: std::fs::File,
+}
+
+impl AgentPins {
+    pub fn new(tag: &str) -> Self {
+        let lock = serial_guard("cgroup-sockops");
+        ensure_bpffs();
+        let pins = ScratchBpffsDir::new(tag);
+        Self {
+            dir: pins.path().join("fastpath"),
+            _pins: pins,
+            _lock: lock,
+        }
+    }
+}
+
 impl Drop for ScratchBpffsDir {
     /// Unpins everything below, subdirectories included (a pin directory an installer made in
     /// it): a test that fails half-way must not leave programs attached to the node's root

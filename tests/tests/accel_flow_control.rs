@@ -8,8 +8,8 @@ use fastpath_installer::accel::{
     AccelState, ReadFilter, refresh_read_filter, start, status_report,
 };
 use fastpath_tests::accel::{
-    Accel, Pod, assert_same_bytes, fionread, pattern, read_exact_retry, read_like_a_proxy,
-    read_to_end_retry,
+    Accel, Pod, assert_same_bytes, fionread, paired_loopback_connection, pattern, read_exact_retry,
+    read_like_a_proxy, read_to_end_retry,
 };
 use std::{
     io::{ErrorKind, Read as _, Write as _},
@@ -64,10 +64,7 @@ fn a_reader_that_does_not_read_stops_the_writer_and_the_stream_stays_exact() {
     let total = 96 << 20;
     let data = pattern(0xf10c, total);
     pod.run(|| {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (mut s, _) = l.accept().unwrap();
-        wait_sockhash(&accel, 2, "after pairing");
+        let (mut c, mut s) = paired_loopback_connection(&accel);
         assert_eq!(rx_queue(&accel, &s).map(|q| q.state), Some(rxq_state::OPEN));
 
         // Nobody reads: the writer must stall, after about the limit plus TCP's own buffers.
@@ -277,10 +274,7 @@ fn a_proxy_that_takes_a_short_read_after_the_fin_as_eof_gets_every_byte_across_a
     accel.enroll(&pod, None);
     let data = pattern(0x4d48, 4 * LIMIT as usize);
     pod.run(|| {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (s, _) = l.accept().unwrap();
-        wait_sockhash(&accel, 2, "after pairing");
+        let (mut c, s) = paired_loopback_connection(&accel);
         std::thread::scope(|t| {
             // Nobody reads yet. The writer goes on until the connection is demoted at the
             // bound, then sends a tail that fits in the reader's TCP receive window, and its
@@ -396,10 +390,7 @@ fn a_drained_reader_that_gets_no_more_segments_is_swept_out_of_the_sockhash() {
     accel.enroll(&pod, None);
     let data = pattern(0x5eef, 2 << 20);
     pod.run(|| {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (mut s, _) = l.accept().unwrap();
-        wait_sockhash(&accel, 2, "after pairing");
+        let (mut c, mut s) = paired_loopback_connection(&accel);
         // 16 KiB writes until the connection is demoted: the write that demoted it took TCP
         // and fits the reader's window, so the writer has nothing left to send, and no
         // zero-window probe will come either.
@@ -674,10 +665,7 @@ fn a_writer_held_at_the_gate_keeps_a_short_retransmission_timer_and_resumes_once
     accel.enroll(&pod, None);
     let data = pattern(0x4e4c, LIMIT as usize + (512 << 10));
     pod.run(|| {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (mut s, _) = l.accept().unwrap();
-        wait_sockhash(&accel, 2, "after pairing");
+        let (mut c, mut s) = paired_loopback_connection(&accel);
         force_send_buffer(&c, 4 << 20);
         let writer_view = c.try_clone().unwrap();
         let writer = std::thread::spawn({
@@ -743,10 +731,7 @@ fn a_closed_writer_held_at_the_gate_is_not_dropped_while_its_reader_reads() {
     accel.enroll(&pod, None);
     let data = pattern(0x4f52, LIMIT as usize + (512 << 10));
     pod.run(|| {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (mut s, _) = l.accept().unwrap();
-        wait_sockhash(&accel, 2, "after pairing");
+        let (mut c, mut s) = paired_loopback_connection(&accel);
         force_send_buffer(&c, 4 << 20);
         for chunk in data.chunks(64 << 10) {
             c.write_all(chunk).unwrap();

@@ -2,23 +2,15 @@
 //! (`FASTPATH_KERNEL_FEATURES_OFF`) as if it were missing, and the fallback it gets.
 use fastpath_common::map_names;
 use fastpath_installer::accel::{self, AccelState, PIN_LINK_SKMSG, PIN_PROG_SKMSG, sys};
-use fastpath_tests::accel::{Accel, Pod, pattern, read_exact_retry};
-use std::{
-    io::Write as _,
-    net::{TcpListener, TcpStream},
-    os::fd::AsFd as _,
-    time::Duration,
-};
+use fastpath_tests::accel::{Accel, Pod, paired_loopback_connection, pattern, read_exact_retry};
+use std::{io::Write as _, os::fd::AsFd as _, time::Duration};
 
 /// A connection in `pod` that moves `n` bytes each way, checked; returns the bytes the
 /// accelerator redirected for the pod meanwhile.
 fn accelerated_bytes(accel: &Accel, pod: &Pod, n: usize) -> u64 {
     let before = accel.stats(pod.cookie()).bytes_redirected;
     pod.run(|| {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (mut s, _) = l.accept().unwrap();
-        accel.wait_entries(map_names::SOCKS, 2, "after pairing");
+        let (mut c, mut s) = paired_loopback_connection(accel);
         let (there, back) = (pattern(3, n), pattern(4, n));
         c.write_all(&there).unwrap();
         let mut got = vec![0u8; n];

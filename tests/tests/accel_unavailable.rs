@@ -315,10 +315,8 @@ fn bpffs_not_mounted_is_mounted_by_the_agent() {
 /// the maps and programs loaded before the attach failed are unpinned. Returns the reason
 /// `/readyz` gives and the directory.
 fn with_a_cgroup_root_that_is_a_tmpfs(tag: &str) -> (String, PathBuf) {
-    let _lock = fastpath_tests::serial_guard("cgroup-sockops");
-    fastpath_tests::ensure_bpffs();
-    let pins = fastpath_tests::ScratchBpffsDir::new(tag);
-    let pin_dir = pins.path().join("fastpath");
+    let pins = fastpath_tests::AgentPins::new(tag);
+    let pin_dir = pins.dir.clone();
     let node = Node::new(tag);
     let cgroup = node.h.root.join("sys-fs-cgroup");
     std::fs::create_dir(&cgroup).unwrap();
@@ -377,10 +375,8 @@ fn no_cgroup_v2_mount_leaves_acceleration_unavailable_and_redirection_working() 
     if !fastpath_tests::require_privileges!() {
         return;
     }
-    let _lock = fastpath_tests::serial_guard("cgroup-sockops");
-    fastpath_tests::ensure_bpffs();
-    let pins = fastpath_tests::ScratchBpffsDir::new("nocgmount");
-    let pin_dir = pins.path().join("fastpath");
+    let pins = fastpath_tests::AgentPins::new("nocgmount");
+    let pin_dir = pins.dir.clone();
     let node = Node::new("nocgmount");
     // In the agent's own mount namespace only: unmount every cgroup2 mount, then exec it.
     let script = r#"for m in $(awk '$3 == "cgroup2" { print $2 }' /proc/self/mounts); do umount -l "$m" || exit 1; done; exec "$0" "$@""#;

@@ -93,10 +93,8 @@ fn agent_with_istios_capabilities_turns_acceleration_on() {
     if !fastpath_tests::require_privileges!() {
         return;
     }
-    let _lock = fastpath_tests::serial_guard("cgroup-sockops");
-    fastpath_tests::ensure_bpffs();
-    let pins = fastpath_tests::ScratchBpffsDir::new("caps");
-    let pin_dir = pins.path().join("fastpath");
+    let pins = fastpath_tests::AgentPins::new("caps");
+    let pin_dir = pins.dir.clone();
     let h = Host::new("caps");
     h.write(
         "10-lo.conflist",
