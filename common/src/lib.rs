@@ -165,6 +165,18 @@ pub struct ActiveConn {
     /// connection (64 bits of the two initial sequence numbers).
     pub snd_una: u32,
     pub rcv_nxt: u32,
+    /// The client's [`RxQueue::backlog_room`] (only a callback of the socket itself can read
+    /// its buffer sizes, and its queue entry is made by the server's callback). Read at
+    /// ACTIVE_ESTABLISHED, which runs before the kernel sizes the send buffer for the path,
+    /// and again at the client's first segment out (the handshake's last ACK, which the server
+    /// establishes on).
+    pub backlog_room: u64,
+    /// The client's send buffer at ACTIVE_ESTABLISHED, before the kernel sized it.
+    pub sndbuf_unsized: u32,
+    /// The client's send buffer at its first segment out, once the kernel sized it for the
+    /// path (0 before). The server's own is sized only after its callback: when both started
+    /// equal, the server's grows as the client's did (same node, same path, same defaults).
+    pub sndbuf_sized: u32,
 }
 
 /// States of a socket in [`map_names::PAIRS`] ([`SockState::state`]).
@@ -230,7 +242,35 @@ pub struct RxQueue {
     /// tracepoint missed, as across an upgrade's detach and attach), and holding on would
     /// stall the connection for good.
     pub last_read_ns: u64,
+    /// The most this queue may hold, whatever the configured bound: the socket's backlog
+    /// limit less the 64 KiB the kernel adds for segments ([`backlog_room`]). The kernel
+    /// charges the redirect queue to the socket's receive memory, and a segment that arrives
+    /// while the reader holds the socket lock is dropped when that memory is above the backlog
+    /// limit; a dropped FIN is retransmitted, a dropped RST is not, and the reader would never
+    /// learn of its peer's abort.
+    pub backlog_room: u64,
 }
+
+/// The kernel's TCP backlog limit without its 64 KiB headroom, for a socket whose receive and
+/// send buffers are `rcvbuf` and `sndbuf` (`tcp_add_backlog` in net/ipv4/tcp_ipv4.c:
+/// `2 * rcvbuf + sndbuf / 2 + 64 KiB` in current kernels, 6.18 among them, and
+/// `rcvbuf + sndbuf + 64 KiB` in older ones; the smaller of the two holds on both). A segment is dropped at the backlog when the socket's
+/// receive memory plus its backlog is above the limit, so a redirect queue kept within this
+/// room leaves the 64 KiB for the segments that arrive while the reader holds the lock.
+pub const fn backlog_room(rcvbuf: u64, sndbuf: u64) -> u64 {
+    let before_6_8 = rcvbuf + sndbuf;
+    let since_6_8 = 2 * rcvbuf + sndbuf / 2;
+    if before_6_8 < since_6_8 {
+        before_6_8
+    } else {
+        since_6_8
+    }
+}
+
+/// [`RxQueue::backlog_room`] when a socket's buffer sizes cannot be read (`bpf_getsockopt`
+/// of `SO_RCVBUF`/`SO_SNDBUF` needs Linux 6.1): the room of the kernel's default buffers
+/// (`tcp_rmem[1]` 128 KiB, the smallest send buffer, 4 KiB).
+pub const FALLBACK_BACKLOG_ROOM: u64 = backlog_room(128 << 10, 4 << 10);
 
 /// How long the ingress gate holds a socket's TCP payload back without seeing its reader take
 /// any byte (see [`RxQueue::last_read_ns`]).
@@ -513,6 +553,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn backlog_room_is_the_smaller_of_both_kernel_formulas() {
+        // Loopback defaults on 6.18: 128 KiB receive buffer, 3.76 MiB send buffer (expanded
+        // for a 64 KiB MSS): the newer formula is the smaller.
+        assert_eq!(
+            backlog_room(131_072, 3_939_840),
+            2 * 131_072 + 3_939_840 / 2
+        );
+        // A receive buffer grown past the send buffer: the older formula is the smaller.
+        assert_eq!(backlog_room(6 << 20, 16 << 10), (6 << 20) + (16 << 10));
+        assert!(FALLBACK_BACKLOG_ROOM <= backlog_room(131_072, 4608));
+    }
+
+    #[test]
     fn v4_mapped_v6_normalises_to_v4() {
         let v4 = Ip::v4(u32::from_be_bytes([10, 1, 2, 3]).to_be());
         let mapped = Ip::v6([
@@ -590,10 +643,10 @@ mod tests {
         assert_eq!(core::mem::size_of::<Ip>(), 16);
         assert_eq!(core::mem::size_of::<Endpoint>(), 32);
         assert_eq!(core::mem::size_of::<SockKey>(), 48);
-        assert_eq!(core::mem::size_of::<ActiveConn>(), 64);
+        assert_eq!(core::mem::size_of::<ActiveConn>(), 80);
         assert_eq!(core::mem::size_of::<SockState>(), 72);
         assert_eq!(core::mem::size_of::<PodInfo>(), 24);
         assert_eq!(core::mem::size_of::<PodStats>(), 72);
-        assert_eq!(core::mem::size_of::<RxQueue>(), 40);
+        assert_eq!(core::mem::size_of::<RxQueue>(), 48);
     }
 }

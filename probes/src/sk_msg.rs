@@ -13,7 +13,7 @@ use crate::{
     atomic::{atomic_add, atomic_sub},
     maps::{FP_META, FP_PAIRS, FP_RXQ, FP_SOCKS, config, stats},
     pair_state::{paired_peer, state_cas, state_load},
-    rx_queue::{demote, queue_limit, rxq_state},
+    rx_queue::{demote, over_bound, rxq_state},
 };
 
 #[sk_msg]
@@ -77,11 +77,12 @@ pub fn fastpath_skmsg(ctx: SkMsgContext) -> u32 {
             demote(q, peer);
             return sk_action::SK_PASS;
         }
-        // Over the limit, unless this message alone is (it goes into an empty queue). The
-        // bound need not be exact: a plain read (the ordered one was the state's, above).
+        // The bound need not be exact: a plain read (the ordered one was the state's,
+        // above). The backlog room has no slack; the configured limit keeps the 64 KiB the
+        // kernel adds to it for segments.
         let total = unsafe { core::ptr::read_volatile(queued) } as i64;
         let total = if total > 0 { total as u64 } else { 0 };
-        if total > size && total > queue_limit() {
+        if over_bound(q, total, size) {
             atomic_sub(queued, size);
             if demote(q, peer) {
                 if let Some(s) = stats(netns) {

@@ -25,6 +25,7 @@ use fastpath_common::{pod_flags, rxq_state, sock_role, sock_state};
 use keys::{sock_key, socket_address, socket_cookie};
 use pairing::{
     on_active_established, on_connect, on_passive_established, on_syn, release_waiting_client,
+    resize_waiting_client,
 };
 use retransmit_timeout::on_retransmit_timeout;
 
@@ -127,9 +128,13 @@ fn stop_watching_unless_pending(ctx: &SockOpsContext) {
     let Some(key) = sock_key(ctx, netns) else {
         return;
     };
-    let pending =
-        matches!(unsafe { FP_PAIRS.get(&key) }, Some(st) if st.state == sock_state::PENDING);
-    if !pending {
+    let pending = match unsafe { FP_PAIRS.get(&key) } {
+        Some(st) if st.state == sock_state::PENDING => Some(st.endpoint),
+        _ => None,
+    };
+    if let Some(endpoint) = pending {
+        resize_waiting_client(ctx, &endpoint);
+    } else {
         clear_cb_flags(
             ctx,
             BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,

@@ -19,7 +19,7 @@ use crate::{
     maps::{FP_ACTIVE, FP_PAIRS, FP_PENDING, FP_RXQ, FP_SOCKS, sockhash_delete, stats},
     pair_state::{state_cas, state_load},
     rx_consumed::{count_reads_of, stop_counting_reads_of},
-    rx_queue::start_queue,
+    rx_queue::{own_buffers, room_of, start_queue},
 };
 
 fn port_excluded(pod: &PodInfo, port: u32) -> bool {
@@ -104,11 +104,15 @@ pub(crate) fn on_active_established(ctx: &SockOpsContext, netns: u64) {
         give_up(ctx);
         return;
     }
+    let buffers = own_buffers(ctx);
     let active = ActiveConn {
         client: key,
         cookie,
         snd_una: ops.snd_una,
         rcv_nxt: ops.rcv_nxt,
+        backlog_room: room_of(buffers, 0),
+        sndbuf_unsized: buffers.map_or(0, |(_, sndbuf)| sndbuf as u32),
+        sndbuf_sized: 0,
     };
     unsafe {
         (*st).endpoint = me;
@@ -194,8 +198,8 @@ pub(crate) fn on_passive_established(ctx: &SockOpsContext, pod: &PodInfo, netns:
     let own_address = socket_address(ctx);
     if inserted
         && count_reads_of(own_address, own)
-        && start_queue(own, active.cookie, netns)
-        && start_queue(active.cookie, own, active.client.netns)
+        && start_queue(own, active.cookie, netns, server_backlog_room(ctx, &active))
+        && start_queue(active.cookie, own, active.client.netns, active.backlog_room)
         && FP_PAIRS.insert(&own_key, &me, BPF_ANY as u64).is_ok()
     {
         unsafe { (*cs).peer = own };
@@ -257,6 +261,42 @@ pub(crate) fn release_waiting_client(ctx: &SockOpsContext, netns: u64) {
     if let Some((client, active, true)) = waiting_client(ctx, netns) {
         if FP_ACTIVE.remove(&client).is_ok() {
             taint_client(&active);
+        }
+    }
+}
+
+/// The server's [`fastpath_common::RxQueue::backlog_room`]. Its callback runs before the kernel
+/// sizes its send buffer; when it started where its client's did (neither application set
+/// one), it grows as the client's did, which the client's first segment out recorded.
+#[inline(never)]
+fn server_backlog_room(ctx: &SockOpsContext, client: &ActiveConn) -> u64 {
+    let buffers = own_buffers(ctx);
+    let grows_like_the_client =
+        matches!(buffers, Some((_, own)) if own == client.sndbuf_unsized as u64);
+    let sized = if grows_like_the_client {
+        client.sndbuf_sized as u64
+    } else {
+        0
+    };
+    room_of(buffers, sized)
+}
+
+/// A waiting client's segment out or in: its first one out is the handshake's last ACK, sent
+/// once the kernel sized its send buffer for the path. Its backlog room is read again, for the
+/// server to take at pairing.
+#[inline(never)]
+pub(crate) fn resize_waiting_client(ctx: &SockOpsContext, endpoint: &Endpoint) {
+    let Some(a) = FP_ACTIVE.get_ptr_mut(endpoint) else {
+        return;
+    };
+    if unsafe { (*a).cookie } != socket_cookie(ctx) {
+        return;
+    }
+    let buffers = own_buffers(ctx);
+    if let Some((_, sndbuf)) = buffers {
+        unsafe {
+            (*a).sndbuf_sized = sndbuf as u32;
+            (*a).backlog_room = room_of(buffers, 0);
         }
     }
 }
