@@ -300,7 +300,9 @@ pub mod rxq_state {
 }
 
 /// Bytes a reader may have queued before its connection is demoted, when the installer set
-/// no other limit ([`config_index::QUEUE_LIMIT_KIB`]). A demotion is the emergency brake for
+/// no other limit ([`config_index::QUEUE_LIMIT_KIB`]). Each reader's
+/// [`RxQueue::backlog_room`] bounds it further (about 2.1 MiB for a loopback socket with the
+/// kernel's default buffers). A demotion is the emergency brake for
 /// a reader that falls far behind, not a routine step: a connection that goes to TCP while
 /// its reader still has redirected bytes queued is the one transition where sidecar proxies
 /// were seen to end a stream early (docs/accelerator.md, "HAProxy 2.6 ends streams early by itself"), so the bound
