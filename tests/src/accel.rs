@@ -276,6 +276,26 @@ pub fn paired_loopback_connection(accel: &Accel) -> (std::net::TcpStream, std::n
     (c, s)
 }
 
+/// Makes `close()` of `s` abortive (SO_LINGER 0): it sends a RST, as an application that
+/// aborts its connection does.
+pub fn abort_on_close(s: &std::net::TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt with a linger struct we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &l as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+}
+
 /// Asserts that a stream read back is the one written: as long, and every byte equal (the
 /// first one that is not is named).
 pub fn assert_same_bytes(got: &[u8], want: &[u8]) {

@@ -18,7 +18,7 @@
 //! blocking `recv()` on a paired socket can fail with EAGAIN when a wakeup carries no data (a
 //! 6.18 kernel defect, docs/accelerator.md); the harness does not count that as a failure of
 //! the bytes, and the docs list it.
-use crate::accel::{Accel, Pod};
+use crate::accel::{Accel, Pod, abort_on_close};
 use crate::mesh::{Mesh, SidecarPolling};
 use std::io::{self, Read as _, Write as _};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -350,23 +350,6 @@ fn recv_stream(
     }
 }
 
-fn abort(s: &TcpStream) {
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt with a linger struct we own.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &l as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as u32,
-        );
-    }
-}
-
 /// One side's verdict on its read stream.
 fn judge_read(
     what: &str,
@@ -435,7 +418,7 @@ fn client_side(case: &Case, conn: u32, s: TcpStream, deadline: Instant) -> Optio
                 })
             });
             let _ = send_stream(&s, case, conn, 0, case.size, Some(half), deadline);
-            abort(&s);
+            abort_on_close(&s);
             // Wakes the echo reader (its next read returns 0); nothing goes on the wire.
             let _ = s.shutdown(Shutdown::Read);
             echo.and_then(|h| h.join().unwrap())
@@ -544,7 +527,7 @@ fn server_side(case: &Case, conn: u32, s: TcpStream, deadline: Instant) -> Optio
                 deadline,
             );
             if aborts {
-                abort(&s);
+                abort_on_close(&s);
                 return None;
             }
             if !sender_ok(&res, case.ending == Ending::CloseUnread) {

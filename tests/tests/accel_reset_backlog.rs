@@ -6,31 +6,13 @@
 //! 6.18). A dropped FIN is retransmitted; a dropped RST is not, and the reader would wait
 //! for the end of its stream for good. The probes keep each redirect queue within the
 //! backlog limit less its 64 KiB of headroom (`RxQueue::backlog_room`).
-use fastpath_tests::accel::{Accel, Pod, paired_loopback_connection, pattern};
+use fastpath_tests::accel::{Accel, Pod, abort_on_close, paired_loopback_connection, pattern};
 use std::{
     io::{ErrorKind, Read as _, Write as _},
     net::TcpStream,
     os::fd::AsRawFd as _,
     time::{Duration, Instant},
 };
-
-fn abort_on_close(s: &TcpStream) {
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt with a linger struct we own.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &l as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as u32,
-        )
-    };
-    assert_eq!(rc, 0, "SO_LINGER");
-}
 
 /// A socket's memory as the kernel accounts it (`SO_MEMINFO`, as `ss -m` shows it).
 struct SocketMemory {
