@@ -106,3 +106,44 @@ fn uninstall_removes_retired_connection_maps_too() {
         assert!(!dir.exists(), "pin dir left after uninstall");
     });
 }
+
+/// The agent sweeps retired sets every second, and during an upgrade the terminating agent's
+/// sweep runs while the new one retires: a sweep must never see a set half-filled. It did: it
+/// took the new set's directory for a set whose last connection closed and removed it, the
+/// moves after that failed with "not found" and were skipped as pins that did not exist, and
+/// the new build reused the old sockhash (its sk_msg attach failed with EBUSY; acceleration
+/// went off). Here a sweep runs after every single move.
+#[test]
+fn a_sweep_during_a_retirement_leaves_every_connection_map_in_the_new_set() {
+    if !fastpath_tests::require_privileges!() {
+        return;
+    }
+    let accel = Accel::start("retiresweep");
+    let dir = accel.pin_dir().to_path_buf();
+    let mut sweeps = 0;
+    let set = retire::retire_observed(&dir, || {
+        retire::sweep(&dir).unwrap();
+        sweeps += 1;
+    })
+    .unwrap();
+    assert!(
+        sweeps > 1,
+        "{sweeps} sweeps: fewer pins moved than expected"
+    );
+    for name in fastpath_installer::accel::CONNECTION_MAPS {
+        assert!(
+            !dir.join(name).exists(),
+            "{name} is still pinned in {}: the retirement skipped it",
+            dir.display()
+        );
+        assert!(
+            set.join(name).exists(),
+            "{name} is not in the retired set {}",
+            set.display()
+        );
+    }
+    assert_eq!(retire::sets(&dir), vec![set.clone()]);
+    // The set has no connection: the next sweep removes it, whole.
+    assert_eq!(retire::sweep(&dir).unwrap(), 0);
+    assert!(!set.exists());
+}

@@ -35,6 +35,9 @@ pub(super) fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
     pindir::prepare(dir)?;
 
     // Retired connection maps whose last connection closed while no agent ran.
+    if let Err(e) = retire::complete_interrupted(dir) {
+        log::warn!("retired connection maps: {e:#}");
+    }
     if let Err(e) = retire::sweep(dir) {
         log::warn!("retired connection maps: {e:#}");
     }

@@ -31,6 +31,7 @@ pub mod foreign;
 mod load;
 mod pindir;
 mod plan;
+pub use plan::CONNECTION_MAPS;
 pub mod pods;
 mod read_filter;
 mod removal;

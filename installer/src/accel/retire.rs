@@ -27,32 +27,72 @@ pub const RETIRED_DIR: &str = "retired";
 /// paired: what counts their reads and what holds their TCP bytes back.
 const SERVING_LINKS: [&str; 2] = [PIN_LINK_RX_CONSUMED, PIN_LINK_INGRESS_GATE];
 
+/// Prefix of a set being filled (bpffs allows no dot in a name): [`sets`] does not list it, so a sweep running meanwhile (the
+/// agent's, or a terminating agent's during an upgrade) cannot take it for a set whose last
+/// connection closed and remove it half-filled. It was: a sweep removed a new set's empty
+/// directory, the moves that followed failed with "not found" and were taken for pins that did
+/// not exist, and the new build then reused the old sockhash (its sk_msg attach failed with
+/// EBUSY and acceleration went off).
+const FILLING_PREFIX: &str = "filling-";
+
 /// Moves the pinned connection maps and the links that serve them into a new retired set;
 /// returns its directory. What is not pinned is skipped.
 pub fn retire(pin_dir: &Path) -> Result<PathBuf> {
+    retire_observed(pin_dir, || {})
+}
+
+/// [`retire`], calling `after_each_move` after each pin it moved (tests run a sweep there).
+#[doc(hidden)]
+pub fn retire_observed(pin_dir: &Path, mut after_each_move: impl FnMut()) -> Result<PathBuf> {
     let base = pin_dir.join(RETIRED_DIR);
     std::fs::create_dir_all(&base).with_context(|| format!("create {}", base.display()))?;
     std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o700))?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    let set = base.join(now.as_nanos().to_string());
-    std::fs::create_dir(&set).with_context(|| format!("create {}", set.display()))?;
-    for name in plan::CONNECTION_MAPS.iter().chain(&SERVING_LINKS) {
-        let from = pin_dir.join(name);
-        match std::fs::rename(&from, set.join(name)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+    let name = now.as_nanos().to_string();
+    let filling = base.join(format!("{FILLING_PREFIX}{name}"));
+    std::fs::create_dir(&filling).with_context(|| format!("create {}", filling.display()))?;
+    for pin in plan::CONNECTION_MAPS.iter().chain(&SERVING_LINKS) {
+        let from = pin_dir.join(pin);
+        match std::fs::rename(&from, filling.join(pin)) {
+            Ok(()) => after_each_move(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !from.exists() => {}
             Err(e) => return Err(e).with_context(|| format!("move {}", from.display())),
         }
     }
+    let set = base.join(name);
+    std::fs::rename(&filling, &set)
+        .with_context(|| format!("rename {} to {}", filling.display(), set.display()))?;
     Ok(set)
+}
+
+/// Completes the sets a start left half-filled when it was killed: their pins hold
+/// connections like any other set's.
+pub fn complete_interrupted(pin_dir: &Path) -> Result<()> {
+    let base = pin_dir.join(RETIRED_DIR);
+    let Ok(entries) = std::fs::read_dir(&base) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(set) = name.strip_prefix(FILLING_PREFIX) {
+            std::fs::rename(e.path(), base.join(set))
+                .with_context(|| format!("complete {}", e.path().display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// The retired sets under `pin_dir`, oldest first.
 pub fn sets(pin_dir: &Path) -> Vec<PathBuf> {
     let mut sets: Vec<PathBuf> = std::fs::read_dir(pin_dir.join(RETIRED_DIR))
-        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| !e.file_name().to_string_lossy().starts_with(FILLING_PREFIX))
+                .map(|e| e.path())
+                .collect()
+        })
         .unwrap_or_default();
     sets.sort();
     sets
@@ -107,6 +147,7 @@ fn remove(set: &Path) -> Result<()> {
 
 /// Removes every retired set, live connections or not (uninstall).
 pub fn remove_all(pin_dir: &Path) -> Result<()> {
+    complete_interrupted(pin_dir)?;
     for set in sets(pin_dir) {
         remove(&set)?;
         log::info!("removed {}", set.display());
