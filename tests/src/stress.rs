@@ -1056,6 +1056,9 @@ pub fn clock_seed() -> u64 {
 
 /// Runs `count` cases from seeds `base`, `base + 1`, ...; prints each failure with the seed
 /// that replays it; returns the failures and how many cases ran before `time_limit`.
+/// Failures in a row after which a run stops.
+const MAX_FAILURES_IN_A_ROW: usize = 20;
+
 pub fn run_cases(
     bench: &mut Bench,
     base: u64,
@@ -1067,6 +1070,7 @@ pub fn run_cases(
     let start = Instant::now();
     let mut failures = Vec::new();
     let mut ran = 0;
+    let mut in_a_row = 0;
     for i in 0..count {
         if start.elapsed() > time_limit {
             break;
@@ -1078,8 +1082,20 @@ pub fn run_cases(
                 f.seed, f.what, f.seed
             );
             failures.push(f);
+            in_a_row += 1;
+        } else {
+            in_a_row = 0;
         }
         ran += 1;
+        // A case that broke the accelerator itself fails every case after it: the first
+        // failures say what happened, thousands more say nothing.
+        if in_a_row == MAX_FAILURES_IN_A_ROW {
+            eprintln!(
+                "stress: stopping after {in_a_row} failures in a row: the accelerator is broken \
+                 (the first of them says how)"
+            );
+            break;
+        }
         if progress && ran % 500 == 0 {
             eprintln!(
                 "stress: {ran} cases, {} failed, {:.0} s",
