@@ -346,6 +346,10 @@ fn dns_rules(b: &mut Builder, uid: &str, gid: &str) {
     b.append("raw", "OUTPUT", p!["-j", ISTIO_OUTPUT_DNS]);
     b.append("nat", ISTIO_OUTPUT, p!["-j", ISTIO_OUTPUT_DNS]);
     b.append("nat", ISTIO_OUTPUT_DNS, p!["-p", "tcp", "--dport", "53", "-j", "REDIRECT", "--to-ports", dns_port]);
+    // The proxy's own upstream UDP queries are not captured again.
+    for (flag, id) in [("--uid-owner", uid), ("--gid-owner", gid)] {
+        b.append("nat", ISTIO_OUTPUT_DNS, p!["-p", "udp", "--dport", "53", "-m", "owner", flag, id, "-j", "RETURN"]);
+    }
     b.append("nat", ISTIO_OUTPUT_DNS, p!["-p", "udp", "--dport", "53", "-j", "REDIRECT", "--to-port", dns_port]);
     // Conntrack zones: the proxy's upstream queries in zone 1, its answers to the app in zone 2.
     for (flag, id) in [("--uid-owner", uid), ("--gid-owner", gid)] {
@@ -413,6 +417,14 @@ mod tests {
             annotations: &[],
             proxy_env: &[],
             run_as_user: Some(0),
+            run_as_group: None,
+        },
+        IstioCase {
+            name: "DNS",
+            golden: "dns.txt.golden",
+            annotations: &[],
+            proxy_env: &[("ISTIO_META_DNS_CAPTURE", "true")],
+            run_as_user: None,
             run_as_group: None,
         },
     ];
@@ -650,7 +662,7 @@ COMMIT
         );
         assert!(t.contains("-N ISTIO_OUTPUT\n-N ISTIO_OUTPUT_DNS\n"));
         assert!(t.contains("-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp -m multiport ! --dports 53,15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT\n-A ISTIO_OUTPUT -o lo -p tcp ! --dport 53 -m owner ! --uid-owner 1337 -j RETURN\n"));
-        assert!(t.contains("-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN\n-A ISTIO_OUTPUT -j ISTIO_OUTPUT_DNS\n-A ISTIO_OUTPUT_DNS -p tcp --dport 53 -j REDIRECT --to-ports 15053\n-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j REDIRECT --to-port 15053\n-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN\n"));
+        assert!(t.contains("-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN\n-A ISTIO_OUTPUT -j ISTIO_OUTPUT_DNS\n-A ISTIO_OUTPUT_DNS -p tcp --dport 53 -j REDIRECT --to-ports 15053\n-A ISTIO_OUTPUT_DNS -p udp --dport 53 -m owner --uid-owner 1337 -j RETURN\n-A ISTIO_OUTPUT_DNS -p udp --dport 53 -m owner --gid-owner 1337 -j RETURN\n-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j REDIRECT --to-port 15053\n-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN\n"));
         let raw = "* raw
 -N ISTIO_OUTPUT_DNS
 -N ISTIO_INBOUND
