@@ -7,6 +7,7 @@ pub mod config;
 pub mod iptables;
 pub mod kube;
 pub mod log;
+pub mod nftables;
 pub mod plugin;
 pub mod pod;
 pub mod redirect;

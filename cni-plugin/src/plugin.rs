@@ -6,6 +6,7 @@ use crate::config::{K8sArgs, PluginConfig};
 use crate::iptables::{self, Backend, Netns};
 use crate::kube::{self, FetchError};
 use crate::log::{Level, Logger};
+use crate::nftables;
 use crate::pod::{self, Pod};
 use crate::redirect::{self, InterceptionMode, Redirect};
 use crate::result;
@@ -78,12 +79,6 @@ impl IstioCni {
         if conf.ambient_enabled {
             self.log.borrow_mut().warn(
                 "ambient_enabled is set, but this istio-cni (fastpath) implements sidecar mode only; applying sidecar logic",
-                &[],
-            );
-        }
-        if conf.native_nftables {
-            self.log.borrow_mut().warn(
-                "native_nftables is set, but this istio-cni (fastpath) applies Istio's rules with iptables-restore (iptables-nft on nftables hosts)",
                 &[],
             );
         }
@@ -236,9 +231,29 @@ impl IstioCni {
             )
         };
         let netns = Netns::open(netns_path).map_err(|e| fail(format!("open netns: {e}")))?;
-        let choice = conf.backend_choice()?;
         let v6 = Self::ipv6_enabled(ips, r);
         let mut timings = Vec::new();
+        if conf.native_nftables {
+            if v6 {
+                // Envoy's inbound passthrough source on IPv6 (Istio's configureIPv6Addresses).
+                iptables::ip(&netns, &["-6", "addr", "add", "::6/128", "dev", "lo"])
+                    .map_err(fail)?;
+            }
+            let set = nftables::build(r, v6);
+            self.log.borrow_mut().debug(
+                "nftables ruleset",
+                &[("rules", json!(set.transaction_text()))],
+            );
+            let t = Instant::now();
+            nftables::netlink::apply(&netns, &set).map_err(fail)?;
+            timings.push(("backend", json!("nftables")));
+            timings.push(("nftables_ms", ms(t.elapsed())));
+            if r.mode == InterceptionMode::Tproxy {
+                Self::tproxy_routes(&netns, v6).map_err(fail)?;
+            }
+            return Ok(timings);
+        }
+        let choice = conf.backend_choice()?;
         let b4 = iptables::choose_backend(&netns, choice, false).map_err(fail)?;
         let text4 = rules::restore_text(r, Family::V4);
         self.log.borrow_mut().debug(
@@ -264,25 +279,29 @@ impl IstioCni {
             timings.push(("restore_v6_ms", ms(t6)));
         }
         if r.mode == InterceptionMode::Tproxy {
-            let mark = TPROXY_MARK.to_string();
-            let table = TPROXY_ROUTE_TABLE.to_string();
-            let families: &[&str] = if v6 { &["-4", "-6"] } else { &["-4"] };
-            for fam in families {
-                iptables::ip(
-                    &netns,
-                    &[fam, "rule", "add", "fwmark", &mark, "lookup", &table],
-                )
-                .map_err(fail)?;
-                iptables::ip(
-                    &netns,
-                    &[
-                        fam, "route", "add", "local", "default", "dev", "lo", "table", &table,
-                    ],
-                )
-                .map_err(fail)?;
-            }
+            Self::tproxy_routes(&netns, v6).map_err(fail)?;
         }
         Ok(timings)
+    }
+
+    /// TPROXY's policy routing: marked packets are delivered locally (both backends).
+    fn tproxy_routes(netns: &Netns, v6: bool) -> Result<(), String> {
+        let mark = TPROXY_MARK.to_string();
+        let table = TPROXY_ROUTE_TABLE.to_string();
+        let families: &[&str] = if v6 { &["-4", "-6"] } else { &["-4"] };
+        for fam in families {
+            iptables::ip(
+                netns,
+                &[fam, "rule", "add", "fwmark", &mark, "lookup", &table],
+            )?;
+            iptables::ip(
+                netns,
+                &[
+                    fam, "route", "add", "local", "default", "dev", "lo", "table", &table,
+                ],
+            )?;
+        }
+        Ok(())
     }
 
     /// Applies `text`, unless the netns already holds exactly these rules: a runtime that
@@ -313,6 +332,41 @@ impl IstioCni {
         } else {
             Err(err)
         }
+    }
+
+    fn check_tproxy_routes(
+        netns: &Netns,
+        v6: bool,
+        problems: &mut Vec<String>,
+    ) -> Result<(), CniError> {
+        Self::check_family_tproxy_routes(netns, false, problems)?;
+        if v6 {
+            Self::check_family_tproxy_routes(netns, true, problems)?;
+        }
+        Ok(())
+    }
+
+    fn check_family_tproxy_routes(
+        netns: &Netns,
+        v6: bool,
+        problems: &mut Vec<String>,
+    ) -> Result<(), CniError> {
+        let fam_flag = if v6 { "-6" } else { "-4" };
+        let table = TPROXY_ROUTE_TABLE.to_string();
+        let rule = format!("fwmark {:#x} lookup {table}", TPROXY_MARK);
+        let ip_rules =
+            iptables::ip_output(netns, &[fam_flag, "rule"]).map_err(CniError::internal)?;
+        if !ip_rules.contains(&rule) {
+            problems.push(format!("{fam_flag} ip rule \"{rule}\" is missing"));
+        }
+        let routes = iptables::ip_output(netns, &[fam_flag, "route", "show", "table", &table])
+            .map_err(CniError::internal)?;
+        if !routes.contains("local default dev lo") {
+            problems.push(format!(
+                "{fam_flag} route table {table} has no local default route"
+            ));
+        }
+        Ok(())
     }
 
     fn write_result(stdout: &mut dyn Write, result: &Value) -> Result<(), CniError> {
@@ -397,10 +451,32 @@ impl Commands for IstioCni {
             Ok((conf, _)) => conf,
             Err(_) => PluginConfig::parse(&args.stdin).unwrap_or_default(),
         };
-        self.log.borrow_mut().debug(
-            "DEL: nothing to undo in the pod netns",
-            &[("netns", json!(args.netns))],
-        );
+        if conf.native_nftables {
+            // The tables go with the netns; removed here too so a netns that outlives the pod
+            // (or a runtime that reuses it) keeps no redirection. A netns already gone is fine.
+            match Netns::open(&args.netns) {
+                Ok(netns) => {
+                    if let Err(e) = nftables::netlink::delete_tables(&netns) {
+                        self.log.borrow_mut().warn(
+                            "DEL: removing the nftables tables failed",
+                            &[("netns", json!(args.netns)), ("error", json!(e))],
+                        );
+                    }
+                }
+                Err(e) => self.log.borrow_mut().debug(
+                    "DEL: netns not open; nothing to remove",
+                    &[
+                        ("netns", json!(args.netns)),
+                        ("error", json!(e.to_string())),
+                    ],
+                ),
+            }
+        } else {
+            self.log.borrow_mut().debug(
+                "DEL: nothing to undo in the pod netns",
+                &[("netns", json!(args.netns))],
+            );
+        }
         if let Err(e) = accel::unenroll(&args.netns, &args.container_id, conf.run_dir()) {
             self.log.borrow_mut().warn(
                 "accelerator unenroll failed",
@@ -427,12 +503,31 @@ impl Commands for IstioCni {
                 e.to_string(),
             )
         })?;
-        let choice = conf.backend_choice()?;
         let mut families = vec![Family::V4];
         if Self::ipv6_enabled(&ips, &r) {
             families.push(Family::V6);
         }
         let mut problems = Vec::new();
+        if conf.native_nftables {
+            let want = nftables::build(&r, families.contains(&Family::V6)).rule_counts();
+            let have = nftables::netlink::rule_counts(&netns).map_err(CniError::internal)?;
+            for (table, chain, want) in want {
+                let got = have
+                    .iter()
+                    .find(|(t, c, _)| *t == table && *c == chain)
+                    .map_or(0, |e| e.2);
+                if got != want {
+                    problems.push(format!(
+                        "nftables inet {table}/{chain}: {got} rules, expected {want}"
+                    ));
+                }
+            }
+            families.clear();
+            if r.mode == InterceptionMode::Tproxy {
+                Self::check_tproxy_routes(&netns, Self::ipv6_enabled(&ips, &r), &mut problems)?;
+            }
+        }
+        let choice = conf.backend_choice()?;
         for fam in families {
             let v6 = fam == Family::V6;
             let backend =
@@ -441,22 +536,7 @@ impl Commands for IstioCni {
             let want = rules::rule_counts(&rules::restore_text(&r, fam));
             problems.extend(iptables::missing_rules(&want, &rules::rule_counts(&saved)));
             if r.mode == InterceptionMode::Tproxy {
-                let fam_flag = if v6 { "-6" } else { "-4" };
-                let table = TPROXY_ROUTE_TABLE.to_string();
-                let rule = format!("fwmark {:#x} lookup {table}", TPROXY_MARK);
-                let ip_rules =
-                    iptables::ip_output(&netns, &[fam_flag, "rule"]).map_err(CniError::internal)?;
-                if !ip_rules.contains(&rule) {
-                    problems.push(format!("{fam_flag} ip rule \"{rule}\" is missing"));
-                }
-                let routes =
-                    iptables::ip_output(&netns, &[fam_flag, "route", "show", "table", &table])
-                        .map_err(CniError::internal)?;
-                if !routes.contains("local default dev lo") {
-                    problems.push(format!(
-                        "{fam_flag} route table {table} has no local default route"
-                    ));
-                }
+                Self::check_family_tproxy_routes(&netns, v6, &mut problems)?;
             }
         }
         if problems.is_empty() {

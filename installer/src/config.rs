@@ -90,7 +90,7 @@ pub const PARAMS: &[Param] = &[
     p("ambient-ipv6", "AMBIENT_IPV6", "false", Bool, "Ambient only; accepted"),
     p("ambient-disable-safe-upgrade", "AMBIENT_DISABLE_SAFE_UPGRADE", "false", Bool, "Ambient only; accepted"),
     p("ambient-reconcile-pod-rules-on-startup", "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP", "false", Bool, "Ambient only; accepted"),
-    p("native-nftables", "NATIVE_NFTABLES", "false", Bool, "The plugin programs nftables instead of iptables"),
+    p("native-nftables", "NATIVE_NFTABLES", "false", Bool, "The plugin programs Istio's nftables ruleset (tables inet istio-proxy-*) over netlink instead of iptables rules"),
     p("repair-repair-pods", "REPAIR_REPAIR_PODS", "false", Bool, "Repair controller; accepted"),
     p("force-iptables-binary", "FORCE_IPTABLES_BINARY", "", Str, "legacy or nft (repair/ambient only; accepted)"),
     p("kubernetes-service-protocol", "KUBERNETES_SERVICE_PROTOCOL", "https", Str, "Scheme of the API server URL in the kubeconfig"),

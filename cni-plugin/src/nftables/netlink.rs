@@ -1,0 +1,921 @@
+//! The side effects of the nftables backend: a [`Ruleset`] encoded as nf_tables netlink
+//! messages and sent as ONE batch (one kernel transaction: all of it or nothing) on a
+//! `NETLINK_NETFILTER` socket opened inside the pod's netns. The bytecode of each statement is
+//! what `nft` 1.0 generates for the same text (`nft --debug=netlink`), so `nft list ruleset`
+//! shows the rules as Istio writes them. Message and attribute numbers are the kernel's UAPI
+//! (`include/uapi/linux/netfilter/nf_tables.h`, `nfnetlink.h`).
+use super::{Dir, Group, L4, Op, Ruleset, Stmt, TABLES, Verdict};
+use crate::iptables::Netns;
+use std::net::IpAddr;
+
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFNL_MSG_BATCH_BEGIN: u16 = 16;
+const NFNL_MSG_BATCH_END: u16 = 17;
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_DELTABLE: u16 = 2;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_GETRULE: u16 = 7;
+const NFT_MSG_DELRULE: u16 = 8;
+const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_APPEND: u16 = 0x800;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLA_F_NESTED: u16 = 0x8000;
+
+const NFPROTO_INET: u8 = 1;
+const NFPROTO_IPV4: u8 = 2;
+const NFPROTO_IPV6: u8 = 10;
+
+// Attributes.
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_DATA_VALUE: u16 = 1;
+const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CODE: u16 = 1;
+const NFTA_VERDICT_CHAIN: u16 = 2;
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
+const NFTA_SET_KEY_TYPE: u16 = 4;
+const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_SET_DESC: u16 = 9;
+const NFTA_SET_DESC_SIZE: u16 = 1;
+const NFTA_SET_ID: u16 = 10;
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_SET_ELEM_LIST_SET_ID: u16 = 4;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFT_SET_ANONYMOUS: u32 = 0x1;
+const NFT_SET_CONSTANT: u32 = 0x2;
+/// nft's `inet_service` data type (a port), for the anonymous port sets.
+const TYPE_INET_SERVICE: u32 = 13;
+
+const NF_INET_PRE_ROUTING: u32 = 0;
+const NF_INET_LOCAL_OUT: u32 = 3;
+const NF_DROP: i32 = 0;
+const NF_ACCEPT: i32 = 1;
+const NFT_JUMP: i32 = -3;
+const NFT_RETURN: i32 = -5;
+const NFT_REG_VERDICT: u32 = 0;
+const NFT_REG_1: u32 = 1;
+
+const NFT_META_MARK: u32 = 3;
+const NFT_META_IIFNAME: u32 = 6;
+const NFT_META_OIFNAME: u32 = 7;
+const NFT_META_SKUID: u32 = 10;
+const NFT_META_SKGID: u32 = 11;
+const NFT_META_NFPROTO: u32 = 15;
+const NFT_META_L4PROTO: u32 = 16;
+const NFT_CT_STATE: u32 = 0;
+const NFT_CT_MARK: u32 = 3;
+const NFT_CT_ZONE: u32 = 17;
+const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+const NFT_CMP_EQ: u32 = 0;
+const NFT_CMP_NEQ: u32 = 1;
+const NFT_LOOKUP_F_INV: u32 = 1;
+const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
+const CT_STATE_INVALID: u32 = 1;
+const CT_STATE_ESTABLISHED: u32 = 2;
+const CT_STATE_RELATED: u32 = 4;
+const IFNAMSIZ: usize = 16;
+
+/// A netlink attribute tree under construction.
+#[derive(Default)]
+struct Attrs(Vec<u8>);
+
+impl Attrs {
+    fn raw(&mut self, kind: u16, data: &[u8]) -> &mut Self {
+        let len = 4 + data.len();
+        self.0.extend_from_slice(&(len as u16).to_ne_bytes());
+        self.0.extend_from_slice(&kind.to_ne_bytes());
+        self.0.extend_from_slice(data);
+        self.0.resize(self.0.len().next_multiple_of(4), 0);
+        self
+    }
+    fn str(&mut self, kind: u16, s: &str) -> &mut Self {
+        let mut v = s.as_bytes().to_vec();
+        v.push(0);
+        self.raw(kind, &v)
+    }
+    /// nf_tables carries u32 attributes in network byte order.
+    fn be32(&mut self, kind: u16, v: u32) -> &mut Self {
+        self.raw(kind, &v.to_be_bytes())
+    }
+    fn nest(&mut self, kind: u16, inner: Attrs) -> &mut Self {
+        self.raw(kind | NLA_F_NESTED, &inner.0)
+    }
+    fn with(f: impl FnOnce(&mut Attrs)) -> Attrs {
+        let mut a = Attrs::default();
+        f(&mut a);
+        a
+    }
+}
+
+/// One expression: its kernel name and attributes.
+struct Expr(&'static str, Attrs);
+
+fn data_value(bytes: &[u8]) -> Attrs {
+    Attrs::with(|a| {
+        a.raw(NFTA_DATA_VALUE, bytes);
+    })
+}
+fn meta_load(key: u32) -> Expr {
+    Expr(
+        "meta",
+        Attrs::with(|a| {
+            a.be32(2, key).be32(1, NFT_REG_1);
+        }),
+    )
+}
+fn meta_set(key: u32) -> Expr {
+    Expr(
+        "meta",
+        Attrs::with(|a| {
+            a.be32(2, key).be32(3, NFT_REG_1);
+        }),
+    )
+}
+fn ct_load(key: u32) -> Expr {
+    Expr(
+        "ct",
+        Attrs::with(|a| {
+            a.be32(1, NFT_REG_1).be32(2, key);
+        }),
+    )
+}
+fn ct_set(key: u32) -> Expr {
+    Expr(
+        "ct",
+        Attrs::with(|a| {
+            a.be32(2, key).be32(4, NFT_REG_1);
+        }),
+    )
+}
+fn cmp(op: Op, bytes: &[u8]) -> Expr {
+    let op = if op == Op::Eq {
+        NFT_CMP_EQ
+    } else {
+        NFT_CMP_NEQ
+    };
+    Expr(
+        "cmp",
+        Attrs::with(|a| {
+            a.be32(1, NFT_REG_1).be32(2, op).nest(3, data_value(bytes));
+        }),
+    )
+}
+fn payload(base: u32, offset: u32, len: u32) -> Expr {
+    Expr(
+        "payload",
+        Attrs::with(|a| {
+            a.be32(1, NFT_REG_1)
+                .be32(2, base)
+                .be32(3, offset)
+                .be32(4, len);
+        }),
+    )
+}
+fn bitwise(mask: &[u8]) -> Expr {
+    let zero = vec![0u8; mask.len()];
+    Expr(
+        "bitwise",
+        Attrs::with(|a| {
+            a.be32(1, NFT_REG_1)
+                .be32(2, NFT_REG_1)
+                .be32(3, mask.len() as u32)
+                .nest(4, data_value(mask))
+                .nest(5, data_value(&zero));
+        }),
+    )
+}
+fn immediate(bytes: &[u8]) -> Expr {
+    Expr(
+        "immediate",
+        Attrs::with(|a| {
+            a.be32(1, NFT_REG_1).nest(2, data_value(bytes));
+        }),
+    )
+}
+fn verdict(v: &Verdict) -> Expr {
+    let (code, chain) = match v {
+        Verdict::Accept => (NF_ACCEPT, None),
+        Verdict::Drop => (NF_DROP, None),
+        Verdict::Return => (NFT_RETURN, None),
+        Verdict::Jump(c) => (NFT_JUMP, Some(*c)),
+    };
+    let inner = Attrs::with(|a| {
+        a.be32(NFTA_VERDICT_CODE, code as u32);
+        if let Some(c) = chain {
+            a.str(NFTA_VERDICT_CHAIN, c);
+        }
+    });
+    Expr(
+        "immediate",
+        Attrs::with(|a| {
+            a.be32(1, NFT_REG_VERDICT).nest(
+                2,
+                Attrs::with(|d| {
+                    d.nest(NFTA_DATA_VERDICT, inner);
+                }),
+            );
+        }),
+    )
+}
+
+/// An anonymous set of ports a rule looks up; sent before the rule in the same batch.
+struct AnonSet {
+    id: u32,
+    ports: Vec<u16>,
+}
+
+/// Encodes a rule's statements; anonymous sets it needs are added to `sets`.
+fn encode_stmts(
+    stmts: &[Stmt],
+    sets: &mut Vec<AnonSet>,
+    next_set_id: &mut u32,
+    resolve_group: &dyn Fn(&str) -> Option<u32>,
+) -> Result<Vec<Expr>, String> {
+    let mut out = Vec::new();
+    // nft writes a protocol's dependency once per rule (`meta l4proto`, `meta nfproto`).
+    let mut l4_known: Option<L4> = None;
+    let mut nfproto_known: Option<u8> = None;
+    for s in stmts {
+        match s {
+            Stmt::L4Proto(p) => {
+                out.push(meta_load(NFT_META_L4PROTO));
+                out.push(cmp(Op::Eq, &[p.number()]));
+                l4_known = Some(*p);
+            }
+            Stmt::Port {
+                proto,
+                dir,
+                op,
+                ports,
+            } => {
+                if l4_known != Some(*proto) {
+                    out.push(meta_load(NFT_META_L4PROTO));
+                    out.push(cmp(Op::Eq, &[proto.number()]));
+                    l4_known = Some(*proto);
+                }
+                let offset = if *dir == Dir::Src { 0 } else { 2 };
+                out.push(payload(NFT_PAYLOAD_TRANSPORT_HEADER, offset, 2));
+                if let [one] = ports.as_slice() {
+                    out.push(cmp(*op, &one.to_be_bytes()));
+                } else {
+                    *next_set_id += 1;
+                    let id = *next_set_id;
+                    sets.push(AnonSet {
+                        id,
+                        ports: ports.clone(),
+                    });
+                    let flags = if *op == Op::Neq { NFT_LOOKUP_F_INV } else { 0 };
+                    out.push(Expr(
+                        "lookup",
+                        Attrs::with(|a| {
+                            a.str(1, "__set%d")
+                                .be32(2, NFT_REG_1)
+                                .be32(4, id)
+                                .be32(5, flags);
+                        }),
+                    ));
+                }
+            }
+            Stmt::Addr { dir, op, cidr } => {
+                let (proto, bytes, src_off, dst_off) = match cidr.addr {
+                    IpAddr::V4(a) => (NFPROTO_IPV4, a.octets().to_vec(), 12, 16),
+                    IpAddr::V6(a) => (NFPROTO_IPV6, a.octets().to_vec(), 8, 24),
+                };
+                if nfproto_known != Some(proto) {
+                    out.push(meta_load(NFT_META_NFPROTO));
+                    out.push(cmp(Op::Eq, &[proto]));
+                    nfproto_known = Some(proto);
+                }
+                // As nft: a byte-aligned prefix loads only its bytes; any other loads the
+                // whole address and masks it.
+                let len = usize::from(cidr.len);
+                if len == 0 {
+                    continue;
+                }
+                let aligned = len % 8 == 0;
+                let n = if aligned { len / 8 } else { bytes.len() };
+                let offset = if *dir == Dir::Src { src_off } else { dst_off };
+                out.push(payload(NFT_PAYLOAD_NETWORK_HEADER, offset, n as u32));
+                let mask: Vec<u8> = (0..n)
+                    .map(|i| match len.saturating_sub(i * 8) {
+                        0 => 0,
+                        l if l >= 8 => 0xff,
+                        l => 0xff << (8 - l),
+                    })
+                    .collect();
+                if !aligned {
+                    out.push(bitwise(&mask));
+                }
+                let value: Vec<u8> = bytes[..n].iter().zip(&mask).map(|(b, m)| b & m).collect();
+                out.push(cmp(*op, &value));
+            }
+            Stmt::IfName { dir, name } => {
+                let key = if *dir == Dir::Src {
+                    NFT_META_IIFNAME
+                } else {
+                    NFT_META_OIFNAME
+                };
+                let mut v = name.as_bytes().to_vec();
+                v.resize(IFNAMSIZ, 0);
+                out.push(meta_load(key));
+                out.push(cmp(Op::Eq, &v));
+            }
+            Stmt::SkUid { op, uid, .. } => {
+                out.push(meta_load(NFT_META_SKUID));
+                out.push(cmp(*op, &uid.to_ne_bytes()));
+            }
+            Stmt::SkGid { op, gid, .. } => {
+                let id = match gid {
+                    Group::Id(id) => *id,
+                    Group::Named(name) => {
+                        let name = name.to_string();
+                        match name.parse::<u32>() {
+                            Ok(id) => id,
+                            Err(_) => resolve_group(&name).ok_or_else(|| {
+                                format!("group {name:?} (owner group) is not in /etc/group")
+                            })?,
+                        }
+                    }
+                };
+                out.push(meta_load(NFT_META_SKGID));
+                out.push(cmp(*op, &id.to_ne_bytes()));
+            }
+            Stmt::CtStateRelatedEstablished | Stmt::CtStateInvalid => {
+                let bits = if *s == Stmt::CtStateInvalid {
+                    CT_STATE_INVALID
+                } else {
+                    CT_STATE_RELATED | CT_STATE_ESTABLISHED
+                };
+                out.push(ct_load(NFT_CT_STATE));
+                out.push(bitwise(&bits.to_ne_bytes()));
+                out.push(cmp(Op::Neq, &0u32.to_ne_bytes()));
+            }
+            Stmt::Mark { op, value } => {
+                out.push(meta_load(NFT_META_MARK));
+                out.push(cmp(*op, &value.to_ne_bytes()));
+            }
+            Stmt::CtMark(v) => {
+                out.push(ct_load(NFT_CT_MARK));
+                out.push(cmp(Op::Eq, &v.to_ne_bytes()));
+            }
+            Stmt::Counter => out.push(Expr(
+                "counter",
+                Attrs::with(|a| {
+                    a.raw(1, &0u64.to_be_bytes()).raw(2, &0u64.to_be_bytes());
+                }),
+            )),
+            Stmt::MetaMarkSet(v) => {
+                out.push(immediate(&v.to_ne_bytes()));
+                out.push(meta_set(NFT_META_MARK));
+            }
+            Stmt::CtMarkSetMark => {
+                out.push(meta_load(NFT_META_MARK));
+                out.push(ct_set(NFT_CT_MARK));
+            }
+            Stmt::MetaMarkSetCtMark => {
+                out.push(ct_load(NFT_CT_MARK));
+                out.push(meta_set(NFT_META_MARK));
+            }
+            Stmt::CtZoneSet(z) => {
+                out.push(immediate(&z.to_ne_bytes()));
+                out.push(ct_set(NFT_CT_ZONE));
+            }
+            Stmt::Redirect(port) => {
+                out.push(immediate(&port.to_be_bytes()));
+                out.push(Expr(
+                    "redir",
+                    Attrs::with(|a| {
+                        a.be32(1, NFT_REG_1).be32(3, NF_NAT_RANGE_PROTO_SPECIFIED);
+                    }),
+                ));
+            }
+            Stmt::Tproxy { v6, port } => {
+                let fam = if *v6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 };
+                out.push(immediate(&port.to_be_bytes()));
+                out.push(Expr(
+                    "tproxy",
+                    Attrs::with(|a| {
+                        a.be32(1, u32::from(fam)).be32(3, NFT_REG_1);
+                    }),
+                ));
+            }
+            Stmt::Verdict(v) => out.push(verdict(v)),
+        }
+    }
+    Ok(out)
+}
+
+/// A batch of nf_tables messages.
+struct Batch {
+    buf: Vec<u8>,
+    seq: u32,
+    /// Messages that ask for an ACK (all but the batch markers).
+    acked: usize,
+}
+
+impl Batch {
+    fn new() -> Self {
+        let mut b = Self {
+            buf: Vec::new(),
+            seq: 0,
+            acked: 0,
+        };
+        b.msg(
+            NFNL_MSG_BATCH_BEGIN,
+            NLM_F_REQUEST,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+            &Attrs::default(),
+        );
+        b
+    }
+
+    fn msg(&mut self, kind: u16, flags: u16, family: u8, res_id: u16, attrs: &Attrs) {
+        self.seq += 1;
+        let len = 16 + 4 + attrs.0.len();
+        self.buf.extend_from_slice(&(len as u32).to_ne_bytes());
+        self.buf.extend_from_slice(&kind.to_ne_bytes());
+        self.buf.extend_from_slice(&flags.to_ne_bytes());
+        self.buf.extend_from_slice(&self.seq.to_ne_bytes());
+        self.buf.extend_from_slice(&0u32.to_ne_bytes());
+        self.buf.extend_from_slice(&[family, 0]);
+        self.buf.extend_from_slice(&res_id.to_be_bytes());
+        self.buf.extend_from_slice(&attrs.0);
+    }
+
+    fn nft(&mut self, msg: u16, flags: u16, attrs: &Attrs) {
+        self.msg(
+            (NFNL_SUBSYS_NFTABLES << 8) | msg,
+            NLM_F_REQUEST | NLM_F_ACK | flags,
+            NFPROTO_INET,
+            0,
+            attrs,
+        );
+        self.acked += 1;
+    }
+
+    fn finish(mut self) -> Self {
+        self.msg(
+            NFNL_MSG_BATCH_END,
+            NLM_F_REQUEST,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+            &Attrs::default(),
+        );
+        self
+    }
+}
+
+/// The whole ruleset as one batch: per table, create it, flush it (so a repeated ADD
+/// replaces rather than doubles), its chains, then its rules in their final order.
+fn ruleset_batch(
+    set: &Ruleset,
+    resolve_group: &dyn Fn(&str) -> Option<u32>,
+) -> Result<Batch, String> {
+    let mut b = Batch::new();
+    let mut next_set_id = 0u32;
+    for t in &set.tables {
+        let table = Attrs::with(|a| {
+            a.str(NFTA_TABLE_NAME, t.name);
+        });
+        b.nft(NFT_MSG_NEWTABLE, NLM_F_CREATE, &table);
+        b.nft(
+            NFT_MSG_DELRULE,
+            0,
+            &Attrs::with(|a| {
+                a.str(NFTA_RULE_TABLE, t.name);
+            }),
+        );
+        for c in &t.chains {
+            let attrs = Attrs::with(|a| {
+                a.str(NFTA_CHAIN_TABLE, t.name).str(NFTA_CHAIN_NAME, c.name);
+                if let Some(base) = c.base {
+                    let hook = match base.hook {
+                        super::Hook::Prerouting => NF_INET_PRE_ROUTING,
+                        super::Hook::Output => NF_INET_LOCAL_OUT,
+                    };
+                    a.nest(
+                        NFTA_CHAIN_HOOK,
+                        Attrs::with(|h| {
+                            h.be32(NFTA_HOOK_HOOKNUM, hook)
+                                .be32(NFTA_HOOK_PRIORITY, base.priority as u32);
+                        }),
+                    );
+                    a.str(NFTA_CHAIN_TYPE, base.kind.name());
+                }
+            });
+            b.nft(NFT_MSG_NEWCHAIN, NLM_F_CREATE, &attrs);
+        }
+        for c in &t.chains {
+            for stmts in t.chain_rules(c.name) {
+                let mut sets = Vec::new();
+                let exprs = encode_stmts(stmts, &mut sets, &mut next_set_id, resolve_group)
+                    .map_err(|e| format!("table {} chain {}: {e}", t.name, c.name))?;
+                for s in sets {
+                    b.nft(
+                        NFT_MSG_NEWSET,
+                        NLM_F_CREATE,
+                        &Attrs::with(|a| {
+                            a.str(NFTA_SET_TABLE, t.name)
+                                .str(NFTA_SET_NAME, "__set%d")
+                                .be32(NFTA_SET_FLAGS, NFT_SET_ANONYMOUS | NFT_SET_CONSTANT)
+                                .be32(NFTA_SET_KEY_TYPE, TYPE_INET_SERVICE)
+                                .be32(NFTA_SET_KEY_LEN, 2)
+                                .be32(NFTA_SET_ID, s.id)
+                                .nest(
+                                    NFTA_SET_DESC,
+                                    Attrs::with(|d| {
+                                        d.be32(NFTA_SET_DESC_SIZE, s.ports.len() as u32);
+                                    }),
+                                );
+                        }),
+                    );
+                    let elems = Attrs::with(|l| {
+                        for p in &s.ports {
+                            l.nest(
+                                NFTA_LIST_ELEM,
+                                Attrs::with(|e| {
+                                    e.nest(NFTA_SET_ELEM_KEY, data_value(&p.to_be_bytes()));
+                                }),
+                            );
+                        }
+                    });
+                    b.nft(
+                        NFT_MSG_NEWSETELEM,
+                        NLM_F_CREATE,
+                        &Attrs::with(|a| {
+                            a.str(NFTA_SET_ELEM_LIST_TABLE, t.name)
+                                .str(NFTA_SET_ELEM_LIST_SET, "__set%d")
+                                .be32(NFTA_SET_ELEM_LIST_SET_ID, s.id)
+                                .nest(NFTA_SET_ELEM_LIST_ELEMENTS, elems);
+                        }),
+                    );
+                }
+                let list = Attrs::with(|l| {
+                    for Expr(name, data) in exprs {
+                        l.nest(
+                            NFTA_LIST_ELEM,
+                            Attrs::with(|e| {
+                                e.str(NFTA_EXPR_NAME, name).nest(NFTA_EXPR_DATA, data);
+                            }),
+                        );
+                    }
+                });
+                b.nft(
+                    NFT_MSG_NEWRULE,
+                    NLM_F_CREATE | NLM_F_APPEND,
+                    &Attrs::with(|a| {
+                        a.str(NFTA_RULE_TABLE, t.name)
+                            .str(NFTA_RULE_CHAIN, c.name)
+                            .nest(NFTA_RULE_EXPRESSIONS, list);
+                    }),
+                );
+            }
+        }
+    }
+    Ok(b.finish())
+}
+
+/// A `NETLINK_NETFILTER` socket.
+struct Socket(std::os::fd::OwnedFd);
+
+impl Socket {
+    fn open() -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd as _;
+        // SAFETY: plain socket(2); the fd is owned from here on.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_NETFILTER,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        let s = Self(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        // A kernel that never answers must not hang the runtime's ADD.
+        let tv = libc::timeval {
+            tv_sec: 10,
+            tv_usec: 0,
+        };
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: valid fd, pointer to a live timeval of the size passed.
+        unsafe {
+            libc::setsockopt(
+                s.0.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+        }
+        Ok(s)
+    }
+
+    fn send(&self, buf: &[u8]) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: sockaddr_nl is plain data; all zeroes is the kernel as destination.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        // SAFETY: buf and addr outlive the call; sizes are theirs.
+        let n = unsafe {
+            libc::sendto(
+                self.0.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                0,
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The next datagram's messages as (type, payload after the nlmsghdr).
+    fn recv(&self) -> std::io::Result<Vec<(u16, Vec<u8>)>> {
+        use std::os::fd::AsRawFd as _;
+        let mut buf = vec![0u8; 1 << 16];
+        // SAFETY: buf is writable for its length.
+        let n = unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut out = Vec::new();
+        let mut rest = &buf[..n as usize];
+        while rest.len() >= 16 {
+            let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+            let kind = u16::from_ne_bytes(rest[4..6].try_into().expect("2 bytes"));
+            if len < 16 || len > rest.len() {
+                break;
+            }
+            out.push((kind, rest[16..len].to_vec()));
+            rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+        }
+        Ok(out)
+    }
+
+    /// Sends a batch and waits for its ACKs; the first error the kernel names wins (the
+    /// kernel then aborted the whole transaction).
+    fn transact(&self, batch: &Batch) -> Result<(), std::io::Error> {
+        self.send(&batch.buf)?;
+        let mut acks = 0;
+        let mut first_error: Option<i32> = None;
+        while acks < batch.acked {
+            for (kind, payload) in self.recv()? {
+                if kind == NLMSG_ERROR && payload.len() >= 4 {
+                    acks += 1;
+                    let code = i32::from_ne_bytes(payload[0..4].try_into().expect("4 bytes"));
+                    if code != 0 && first_error.is_none() {
+                        first_error = Some(-code);
+                    }
+                }
+            }
+            if first_error.is_some() {
+                break;
+            }
+        }
+        match first_error {
+            Some(errno) => Err(std::io::Error::from_raw_os_error(errno)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Group names from the host's `/etc/group` (the runtime's, as `nft` would read it).
+fn etc_group_id(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
+}
+
+/// Programs the ruleset in the netns, as one transaction.
+pub fn apply(netns: &Netns, set: &Ruleset) -> Result<(), String> {
+    let batch = ruleset_batch(set, &etc_group_id)?;
+    netns
+        .run(|| Socket::open().and_then(|s| s.transact(&batch)))
+        .map_err(|e| format!("entering netns {}: {e}", netns.path))?
+        .map_err(|e| format!("nf_tables transaction of {} tables: {e}", set.tables.len()))
+}
+
+/// Removes Istio's sidecar tables from the netns; a table that is not there is no error.
+pub fn delete_tables(netns: &Netns) -> Result<(), String> {
+    netns
+        .run(|| -> Result<(), String> {
+            let s = Socket::open().map_err(|e| format!("netlink socket: {e}"))?;
+            for name in TABLES {
+                let mut b = Batch::new();
+                b.nft(
+                    NFT_MSG_DELTABLE,
+                    0,
+                    &Attrs::with(|a| {
+                        a.str(NFTA_TABLE_NAME, name);
+                    }),
+                );
+                match s.transact(&b.finish()) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => return Err(format!("deleting table inet {name}: {e}")),
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| format!("entering netns {}: {e}", netns.path))?
+}
+
+/// Per (table, chain), how many rules the netns holds in Istio's tables.
+pub fn rule_counts(netns: &Netns) -> Result<Vec<(String, String, usize)>, String> {
+    netns
+        .run(|| -> Result<Vec<(String, String, usize)>, String> {
+            let s = Socket::open().map_err(|e| format!("netlink socket: {e}"))?;
+            let mut counts: Vec<(String, String, usize)> = Vec::new();
+            let mut req = Batch {
+                buf: Vec::new(),
+                seq: 0,
+                acked: 0,
+            };
+            req.msg(
+                (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE,
+                NLM_F_REQUEST | NLM_F_DUMP,
+                NFPROTO_INET,
+                0,
+                &Attrs::default(),
+            );
+            s.send(&req.buf).map_err(|e| format!("dump rules: {e}"))?;
+            loop {
+                for (kind, payload) in s.recv().map_err(|e| format!("dump rules: {e}"))? {
+                    if kind == NLMSG_DONE {
+                        return Ok(counts);
+                    }
+                    if kind == NLMSG_ERROR {
+                        let code = i32::from_ne_bytes(payload[0..4].try_into().expect("4 bytes"));
+                        return Err(format!(
+                            "dump rules: {}",
+                            std::io::Error::from_raw_os_error(-code)
+                        ));
+                    }
+                    let (table, chain) = rule_location(&payload[4..]);
+                    if TABLES.contains(&table.as_str()) {
+                        match counts
+                            .iter_mut()
+                            .find(|(t, c, _)| *t == table && *c == chain)
+                        {
+                            Some(e) => e.2 += 1,
+                            None => counts.push((table, chain, 1)),
+                        }
+                    }
+                }
+            }
+        })
+        .map_err(|e| format!("entering netns {}: {e}", netns.path))?
+}
+
+/// NFTA_RULE_TABLE and NFTA_RULE_CHAIN of a NEWRULE message's attributes.
+fn rule_location(mut attrs: &[u8]) -> (String, String) {
+    let (mut table, mut chain) = (String::new(), String::new());
+    while attrs.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
+        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & !NLA_F_NESTED;
+        if len < 4 || len > attrs.len() {
+            break;
+        }
+        let value = String::from_utf8_lossy(&attrs[4..len])
+            .trim_end_matches('\0')
+            .to_string();
+        match kind {
+            NFTA_RULE_TABLE => table = value,
+            NFTA_RULE_CHAIN => chain = value,
+            _ => {}
+        }
+        attrs = &attrs[len.next_multiple_of(4).min(attrs.len())..];
+    }
+    (table, chain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::redirect::{Cidr, GroupName};
+
+    fn exprs(stmts: &[Stmt]) -> Vec<&'static str> {
+        let mut sets = Vec::new();
+        let mut id = 0;
+        encode_stmts(stmts, &mut sets, &mut id, &|_| None)
+            .unwrap()
+            .iter()
+            .map(|e| e.0)
+            .collect()
+    }
+
+    #[test]
+    fn protocol_dependencies_are_written_once_as_nft_does() {
+        let c = Cidr::parse("9.9.0.0/16").unwrap();
+        let stmts = [
+            Stmt::L4Proto(L4::Tcp),
+            Stmt::Addr {
+                dir: Dir::Dst,
+                op: Op::Neq,
+                cidr: c,
+            },
+            Stmt::Port {
+                proto: L4::Tcp,
+                dir: Dir::Dst,
+                op: Op::Neq,
+                ports: vec![15008],
+            },
+            Stmt::Counter,
+            Stmt::Verdict(Verdict::Return),
+        ];
+        assert_eq!(
+            exprs(&stmts),
+            [
+                "meta",
+                "cmp",
+                "meta",
+                "cmp",
+                "payload",
+                "cmp",
+                "payload",
+                "cmp",
+                "counter",
+                "immediate"
+            ]
+        );
+        // A /12 is not byte aligned: masked.
+        let c12 = Cidr::parse("10.96.0.0/12").unwrap();
+        assert_eq!(
+            exprs(&[Stmt::Addr {
+                dir: Dir::Dst,
+                op: Op::Eq,
+                cidr: c12
+            }]),
+            ["meta", "cmp", "payload", "bitwise", "cmp"]
+        );
+    }
+
+    #[test]
+    fn port_lists_become_one_anonymous_set() {
+        let mut sets = Vec::new();
+        let mut id = 0;
+        let stmts = [Stmt::Port {
+            proto: L4::Tcp,
+            dir: Dir::Dst,
+            op: Op::Neq,
+            ports: vec![53, 15008],
+        }];
+        let e = encode_stmts(&stmts, &mut sets, &mut id, &|_| None).unwrap();
+        assert_eq!(e.last().unwrap().0, "lookup");
+        assert_eq!(sets.len(), 1);
+        assert_eq!(sets[0].ports, [53, 15008]);
+    }
+
+    #[test]
+    fn an_unknown_group_name_is_named() {
+        let g = Stmt::SkGid {
+            op: Op::Eq,
+            gid: Group::Named(GroupName::parse("nosuchgrp").unwrap()),
+            meta: false,
+        };
+        let err = encode_stmts(&[g], &mut Vec::new(), &mut 0, &|_| None)
+            .err()
+            .unwrap();
+        assert!(err.contains("\"nosuchgrp\""), "{err}");
+        let ok = Stmt::SkGid {
+            op: Op::Eq,
+            gid: Group::Named(GroupName::parse("202").unwrap()),
+            meta: false,
+        };
+        assert!(encode_stmts(&[ok], &mut Vec::new(), &mut 0, &|_| None).is_ok());
+    }
+}
