@@ -1,47 +1,115 @@
-//! A small HTTPS Kubernetes API server for the plugin tests: it serves Pod JSON in the shape
-//! the API returns it (`GET /api/v1/namespaces/{ns}/pods/{name}`), checks the bearer token,
-//! answers 401/404 (or any status a test sets) with the API's `Status` objects, and records
-//! every request. Its certificate is signed by a throwaway CA (made with the openssl CLI), so
-//! the plugin's client verifies it exactly as it would a real API server.
+//! A small HTTPS Kubernetes API server for the tests. It serves Pod JSON in the shape the API
+//! returns it (`GET /api/v1/namespaces/{ns}/pods/{name}`) and other objects by path, checks the
+//! bearer token (any of a set a test may rotate), answers 401/404 (or any status a test sets)
+//! with the API's `Status` objects, and records every request. Its certificate is signed by a
+//! throwaway CA (made with the openssl CLI), so clients verify it exactly as they would a real
+//! API server.
+//!
+//! Pods also behave as a real API server's pods do for a client that lists and watches them
+//! (kube-rs' `watcher`/`reflector`, client-go informers):
+//! - every pod change (`set_pod`, `remove_pod`, DELETE, PATCH) takes the next global
+//!   resourceVersion, stored as the pod's `metadata.resourceVersion` (a string), and appends an
+//!   ADDED/MODIFIED/DELETED event to a history;
+//! - `GET /api/v1/pods` and `GET /api/v1/namespaces/{ns}/pods` answer a `PodList`, filtered by
+//!   `fieldSelector` (`spec.nodeName`, `metadata.name`, `metadata.namespace`, `status.phase`,
+//!   ...; `=`, `==`, `!=`) and `labelSelector` (`k=v`, `k!=v`, `k`, `!k`, `k in (..)`,
+//!   `k notin (..)`), paged by `limit` + `continue` (every page comes from the snapshot the
+//!   first page was cut from), at the `resourceVersion` / `resourceVersionMatch` asked
+//!   (`Exact` rebuilds the older state from the history; 410 Expired once it is compacted);
+//! - the same paths with `watch=true` stream a chunked response, one JSON event per line: the
+//!   history after `resourceVersion` (or the current pods as ADDED when it is unset or "0";
+//!   with `sendInitialEvents=true` followed by the `k8s.io/initial-events-end` BOOKMARK), then
+//!   live events, a BOOKMARK about every second with `allowWatchBookmarks=true`, ending after
+//!   `timeoutSeconds`. A pod that moves into a selection arrives as ADDED and one that moves
+//!   out as DELETED, as the API's watch cache reports them. A watch from before the compacted
+//!   history gets an ERROR event with a 410 Expired `Status`;
+//! - DELETE (with `preconditions`) and PATCH (merge patch) of a pod, and POST of an event
+//!   (`v1` and `events.k8s.io/v1`): the writes Istio's CNI repair controller makes.
+//!
+//! Each connection carries one request (`Connection: close`). A few acceptor threads answer
+//! the plain requests; every watch streams from a thread of its own.
 use anyhow::{Context as _, Result, bail};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Threads accepting connections.
 const ACCEPTORS: usize = 4;
+
+/// The resourceVersion of an empty server: far from "0", which means "any version" to the API.
+const FIRST_RESOURCE_VERSION: u64 = 1000;
+
+/// How often an idle watch that allows bookmarks gets one.
+const BOOKMARK_EVERY: Duration = Duration::from_secs(1);
 
 /// One request as the server saw it.
 #[derive(Clone, Debug)]
 pub struct Recorded {
     pub method: String,
+    /// The path, without the query string.
     pub path: String,
+    /// The query string (still URL-encoded), empty when there is none.
+    pub query: String,
     pub authorization: Option<String>,
 }
 
-#[derive(Default)]
+/// A pod's key: (namespace, name).
+type Key = (String, String);
+
+/// One change of a pod, as the history keeps it and open watches receive it.
+struct Change {
+    rv: u64,
+    /// ADDED, MODIFIED or DELETED.
+    kind: &'static str,
+    /// The pod after the change; for DELETED its last state, with the deletion's
+    /// resourceVersion (as the API sends it).
+    object: Value,
+    /// The pod before the change: a watch with a selector must see a pod that moves into its
+    /// selection as ADDED and one that moves out as DELETED; an `Exact` list undoes changes
+    /// with it.
+    prev: Option<Value>,
+}
+
 struct State {
-    pods: HashMap<(String, String), Value>,
+    pods: HashMap<Key, Value>,
     /// Other objects, by API path (`/apis/apps/v1/namespaces/ns/daemonsets/name`).
     objects: HashMap<String, Value>,
     /// Forced answers per API path: status + body.
     forced_paths: HashMap<String, (u16, Value)>,
     /// Forced answers per (ns, name): status + body.
-    forced: HashMap<(String, String), (u16, Value)>,
+    forced: HashMap<Key, (u16, Value)>,
     /// How long the answer takes, per (ns, name).
-    delays: HashMap<(String, String), Duration>,
+    delays: HashMap<Key, Duration>,
     requests: Vec<Recorded>,
+    /// Bearer tokens accepted.
+    tokens: Vec<String>,
+    /// The last resourceVersion given out.
+    rv: u64,
+    /// Pod changes newer than `compacted_at`, oldest first.
+    history: Vec<Arc<Change>>,
+    /// Where the history starts: a watch or `Exact` list from before it gets 410 Expired.
+    compacted_at: u64,
+    /// One sender per open watch; dropping them ends the watches (`break_watches`).
+    watchers: Vec<mpsc::Sender<Arc<Change>>>,
+    /// Watch threads still streaming.
+    open_watches: Arc<AtomicUsize>,
+    /// The full item lists `continue` tokens page through: (resourceVersion, items).
+    snapshots: Vec<(u64, Vec<Value>)>,
+    /// Events POSTed, in order.
+    events: Vec<Value>,
 }
 
 pub struct FakeKubeApi {
     pub addr: SocketAddr,
+    /// The token accepted at start (see [`FakeKubeApi::set_tokens`]).
     pub token: String,
     /// PEM of the CA that signed the server certificate.
     pub ca_pem: String,
@@ -210,25 +278,35 @@ impl FakeKubeApi {
         );
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
-        let state = Arc::new(Mutex::new(State::default()));
+        let state = Arc::new(Mutex::new(State {
+            pods: HashMap::new(),
+            objects: HashMap::new(),
+            forced_paths: HashMap::new(),
+            forced: HashMap::new(),
+            delays: HashMap::new(),
+            requests: Vec::new(),
+            tokens: vec![token.to_string()],
+            rv: FIRST_RESOURCE_VERSION,
+            history: Vec::new(),
+            compacted_at: FIRST_RESOURCE_VERSION,
+            watchers: Vec::new(),
+            open_watches: Arc::new(AtomicUsize::new(0)),
+            snapshots: Vec::new(),
+            events: Vec::new(),
+        }));
         let stop = Arc::new(AtomicBool::new(false));
         // A few threads waiting in accept() (no thread start per request), each answering one
         // request per connection, so the server adds little to what a benchmark measures.
         for _ in 0..ACCEPTORS {
             let listener = listener.try_clone()?;
-            let (state, stop, token, config) = (
-                state.clone(),
-                stop.clone(),
-                token.to_string(),
-                config.clone(),
-            );
+            let (state, stop, config) = (state.clone(), stop.clone(), config.clone());
             std::thread::spawn(move || {
                 for conn in listener.incoming() {
                     if stop.load(Ordering::SeqCst) {
                         break;
                     }
                     let Ok(conn) = conn else { continue };
-                    let _ = serve(conn, config.clone(), &state, &token);
+                    let _ = serve(conn, config.clone(), &state);
                 }
             });
         }
@@ -246,19 +324,28 @@ impl FakeKubeApi {
         format!("https://{}", self.addr)
     }
 
-    /// Serves `pod` (keyed by its metadata namespace/name).
+    /// Serves `pod` (keyed by its metadata namespace/name): ADDED when new, else MODIFIED,
+    /// with the next resourceVersion.
     pub fn set_pod(&self, pod: Value) {
-        let key = (
-            pod["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-            pod["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-        );
-        self.state.lock().unwrap().pods.insert(key, pod);
+        let key = key_of(&pod);
+        self.state.lock().unwrap().change_pod(key, Some(pod));
+    }
+
+    /// Stops serving the pod (a DELETED event); `false` when there was none.
+    pub fn remove_pod(&self, ns: &str, name: &str) -> bool {
+        let key = (ns.to_string(), name.to_string());
+        self.state.lock().unwrap().change_pod(key, None).is_some()
+    }
+
+    /// The pod as stored now (with its resourceVersion and every write applied).
+    pub fn pod(&self, ns: &str, name: &str) -> Option<Value> {
+        let key = (ns.to_string(), name.to_string());
+        self.state.lock().unwrap().pods.get(&key).cloned()
+    }
+
+    /// The current resourceVersion (of the last change), as the API writes it.
+    pub fn resource_version(&self) -> String {
+        self.state.lock().unwrap().rv.to_string()
     }
 
     /// Serves `object` at the API `path` (a DaemonSet, a Node).
@@ -275,7 +362,8 @@ impl FakeKubeApi {
         self.state.lock().unwrap().objects.remove(path);
     }
 
-    /// Answers requests for `path` with this status and a Status body instead.
+    /// Answers requests for `path` (without the query: lists and watches too) with this status
+    /// and a Status body instead.
     pub fn force_path_status(&self, path: &str, status: u16, message: &str) {
         self.state
             .lock()
@@ -303,6 +391,34 @@ impl FakeKubeApi {
             .insert((ns.to_string(), name.to_string()), delay);
     }
 
+    /// Accepts any of these bearer tokens from now on (and no other): a rotated token.
+    pub fn set_tokens(&self, tokens: &[&str]) {
+        self.state.lock().unwrap().tokens = tokens.iter().map(|t| t.to_string()).collect();
+    }
+
+    /// Ends every open watch at once, without the response's last chunk or a TLS
+    /// close_notify: a dropped connection.
+    pub fn break_watches(&self) {
+        self.state.lock().unwrap().watchers.clear();
+    }
+
+    /// Forgets the history (as etcd's compaction does): a watch or an `Exact` list from an
+    /// older resourceVersion, or a `continue` token from before, gets 410 Expired.
+    pub fn compact_history(&self) {
+        let mut st = self.state.lock().unwrap();
+        st.compacted_at = st.rv;
+        st.history.clear();
+    }
+
+    /// Watch streams still open.
+    pub fn open_watches(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .open_watches
+            .load(Ordering::SeqCst)
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.lock().unwrap().requests.clone()
     }
@@ -313,6 +429,40 @@ impl FakeKubeApi {
         self.requests().iter().filter(|r| r.path == path).count()
     }
 
+    /// GETs of one pod.
+    pub fn pod_gets(&self, ns: &str, name: &str) -> usize {
+        let path = format!("/api/v1/namespaces/{ns}/pods/{name}");
+        self.requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path == path)
+            .count()
+    }
+
+    /// Lists of pods (all namespaces or one), whatever they were answered.
+    pub fn lists(&self) -> usize {
+        self.pod_collection_gets(false)
+    }
+
+    /// Watches of pods (all namespaces or one), whatever they were answered.
+    pub fn watches(&self) -> usize {
+        self.pod_collection_gets(true)
+    }
+
+    fn pod_collection_gets(&self, watch: bool) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| {
+                r.method == "GET"
+                    && pod_collection(&r.path).is_some()
+                    && is_watch(&parse_query(&r.query)) == watch
+            })
+            .count()
+    }
+
+    /// The events POSTed (either API group), in order, as stored.
+    pub fn events(&self) -> Vec<Value> {
+        self.state.lock().unwrap().events.clone()
+    }
     /// Writes the plugin's kubeconfig (Istio's golden shape) at `path`.
     pub fn write_kubeconfig(&self, path: &Path, trust: Trust, token: &str) -> Result<()> {
         use base64::Engine as _;
@@ -337,6 +487,7 @@ impl FakeKubeApi {
 
 impl Drop for FakeKubeApi {
     fn drop(&mut self) {
+        self.break_watches();
         self.stop.store(true, Ordering::SeqCst);
         for _ in 0..ACCEPTORS {
             let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
@@ -347,24 +498,136 @@ impl Drop for FakeKubeApi {
 /// The API's `Status` object for an error.
 pub fn status_object(code: u16, message: &str) -> Value {
     let reason = match code {
+        400 => "BadRequest",
         401 => "Unauthorized",
         403 => "Forbidden",
         404 => "NotFound",
+        405 => "MethodNotAllowed",
+        409 => "Conflict",
+        410 => "Expired",
+        415 => "UnsupportedMediaType",
+        422 => "Invalid",
+        429 => "TooManyRequests",
         500 => "InternalError",
         503 => "ServiceUnavailable",
+        504 => "Timeout",
         _ => "Unknown",
     };
-    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-           "message": message, "reason": reason, "code": code})
+    failure(code, reason, message).1
 }
 
-fn serve(
-    conn: TcpStream,
-    config: Arc<rustls::ServerConfig>,
-    state: &Mutex<State>,
-    token: &str,
-) -> Result<()> {
+/// A `Status` answer with its HTTP status.
+fn failure(code: u16, reason: &str, message: &str) -> (u16, Value) {
+    (
+        code,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": message, "reason": reason, "code": code}),
+    )
+}
+
+/// A failure about one pod, with the `details` the API adds.
+fn pod_failure(code: u16, reason: &str, name: &str, message: &str) -> (u16, Value) {
+    let (code, mut body) = failure(code, reason, message);
+    body["details"] = json!({"name": name, "kind": "pods"});
+    (code, body)
+}
+
+fn key_of(object: &Value) -> Key {
+    let field = |f: &str| {
+        object["metadata"][f]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    (field("namespace"), field("name"))
+}
+
+impl State {
+    /// Stores `new` as pod `key` (or removes it with `None`) under the next resourceVersion,
+    /// records the change and hands it to the open watches. Returns the object of the event,
+    /// `None` when removing a pod that is not there.
+    fn change_pod(&mut self, key: Key, new: Option<Value>) -> Option<Value> {
+        let prev = self.pods.get(&key).cloned();
+        let (kind, mut object) = match (new, &prev) {
+            (Some(pod), None) => ("ADDED", pod),
+            (Some(pod), Some(_)) => ("MODIFIED", pod),
+            (None, Some(old)) => ("DELETED", old.clone()),
+            (None, None) => return None,
+        };
+        self.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        if kind == "DELETED" {
+            self.pods.remove(&key);
+        } else {
+            self.pods.insert(key, object.clone());
+        }
+        let change = Arc::new(Change {
+            rv: self.rv,
+            kind,
+            object: object.clone(),
+            prev,
+        });
+        self.history.push(change.clone());
+        self.watchers.retain(|w| w.send(change.clone()).is_ok());
+        Some(object)
+    }
+
+    /// The pods as they were at `rv` (not before `compacted_at`), ordered by key as the API
+    /// lists them.
+    fn pods_at(&self, rv: u64) -> BTreeMap<Key, Value> {
+        let mut pods: BTreeMap<Key, Value> = self.pods.clone().into_iter().collect();
+        for change in self.history.iter().rev().take_while(|c| c.rv > rv) {
+            let key = key_of(&change.object);
+            match &change.prev {
+                Some(prev) => pods.insert(key, prev.clone()),
+                None => pods.remove(&key),
+            };
+        }
+        pods
+    }
+
+    fn too_large(&self, rv: u64) -> (u16, Value) {
+        failure(
+            504,
+            "Timeout",
+            &format!("Too large resource version: {rv}, current: {}", self.rv),
+        )
+    }
+
+    fn too_old(&self, rv: u64) -> (u16, Value) {
+        failure(
+            410,
+            "Expired",
+            &format!("too old resource version: {rv} ({})", self.compacted_at),
+        )
+    }
+}
+
+/// What a request gets: a plain JSON answer, or a watch stream.
+enum Reply {
+    Json(u16, Value),
+    Watch(Watch),
+}
+
+impl From<(u16, Value)> for Reply {
+    fn from((status, body): (u16, Value)) -> Self {
+        Reply::Json(status, body)
+    }
+}
+
+struct Request<'a> {
+    method: &'a str,
+    path: &'a str,
+    query: &'a str,
+    authorization: Option<&'a str>,
+    content_type: &'a str,
+    body: &'a [u8],
+}
+
+fn serve(conn: TcpStream, config: Arc<rustls::ServerConfig>, state: &Mutex<State>) -> Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    // A watch client that stops reading must not hold its thread forever.
+    conn.set_write_timeout(Some(Duration::from_secs(10)))?;
     conn.set_nodelay(true)?;
     let tls = rustls::ServerConnection::new(config)?;
     let mut stream = rustls::StreamOwned::new(tls, conn);
@@ -393,13 +656,20 @@ fn serve(
     reader.read_exact(&mut body)?;
     let mut parts = request_line.split_whitespace();
     let method = parts.next().unwrap_or_default().to_string();
-    let path = parts.next().unwrap_or_default().to_string();
+    let target = parts.next().unwrap_or_default();
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let authorization = headers.get("authorization").cloned();
-    let answer = {
+    // `application/merge-patch+json; charset=utf-8` is still a merge patch.
+    let content_type = headers
+        .get("content-type")
+        .map(|c| c.split(';').next().unwrap_or_default().trim().to_string())
+        .unwrap_or_default();
+    let (reply, delay, open_watches) = {
         let mut st = state.lock().unwrap();
         st.requests.push(Recorded {
             method: method.clone(),
-            path: path.clone(),
+            path: path.to_string(),
+            query: query.to_string(),
             authorization: authorization.clone(),
         });
         let delay = st
@@ -407,15 +677,36 @@ fn serve(
             .iter()
             .find(|((ns, name), _)| path == format!("/api/v1/namespaces/{ns}/pods/{name}"))
             .map(|(_, d)| *d);
-        let answer = answer(&st, &method, &path, authorization.as_deref(), token);
-        (answer, delay)
+        let request = Request {
+            method: &method,
+            path,
+            query,
+            authorization: authorization.as_deref(),
+            content_type: &content_type,
+            body: &body,
+        };
+        (handle(&mut st, &request), delay, st.open_watches.clone())
     };
-    let ((status, answer), delay) = (answer.0, answer.1);
+    let (status, answer) = match reply {
+        Reply::Json(status, answer) => (status, answer),
+        Reply::Watch(watch) => {
+            open_watches.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let _ = watch.stream(stream);
+                open_watches.fetch_sub(1, Ordering::SeqCst);
+            });
+            return Ok(());
+        }
+    };
     if let Some(d) = delay {
         std::thread::sleep(d);
     }
     let body = answer.to_string();
-    let reason = if status == 200 { "OK" } else { "Error" };
+    let reason = match status {
+        200 => "OK",
+        201 => "Created",
+        _ => "Error",
+    };
     // A forced redirect goes where its message says (`force_status(.., 302, "http://..")`).
     let location = match (status, answer["message"].as_str()) {
         (300..=399, Some(to)) => format!("Location: {to}\r\n"),
@@ -432,44 +723,816 @@ fn serve(
     Ok(())
 }
 
-fn answer(
-    st: &State,
-    method: &str,
-    path: &str,
-    authorization: Option<&str>,
-    token: &str,
-) -> (u16, Value) {
-    if authorization != Some(&format!("Bearer {token}")) {
-        return (401, status_object(401, "Unauthorized"));
+fn handle(st: &mut State, req: &Request<'_>) -> Reply {
+    let authorized = st
+        .tokens
+        .iter()
+        .any(|t| req.authorization == Some(format!("Bearer {t}").as_str()));
+    if !authorized {
+        return Reply::Json(401, status_object(401, "Unauthorized"));
     }
-    if let Some((s, b)) = st.forced_paths.get(path) {
-        return (*s, b.clone());
+    if let Some((s, b)) = st.forced_paths.get(req.path) {
+        return Reply::Json(*s, b.clone());
     }
-    if method == "GET"
-        && let Some(o) = st.objects.get(path)
+    if req.method == "GET"
+        && let Some(o) = st.objects.get(req.path)
     {
-        return (200, o.clone());
+        return Reply::Json(200, o.clone());
     }
-    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    match (method, parts.as_slice()) {
-        ("GET", ["api", "v1", "namespaces", ns, "pods", name]) => {
+    if let Some(ns) = pod_collection(req.path) {
+        return match req.method {
+            "GET" => pods(st, ns, &parse_query(req.query)),
+            _ => status_json(
+                405,
+                "the server does not allow this method on the requested resource",
+            ),
+        };
+    }
+    let parts: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
+    match (req.method, parts.as_slice()) {
+        (method, ["api", "v1", "namespaces", ns, "pods", name]) => {
             let key = (ns.to_string(), name.to_string());
             if let Some((s, b)) = st.forced.get(&key) {
-                return (*s, b.clone());
+                return Reply::Json(*s, b.clone());
             }
-            match st.pods.get(&key) {
-                Some(p) => (200, p.clone()),
-                None => (
-                    404,
-                    status_object(404, &format!("pods \"{name}\" not found")),
+            match method {
+                "GET" => match st.pods.get(&key) {
+                    Some(p) => Reply::Json(200, p.clone()),
+                    None => status_json(404, &format!("pods \"{name}\" not found")),
+                },
+                "DELETE" => delete_pod(st, key, req.body).into(),
+                "PATCH" => patch_pod(st, key, req.content_type, req.body).into(),
+                _ => status_json(
+                    405,
+                    "the server does not allow this method on the requested resource",
                 ),
             }
         }
-        _ => (
+        ("POST", ["api", "v1", "namespaces", ns, "events"])
+        | ("POST", ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"]) => {
+            create_event(st, ns, req.body).into()
+        }
+        _ => status_json(404, "the server could not find the requested resource"),
+    }
+}
+
+fn status_json(code: u16, message: &str) -> Reply {
+    Reply::Json(code, status_object(code, message))
+}
+
+/// `Some(namespace)` (`None` for all namespaces) when `path` is a collection of pods.
+fn pod_collection(path: &str) -> Option<Option<&str>> {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["api", "v1", "pods"] => Some(None),
+        ["api", "v1", "namespaces", ns, "pods"] => Some(Some(ns)),
+        _ => None,
+    }
+}
+
+type Query = HashMap<String, String>;
+
+/// Splits a query string into its (URL-decoded) parameters; the last of a name wins.
+fn parse_query(query: &str) -> Query {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (url_decode(k), url_decode(v))
+        })
+        .collect()
+}
+
+/// Decodes `%XX` and `+` (a space), as Go's `url.ParseQuery` does.
+fn url_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A boolean query parameter as Go's `strconv.ParseBool` reads it.
+fn parse_bool(v: &str) -> bool {
+    matches!(v, "1" | "t" | "T" | "true" | "TRUE" | "True")
+}
+
+fn is_watch(q: &Query) -> bool {
+    q.get("watch").is_some_and(|w| parse_bool(w))
+}
+
+fn param<'a>(q: &'a Query, name: &str) -> &'a str {
+    q.get(name).map(String::as_str).unwrap_or_default()
+}
+
+/// One requirement of a label selector.
+enum LabelReq {
+    Eq(String, String),
+    Ne(String, String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    NotExists(String),
+}
+
+/// What a list or watch selects: a namespace, field and label requirements (all must hold).
+struct Selector {
+    ns: Option<String>,
+    /// (field, equal?, value).
+    fields: Vec<(String, bool, String)>,
+    labels: Vec<LabelReq>,
+}
+
+/// The value of a pod field a field selector may name (the pod fields the API supports),
+/// `None` for others.
+fn pod_field(pod: &Value, field: &str) -> Option<String> {
+    let path: &[&str] = match field {
+        "metadata.name" => &["metadata", "name"],
+        "metadata.namespace" => &["metadata", "namespace"],
+        "spec.nodeName" => &["spec", "nodeName"],
+        "spec.restartPolicy" => &["spec", "restartPolicy"],
+        "spec.schedulerName" => &["spec", "schedulerName"],
+        "spec.serviceAccountName" => &["spec", "serviceAccountName"],
+        "status.phase" => &["status", "phase"],
+        "status.podIP" => &["status", "podIP"],
+        "status.nominatedNodeName" => &["status", "nominatedNodeName"],
+        "spec.hostNetwork" => {
+            return Some(
+                pod["spec"]["hostNetwork"]
+                    .as_bool()
+                    .unwrap_or(false)
+                    .to_string(),
+            );
+        }
+        _ => return None,
+    };
+    let value = path.iter().fold(pod, |v, p| &v[*p]);
+    Some(value.as_str().unwrap_or_default().to_string())
+}
+
+/// Splits `s` at the commas outside parentheses (`a in (x,y),b`).
+fn split_terms(s: &str) -> Vec<&str> {
+    let (mut terms, mut depth, mut start) = (Vec::new(), 0i32, 0);
+    for (i, c) in s.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                terms.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    terms.push(&s[start..]);
+    terms
+        .into_iter()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+fn parse_label(term: &str) -> Option<LabelReq> {
+    let set = |s: &str| -> Option<Vec<String>> {
+        let inner = s.trim().strip_prefix('(')?.strip_suffix(')')?;
+        Some(inner.split(',').map(|v| v.trim().to_string()).collect())
+    };
+    let word = |s: &str| s.trim().to_string();
+    Some(if let Some(k) = term.strip_prefix('!') {
+        LabelReq::NotExists(word(k))
+    } else if let Some((k, v)) = term.split_once(" notin ") {
+        LabelReq::NotIn(word(k), set(v)?)
+    } else if let Some((k, v)) = term.split_once(" in ") {
+        LabelReq::In(word(k), set(v)?)
+    } else if let Some((k, v)) = term.split_once("!=") {
+        LabelReq::Ne(word(k), word(v))
+    } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+        LabelReq::Eq(word(k), word(v))
+    } else if term.contains([' ', '(', ')', '<', '>']) {
+        return None;
+    } else {
+        LabelReq::Exists(word(term))
+    })
+}
+
+impl Selector {
+    fn parse(ns: Option<&str>, q: &Query) -> std::result::Result<Self, (u16, Value)> {
+        let mut fields = Vec::new();
+        for term in split_terms(param(q, "fieldSelector")) {
+            let (field, eq, value) = if let Some((f, v)) = term.split_once("!=") {
+                (f, false, v)
+            } else if let Some((f, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+                (f, true, v)
+            } else {
+                return Err(failure(
+                    400,
+                    "BadRequest",
+                    &format!("invalid selector: '{term}'; can't understand '{term}'"),
+                ));
+            };
+            let field = field.trim();
+            if pod_field(&Value::Null, field).is_none() {
+                return Err(failure(
+                    400,
+                    "BadRequest",
+                    &format!("field label not supported: {field}"),
+                ));
+            }
+            fields.push((field.to_string(), eq, value.trim().to_string()));
+        }
+        let mut labels = Vec::new();
+        for term in split_terms(param(q, "labelSelector")) {
+            let Some(req) = parse_label(term) else {
+                return Err(failure(
+                    400,
+                    "BadRequest",
+                    &format!("unable to parse requirement: {term}"),
+                ));
+            };
+            labels.push(req);
+        }
+        Ok(Self {
+            ns: ns.map(str::to_string),
+            fields,
+            labels,
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.fields.is_empty() && self.labels.is_empty()
+    }
+
+    fn matches(&self, pod: &Value) -> bool {
+        if let Some(ns) = &self.ns
+            && pod["metadata"]["namespace"].as_str() != Some(ns)
+        {
+            return false;
+        }
+        let fields_hold = self.fields.iter().all(|(field, eq, value)| {
+            (pod_field(pod, field).as_deref() == Some(value.as_str())) == *eq
+        });
+        let label = |k: &str| pod["metadata"]["labels"][k].as_str();
+        let labels_hold = self.labels.iter().all(|req| match req {
+            LabelReq::Eq(k, v) => label(k) == Some(v.as_str()),
+            LabelReq::Ne(k, v) => label(k) != Some(v.as_str()),
+            LabelReq::In(k, vs) => label(k).is_some_and(|l| vs.iter().any(|v| v == l)),
+            LabelReq::NotIn(k, vs) => !label(k).is_some_and(|l| vs.iter().any(|v| v == l)),
+            LabelReq::Exists(k) => label(k).is_some(),
+            LabelReq::NotExists(k) => label(k).is_none(),
+        });
+        fields_hold && labels_hold
+    }
+
+    /// The event a watch with this selection sees for `change`, if any.
+    fn project(&self, change: &Change) -> Option<(&'static str, Value)> {
+        let was_in = change.prev.as_ref().is_some_and(|p| self.matches(p));
+        let now_in = change.kind != "DELETED" && self.matches(&change.object);
+        let kind = match (was_in, now_in) {
+            (false, false) => return None,
+            (false, true) => "ADDED",
+            (true, true) => "MODIFIED",
+            (true, false) => "DELETED",
+        };
+        Some((kind, change.object.clone()))
+    }
+}
+
+/// A list item: the API leaves `kind` and `apiVersion` to the list.
+fn list_item(mut pod: Value) -> Value {
+    if let Some(o) = pod.as_object_mut() {
+        o.remove("kind");
+        o.remove("apiVersion");
+    }
+    pod
+}
+
+/// A list or a watch of pods.
+fn pods(st: &mut State, ns: Option<&str>, q: &Query) -> Reply {
+    let sel = match Selector::parse(ns, q) {
+        Ok(sel) => sel,
+        Err(e) => return e.into(),
+    };
+    if is_watch(q) {
+        watch(st, sel, q)
+    } else {
+        list(st, &sel, q).into()
+    }
+}
+
+/// A `continue` token: base64url of JSON, as the API's are (opaque to clients).
+fn encode_continue(rv: u64, snapshot: usize, offset: usize) -> String {
+    use base64::Engine as _;
+    let token = json!({"v": "meta.k8s.io/v1", "rv": rv, "snapshot": snapshot, "offset": offset});
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.to_string())
+}
+
+fn decode_continue(token: &str) -> Option<(u64, usize, usize)> {
+    use base64::Engine as _;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()?;
+    let v: Value = serde_json::from_slice(&raw).ok()?;
+    Some((
+        v["rv"].as_u64()?,
+        usize::try_from(v["snapshot"].as_u64()?).ok()?,
+        usize::try_from(v["offset"].as_u64()?).ok()?,
+    ))
+}
+
+/// The resourceVersion a list is served at, from `resourceVersion` + `resourceVersionMatch`.
+fn list_rv(st: &State, q: &Query) -> std::result::Result<u64, (u16, Value)> {
+    let (rv, rvm) = (
+        param(q, "resourceVersion"),
+        param(q, "resourceVersionMatch"),
+    );
+    if rv.is_empty() {
+        if !rvm.is_empty() {
+            return Err(failure(
+                422,
+                "Invalid",
+                "resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden unless resourceVersion is provided",
+            ));
+        }
+        return Ok(st.rv);
+    }
+    let Ok(n) = rv.parse::<u64>() else {
+        return Err(failure(
+            400,
+            "BadRequest",
+            &format!("invalid resource version: {rv}"),
+        ));
+    };
+    match rvm {
+        // "0" is "any version"; a newer one than asked is fine ("not older than").
+        "" | "NotOlderThan" if n > st.rv => Err(st.too_large(n)),
+        "" | "NotOlderThan" => Ok(st.rv),
+        "Exact" if n == 0 => Err(failure(
+            422,
+            "Invalid",
+            "resourceVersionMatch: Forbidden: resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\"",
+        )),
+        "Exact" if n > st.rv => Err(st.too_large(n)),
+        "Exact" if n < st.compacted_at => Err(st.too_old(n)),
+        "Exact" => Ok(n),
+        other => Err(failure(
+            422,
+            "Invalid",
+            &format!("resourceVersionMatch: Unsupported value: \"{other}\""),
+        )),
+    }
+}
+
+fn list(st: &mut State, sel: &Selector, q: &Query) -> (u16, Value) {
+    let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
+        None => 0,
+        Some(Ok(l)) => l,
+        Some(Err(_)) => return failure(400, "BadRequest", "limit: Invalid value"),
+    };
+    let cont = param(q, "continue");
+    // (resourceVersion, the full selection, its index in `snapshots` once kept, offset).
+    let (rv, items, kept, offset) = if cont.is_empty() {
+        let rv = match list_rv(st, q) {
+            Ok(rv) => rv,
+            Err(e) => return e,
+        };
+        let items: Vec<Value> = st
+            .pods_at(rv)
+            .into_values()
+            .filter(|p| sel.matches(p))
+            .map(list_item)
+            .collect();
+        (rv, items, None, 0)
+    } else {
+        let found = decode_continue(cont).filter(|(_, s, _)| *s < st.snapshots.len());
+        let Some((rv, snapshot, offset)) = found else {
+            return failure(400, "BadRequest", "continue key is not valid");
+        };
+        if rv < st.compacted_at {
+            return failure(
+                410,
+                "Expired",
+                "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+            );
+        }
+        (rv, st.snapshots[snapshot].1.clone(), Some(snapshot), offset)
+    };
+    let start = offset.min(items.len());
+    let end = match limit {
+        0 => items.len(),
+        l => (start + l).min(items.len()),
+    };
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    let page = items[start..end].to_vec();
+    if end < items.len() {
+        let left = items.len() - end;
+        // Later pages come from the first page's snapshot, as the API serves them from the
+        // etcd revision of the first page.
+        let snapshot = kept.unwrap_or_else(|| {
+            st.snapshots.push((rv, items));
+            st.snapshots.len() - 1
+        });
+        metadata["continue"] = json!(encode_continue(rv, snapshot, end));
+        // The API counts what is left only when it need not filter.
+        if sel.is_empty() {
+            metadata["remainingItemCount"] = json!(left);
+        }
+    }
+    (
+        200,
+        json!({"kind": "PodList", "apiVersion": "v1", "metadata": metadata, "items": page}),
+    )
+}
+
+/// The object of a BOOKMARK event.
+fn bookmark(rv: u64, initial_events_end: bool) -> Value {
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if initial_events_end {
+        metadata["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+    }
+    json!({"kind": "Pod", "apiVersion": "v1", "metadata": metadata})
+}
+
+fn event_line(kind: &str, object: Value) -> String {
+    let mut line = json!({"type": kind, "object": object}).to_string();
+    line.push('\n');
+    line
+}
+
+/// A watch stream, set up under the lock; [`Watch::stream`] writes it.
+struct Watch {
+    /// Events to send first (history, initial state, or the 410 ERROR).
+    first: Vec<String>,
+    /// Live changes; `None` when the stream ends after `first`.
+    live: Option<mpsc::Receiver<Arc<Change>>>,
+    sel: Selector,
+    bookmarks: bool,
+    timeout: Option<Duration>,
+    /// The resourceVersion every change up to has been seen: what a bookmark says.
+    seen: u64,
+}
+
+fn watch(st: &mut State, sel: Selector, q: &Query) -> Reply {
+    let bookmarks = q.get("allowWatchBookmarks").is_some_and(|v| parse_bool(v));
+    let initial_events = q.get("sendInitialEvents").map(|v| parse_bool(v));
+    let (rv, rvm) = (
+        param(q, "resourceVersion"),
+        param(q, "resourceVersionMatch"),
+    );
+    let timeout = match q.get("timeoutSeconds").map(|t| t.parse::<u64>()) {
+        None | Some(Ok(0)) => None,
+        Some(Ok(t)) => Some(Duration::from_secs(t)),
+        Some(Err(_)) => return status_json(400, "timeoutSeconds: Invalid value"),
+    };
+    // The API's validation of a watch's parameters.
+    if initial_events == Some(true) {
+        if rvm != "NotOlderThan" {
+            return status_json(
+                422,
+                "resourceVersionMatch: Forbidden: sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+            );
+        }
+        if !bookmarks {
+            return status_json(
+                422,
+                "allowWatchBookmarks: Forbidden: sendInitialEvents requires setting allowWatchBookmarks to true",
+            );
+        }
+    } else if !rvm.is_empty() {
+        return status_json(
+            422,
+            "resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided",
+        );
+    }
+    let from = match rv {
+        "" | "0" => None,
+        rv => match rv.parse::<u64>() {
+            Ok(n) => Some(n),
+            Err(_) => return status_json(400, &format!("invalid resource version: {rv}")),
+        },
+    };
+    let mut first = Vec::new();
+    let mut ends = false;
+    match (initial_events, from) {
+        // The current state as ADDED events: asked for, or implied by "any version".
+        (Some(true), _) | (None, None) => {
+            let mut pods: Vec<(&Key, &Value)> = st.pods.iter().collect();
+            pods.sort_by(|a, b| a.0.cmp(b.0));
+            for (_, pod) in pods.into_iter().filter(|(_, p)| sel.matches(p)) {
+                first.push(event_line("ADDED", pod.clone()));
+            }
+            if initial_events == Some(true) {
+                first.push(event_line("BOOKMARK", bookmark(st.rv, true)));
+            }
+        }
+        (Some(false), None) => {}
+        (_, Some(n)) if n < st.compacted_at => {
+            first.push(event_line("ERROR", st.too_old(n).1));
+            ends = true;
+        }
+        (_, Some(n)) => {
+            for change in st.history.iter().filter(|c| c.rv > n) {
+                if let Some((kind, object)) = sel.project(change) {
+                    first.push(event_line(kind, object));
+                }
+            }
+        }
+    }
+    let live = (!ends).then(|| {
+        let (tx, rx) = mpsc::channel();
+        st.watchers.push(tx);
+        rx
+    });
+    Reply::Watch(Watch {
+        first,
+        live,
+        sel,
+        bookmarks,
+        timeout,
+        seen: st.rv,
+    })
+}
+
+type TlsStream = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;
+
+/// Appends `line` as one chunk of a chunked body.
+fn push_chunk(out: &mut Vec<u8>, line: &str) {
+    out.extend_from_slice(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes());
+}
+
+impl Watch {
+    fn stream(mut self, mut stream: TlsStream) -> std::io::Result<()> {
+        let mut out = b"HTTP/1.1 200 OK\r\nCache-Control: no-cache, private\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+        for line in &self.first {
+            push_chunk(&mut out, line);
+        }
+        stream.write_all(&out)?;
+        stream.flush()?;
+        let Some(live) = self.live.take() else {
+            return finish(stream);
+        };
+        let deadline = self.timeout.map(|t| Instant::now() + t);
+        let mut next_bookmark = Instant::now() + BOOKMARK_EVERY;
+        loop {
+            let now = Instant::now();
+            if deadline.is_some_and(|d| d <= now) {
+                return finish(stream);
+            }
+            let wake = match (deadline, self.bookmarks) {
+                (Some(d), true) => Some(d.min(next_bookmark)),
+                (Some(d), false) => Some(d),
+                (None, true) => Some(next_bookmark),
+                (None, false) => None,
+            };
+            let got = match wake {
+                Some(w) => live.recv_timeout(w.saturating_duration_since(now)),
+                None => live.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            let mut out = Vec::new();
+            match got {
+                Ok(change) => {
+                    self.seen = change.rv;
+                    if let Some((kind, object)) = self.sel.project(&change) {
+                        push_chunk(&mut out, &event_line(kind, object));
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.bookmarks && Instant::now() >= next_bookmark {
+                        push_chunk(
+                            &mut out,
+                            &event_line("BOOKMARK", bookmark(self.seen, false)),
+                        );
+                        next_bookmark = Instant::now() + BOOKMARK_EVERY;
+                    }
+                }
+                // `break_watches` (or the server's end): drop the connection, with neither the
+                // last chunk nor a close_notify, as a lost connection looks to the client.
+                Err(RecvTimeoutError::Disconnected) => {
+                    return stream.sock.shutdown(Shutdown::Both);
+                }
+            }
+            if !out.is_empty() {
+                stream.write_all(&out)?;
+                stream.flush()?;
+            }
+        }
+    }
+}
+
+/// Ends a chunked response the way the API does when a watch times out.
+fn finish(mut stream: TlsStream) -> std::io::Result<()> {
+    stream.write_all(b"0\r\n\r\n")?;
+    stream.conn.send_close_notify();
+    stream.flush()
+}
+
+fn json_body(body: &[u8]) -> std::result::Result<Value, (u16, Value)> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| failure(400, "BadRequest", &format!("invalid JSON body: {e}")))
+}
+
+/// DELETE of a pod, honouring `DeleteOptions.preconditions`.
+fn delete_pod(st: &mut State, key: Key, body: &[u8]) -> (u16, Value) {
+    let options = match json_body(body) {
+        Ok(o) => o,
+        Err(e) => return e,
+    };
+    let name = key.1.clone();
+    let Some(pod) = st.pods.get(&key) else {
+        return pod_failure(
             404,
-            status_object(404, "the server could not find the requested resource"),
+            "NotFound",
+            &name,
+            &format!("pods \"{name}\" not found"),
+        );
+    };
+    for (field, what) in [("uid", "UID"), ("resourceVersion", "ResourceVersion")] {
+        let (Some(want), have) = (
+            options["preconditions"][field].as_str(),
+            pod["metadata"][field].as_str().unwrap_or_default(),
+        ) else {
+            continue;
+        };
+        if want != have {
+            return pod_failure(
+                409,
+                "Conflict",
+                &name,
+                &format!(
+                    "Operation cannot be fulfilled on pods \"{name}\": Precondition failed: {what} in precondition: {want}, {what} in object meta: {have}"
+                ),
+            );
+        }
+    }
+    match st.change_pod(key, None) {
+        Some(pod) => (200, pod),
+        None => pod_failure(
+            404,
+            "NotFound",
+            &name,
+            &format!("pods \"{name}\" not found"),
         ),
     }
+}
+
+/// Applies a JSON merge patch (RFC 7386) to `target`.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    if let Value::Object(t) = target {
+        for (k, v) in patch {
+            if v.is_null() {
+                t.remove(k);
+            } else {
+                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+    }
+}
+
+/// PATCH of a pod: a merge patch (a strategic merge patch is applied as one, which is the
+/// same for the maps a repair controller patches: labels, annotations).
+fn patch_pod(st: &mut State, key: Key, content_type: &str, body: &[u8]) -> (u16, Value) {
+    if !matches!(
+        content_type,
+        "application/merge-patch+json" | "application/strategic-merge-patch+json"
+    ) {
+        return failure(
+            415,
+            "UnsupportedMediaType",
+            &format!(
+                "the body of the request was in an unknown format - accepted media types include: application/merge-patch+json, application/strategic-merge-patch+json (got {content_type:?})"
+            ),
+        );
+    }
+    let patch = match json_body(body) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    let name = key.1.clone();
+    let Some(old) = st.pods.get(&key).cloned() else {
+        return pod_failure(
+            404,
+            "NotFound",
+            &name,
+            &format!("pods \"{name}\" not found"),
+        );
+    };
+    // A resourceVersion in the patch is a precondition, as the API treats it.
+    if let Some(want) = patch["metadata"]["resourceVersion"].as_str()
+        && Some(want) != old["metadata"]["resourceVersion"].as_str()
+    {
+        return pod_failure(
+            409,
+            "Conflict",
+            &name,
+            &format!(
+                "Operation cannot be fulfilled on pods \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+            ),
+        );
+    }
+    let mut new = old.clone();
+    merge_patch(&mut new, &patch);
+    new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
+    for field in ["name", "namespace", "uid"] {
+        if new["metadata"][field] != old["metadata"][field] {
+            return pod_failure(
+                422,
+                "Invalid",
+                &name,
+                &format!("Pod \"{name}\" is invalid: metadata.{field}: field is immutable"),
+            );
+        }
+    }
+    // A patch that changes nothing writes nothing (no new resourceVersion, no event).
+    if new == old {
+        return (200, old);
+    }
+    match st.change_pod(key, Some(new)) {
+        Some(pod) => (200, pod),
+        None => pod_failure(
+            404,
+            "NotFound",
+            &name,
+            &format!("pods \"{name}\" not found"),
+        ),
+    }
+}
+
+/// POST of an event (`v1` or `events.k8s.io/v1`) into `ns`.
+fn create_event(st: &mut State, ns: &str, body: &[u8]) -> (u16, Value) {
+    let mut event = match json_body(body) {
+        Ok(e) if e.is_object() => e,
+        Ok(_) => return failure(400, "BadRequest", "the body is not an object"),
+        Err(e) => return e,
+    };
+    match event["metadata"]["namespace"].as_str() {
+        Some(other) if !other.is_empty() && other != ns => {
+            return failure(
+                400,
+                "BadRequest",
+                "the namespace of the provided object does not match the namespace sent on the request",
+            );
+        }
+        _ => event["metadata"]["namespace"] = json!(ns),
+    }
+    st.rv += 1;
+    let rv = st.rv;
+    let name = match (
+        event["metadata"]["name"].as_str().filter(|n| !n.is_empty()),
+        event["metadata"]["generateName"].as_str(),
+    ) {
+        (Some(name), _) => name.to_string(),
+        // The API appends 5 random characters; the resourceVersion makes them unique here.
+        (None, Some(prefix)) => format!("{prefix}{:05x}", rv & 0xf_ffff),
+        (None, None) => {
+            return failure(
+                422,
+                "Invalid",
+                "Event is invalid: metadata.name: Required value: name or generateName is required",
+            );
+        }
+    };
+    let taken = st
+        .events
+        .iter()
+        .any(|e| e["metadata"]["namespace"] == ns && e["metadata"]["name"] == name.as_str());
+    if taken {
+        let (code, mut body) = failure(
+            409,
+            "AlreadyExists",
+            &format!("events \"{name}\" already exists"),
+        );
+        body["details"] = json!({"name": name, "kind": "events"});
+        return (code, body);
+    }
+    event["metadata"]["name"] = json!(name);
+    event["metadata"]["uid"] = json!(format!("uid-event-{rv}"));
+    event["metadata"]["resourceVersion"] = json!(rv.to_string());
+    st.events.push(event.clone());
+    (201, event)
 }
 
 /// A pod as the API returns it after Istio's injector ran with CNI enabled (no istio-init;
