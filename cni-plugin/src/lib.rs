@@ -10,6 +10,7 @@ pub mod log;
 pub mod nftables;
 pub mod plugin;
 pub mod pod;
+pub mod pod_cache;
 pub mod redirect;
 pub mod result;
 pub mod rules;

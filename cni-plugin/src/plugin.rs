@@ -8,6 +8,7 @@ use crate::kube::{self, FetchError};
 use crate::log::{Level, Logger};
 use crate::nftables;
 use crate::pod::{self, Pod};
+use crate::pod_cache;
 use crate::redirect::{self, InterceptionMode, Redirect};
 use crate::result;
 use crate::rules::{self, Family, TPROXY_MARK, TPROXY_ROUTE_TABLE};
@@ -114,6 +115,43 @@ impl IstioCni {
         got.ips
     }
 
+    /// The pod from the node's pod cache (install-cni's watch; see [`pod_cache`]), or `None`
+    /// when the agent does not have it: then the API server is asked, as without the cache.
+    fn pod_from_cache(
+        &self,
+        conf: &PluginConfig,
+        k8s: &K8sArgs,
+        lookup_time: &mut Duration,
+    ) -> Option<Pod> {
+        let t = Instant::now();
+        let query = pod_cache::PodQuery {
+            namespace: k8s.pod_namespace.clone(),
+            name: k8s.pod_name.clone(),
+            uid: k8s.pod_uid.clone(),
+        };
+        let socket = pod_cache::socket_path(std::path::Path::new(conf.run_dir()));
+        let answer = pod_cache::ask(&socket, &query, pod_cache::CLIENT_TIMEOUT);
+        *lookup_time += t.elapsed();
+        let parsed = answer.map_err(|e| e.to_string()).and_then(|body| {
+            Pod::from_json(&body).map_err(|e| format!("the cached pod is not a Pod: {e}"))
+        });
+        match parsed {
+            Ok(pod) => {
+                self.log
+                    .borrow_mut()
+                    .debug("pod from the node's pod cache", &[]);
+                Some(pod)
+            }
+            Err(e) => {
+                self.log.borrow_mut().debug(
+                    "pod not from the node's pod cache, asking the API server",
+                    &[("reason", json!(e))],
+                );
+                None
+            }
+        }
+    }
+
     /// GET the pod, with Istio's bounded retry. The kubeconfig is re-read on every attempt so a
     /// token the installer rotates meanwhile is picked up.
     fn lookup_pod(
@@ -131,6 +169,9 @@ impl IstioCni {
                 ),
                 "",
             ));
+        }
+        if let Some(pod) = self.pod_from_cache(conf, k8s, api_time) {
+            return Ok(pod);
         }
         let (attempts, interval) = conf.pod_retrieval();
         let path = conf.kubeconfig_path();

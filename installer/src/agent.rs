@@ -104,6 +104,7 @@ pub fn run(cfg: Config, entry: serde_json::Map<String, serde_json::Value>) -> i3
     let mut watches = Watches::new(&cfg, tx.clone());
     let mut installer = Installer::new(cfg.clone(), entry, metrics.clone());
     check_api_tls(&installer);
+    start_pod_cache(&cfg, &installer);
     let mut retry = RETRY_FIRST;
     let signal = loop {
         watches.ensure();
@@ -254,6 +255,29 @@ fn check_api_tls(installer: &Installer) {
             }
             Err(e) => log::warn!(target: SCOPE, "API server {server}: {e}"),
         });
+}
+
+/// Starts the node's pod cache (see [`crate::pod_cache`]) unless it is switched off. Never
+/// fatal: without it the plugin asks the API server, as Istio's does.
+fn start_pod_cache(cfg: &Config, installer: &Installer) {
+    if !cfg.pod_cache {
+        log::info!(target: SCOPE, "pod cache off (FASTPATH_POD_CACHE=false): every pod ADD asks the API server");
+        return;
+    }
+    let settings = installer
+        .api_access()
+        .map(|access| crate::pod_cache::PodCacheSettings {
+            api: crate::pod_cache::ApiSettings {
+                server: access.server,
+                ca_pem: access.ca_pem,
+                token_file: cfg.token_path(),
+            },
+            node_name: cfg.identity.node_name.clone(),
+            socket: fastpath_cni_plugin::pod_cache::socket_path(&cfg.cni_agent_run_dir),
+        });
+    if let Err(e) = settings.and_then(|s| crate::pod_cache::start(&s)) {
+        log::warn!(target: SCOPE, "pod cache off, every pod ADD asks the API server: {e}");
+    }
 }
 
 /// Sends the first SIGTERM or SIGINT to the loop.

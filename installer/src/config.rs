@@ -119,6 +119,7 @@ pub const PARAMS: &[Param] = &[
     p("node-name", "NODE_NAME", "", Str, "Name of this node (downward API): checks the DaemonSet still selects it on SIGTERM"),
     p("fastpath-fight-threshold", "FASTPATH_FIGHT_THRESHOLD", "5", Int, "Removals of the plugin entry within the fight window that count as a fight with another agent; 0 disables detection"),
     p("fastpath-fight-window-seconds", "FASTPATH_FIGHT_WINDOW_SECONDS", "10", Int, "The fight window, in seconds"),
+    p("fastpath-pod-cache", "FASTPATH_POD_CACHE", "true", Bool, "Watch this node's pods (NODE_NAME) and answer the plugin's pod lookups from them, so a pod ADD makes no API call; the plugin asks the API server when the agent cannot answer"),
     p("fastpath-acceleration", "FASTPATH_ACCELERATION", "true", Bool, "Load the eBPF same-node accelerator"),
     p("fastpath-max-queued-bytes", "FASTPATH_MAX_QUEUED_BYTES", "16777216", Int, "Bytes an accelerated reader may have queued (unread) before its connection goes back to TCP; 65536 to 1073741824"),
     p("fastpath-bpffs", "FASTPATH_BPFFS", "", Str, "The host's bpffs; empty: /sys/fs/bpf if mounted there, else the host's through /host/proc/1/root"),
@@ -358,6 +359,8 @@ pub struct Config {
     pub identity: crate::shutdown::Identity,
     pub fight_threshold: usize,
     pub fight_window: std::time::Duration,
+    /// Whether the node's pod cache runs (see [`crate::pod_cache`]).
+    pub pod_cache: bool,
     pub accel: crate::accel::AccelSettings,
 }
 
@@ -487,6 +490,7 @@ impl Config {
                         raw.bad("FASTPATH_FIGHT_WINDOW_SECONDS", "expected 1 or more")
                     })?,
             ),
+            pod_cache: raw.bool("FASTPATH_POD_CACHE")?,
             accel: accel_settings(raw)?,
         })
     }

@@ -16,6 +16,7 @@ pub mod kubeconfig;
 pub mod logging;
 pub mod logsock;
 pub mod metrics;
+pub mod pod_cache;
 pub mod probes;
 pub mod readiness;
 pub mod shutdown;

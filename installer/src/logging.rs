@@ -156,6 +156,18 @@ fn level_filter(level: Level) -> log::LevelFilter {
     }
 }
 
+/// Crates of the pod cache's API client (kube-rs and what it runs on).
+const API_CLIENT_CRATES: [&str; 8] = [
+    "kube",
+    "kube_client",
+    "kube_runtime",
+    "hyper",
+    "hyper_util",
+    "rustls",
+    "tower",
+    "tower_http",
+];
+
 /// Installs the logger (env_logger, with Istio's line format and per-scope levels). Call once.
 pub fn init(settings: LogSettings) {
     let mut builder = env_logger::Builder::new();
@@ -163,6 +175,12 @@ pub fn init(settings: LogSettings) {
     builder.filter_level(level_filter(settings.default));
     for scope in SCOPES {
         builder.filter_module(scope, level_filter(settings.level_for(scope)));
+    }
+    // The API client's crates log every request at debug and each retry of a failing watch at
+    // warn; the pod cache reports its watch's state itself (once per change), so only their
+    // errors come through.
+    for noisy in API_CLIENT_CRATES {
+        builder.filter_module(noisy, log::LevelFilter::Error);
     }
     let json = settings.json;
     builder.format(move |buf, record| {
