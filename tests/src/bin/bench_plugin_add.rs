@@ -20,6 +20,8 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 const TOKEN: &str = "bench-token";
+/// The node the bench pods are bound to (the pod cache watches its pods).
+const BENCH_NODE: &str = "bench-node";
 
 /// Istio's rules for a default sidecar pod (`cni/pkg/plugin/testdata/basic.txt.golden`).
 const ISTIO_DEFAULT_RULES: &str = include_str!("../../../testdata/istio/basic.txt.golden");
@@ -185,7 +187,7 @@ fn main() -> Result<()> {
     };
     let args = |ns: &str, name: &str| {
         format!(
-            "IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID=benchcid;K8S_POD_UID=u"
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID=benchcid;K8S_POD_UID=uid-{name}"
         )
     };
 
@@ -296,6 +298,97 @@ fn main() -> Result<()> {
         );
     }
 
+    // Native nftables (`native_nftables: true`): the rules in one netlink batch, no child
+    // process. Own time is the wall time less the pod lookup.
+    let mesh_case = |summary: &mut serde_json::Map<String, Value>,
+                     case: &str,
+                     conf: &Value,
+                     tag_suffix: &str|
+     -> Result<()> {
+        let (mut wall, mut lookup, mut own) = (Vec::new(), Vec::new(), Vec::new());
+        let gets_before = api.pod_gets("bench", "mesh-0");
+        for i in 0..runs {
+            let ns = Netns::new(&format!("{tag}{tag_suffix}{i}"))?;
+            let inv = invoke(&bin, conf, &ns.path(), &args("bench", "mesh-0"))?;
+            let log = inv
+                .log
+                .with_context(|| format!("{case}: no 'sidecar redirection applied' line"))?;
+            let a = log["api_ms"].as_f64().context("api_ms")?;
+            wall.push(inv.wall_ms);
+            lookup.push(a);
+            own.push(inv.wall_ms - a);
+        }
+        let gets = (api.pod_gets("bench", "mesh-0") - gets_before) as f64 / runs as f64;
+        summary.insert(
+            case.into(),
+            json!({"total": stats_json(&wall), "pod_lookup": stats_json(&lookup),
+                   "plugin_own": stats_json(&own), "api_gets_per_add": gets}),
+        );
+        Ok(())
+    };
+    let mut nftables_conf = conf("auto");
+    nftables_conf["native_nftables"] = json!(true);
+    mesh_case(&mut summary, "mesh_native_nftables", &nftables_conf, "f")?;
+
+    // The node's pod cache, as install-cni runs it (its watch on the API server, its socket in
+    // the run dir): the same ADDs again, the pod from the cache.
+    for mut pod in [
+        plain_pod("bench", "plain-0"),
+        sidecar_pod("bench", "mesh-0", &[], &[]),
+    ] {
+        pod["spec"]["nodeName"] = json!(BENCH_NODE);
+        api.set_pod(pod);
+    }
+    std::fs::write(dir.join("token"), TOKEN)?;
+    let socket = fastpath_cni_plugin::pod_cache::socket_path(&dir.join("run"));
+    let cache =
+        fastpath_installer::pod_cache::start(&fastpath_installer::pod_cache::PodCacheSettings {
+            api: fastpath_installer::pod_cache::ApiSettings {
+                server: api.url(),
+                ca_pem: Some(api.ca_pem.clone().into_bytes()),
+                token_file: dir.join("token"),
+            },
+            node_name: BENCH_NODE.into(),
+            socket,
+        })
+        .map_err(anyhow::Error::msg)?;
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while cache.pod("bench", "mesh-0").is_none() || cache.pod("bench", "plain-0").is_none() {
+        if Instant::now() > deadline {
+            bail!("the pod cache did not get the bench pods");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    {
+        let ns = Netns::new(&format!("{tag}c"))?;
+        let (mut wall, mut lookup, mut own) = (Vec::new(), Vec::new(), Vec::new());
+        let gets_before = api.pod_gets("bench", "plain-0");
+        for _ in 0..runs {
+            let inv = invoke(&bin, &conf("auto"), &ns.path(), &args("bench", "plain-0"))?;
+            let a = inv
+                .log
+                .as_ref()
+                .and_then(|l| l["api_ms"].as_f64())
+                .context("pass-through ADD printed no api_ms")?;
+            wall.push(inv.wall_ms);
+            lookup.push(a);
+            own.push(inv.wall_ms - a);
+        }
+        let gets = (api.pod_gets("bench", "plain-0") - gets_before) as f64 / runs as f64;
+        summary.insert(
+            "non_mesh_cached".into(),
+            json!({"total": stats_json(&wall), "pod_lookup": stats_json(&lookup),
+                   "plugin_own": stats_json(&own), "api_gets_per_add": gets}),
+        );
+    }
+    mesh_case(&mut summary, "mesh_nft_cached", &conf("nft"), "k")?;
+    mesh_case(
+        &mut summary,
+        "mesh_native_nftables_cached",
+        &nftables_conf,
+        "g",
+    )?;
+
     // Yardstick: the reference tuning plugin's ADD (one per-netns sysctl) in a fresh netns.
     let tuning = PathBuf::from("/usr/lib/cni/tuning");
     let mut wall = Vec::new();
@@ -346,7 +439,7 @@ fn main() -> Result<()> {
     ));
     for (case, v) in &summary {
         for (part, s) in v.as_object().unwrap() {
-            if s.is_null() {
+            if !s.is_object() {
                 continue;
             }
             table.push_str(&format!(
