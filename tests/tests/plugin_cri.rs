@@ -2,7 +2,7 @@
 //! chain (loopback, bridge + host-local, istio-cni) for RunPodSandbox with the `K8S_POD_*` args,
 //! and DEL for StopPodSandbox / RemovePodSandbox.
 //!
-//! Subnet 10.248.200.0/24.
+//! Subnets 10.248.200.0/24 and 10.248.201.0/24.
 use fastpath_tests::cri::Containerd;
 use fastpath_tests::kube_api::{FakeKubeApi, LogSink, Trust, plain_pod, sidecar_pod};
 use serde_json::{Value, json};
@@ -31,68 +31,90 @@ fn netns_save(netns: &str, bin: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A node as containerd's CRI sees it: the CNI chain loopback, bridge + host-local, istio-cni
+/// (with `native_nftables` as given), the plugin's kubeconfig for the fake API server and its
+/// log socket. Everything is removed on drop.
+struct CriNode {
+    // Field order is drop order: containerd stops before its bridge and directory go.
+    ctrd: Containerd,
+    api: FakeKubeApi,
+    logs: LogSink,
+    dir: std::path::PathBuf,
+    bridge: String,
+    _lock: std::fs::File,
+}
+
+impl Drop for CriNode {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl CriNode {
+    fn start(subnet: &str, native_nftables: bool) -> CriNode {
+        let lock = fastpath_tests::serial_guard("containerd");
+        let tag = fastpath_tests::unique_name("fpcri");
+        let dir = std::env::temp_dir().join(format!("fastpath-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (bin_dir, conf_dir, run_dir) =
+            (dir.join("cni-bin"), dir.join("cni-conf"), dir.join("run"));
+        for d in [&bin_dir, &conf_dir, &run_dir] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        for p in ["loopback", "bridge", "host-local"] {
+            std::os::unix::fs::symlink(Path::new("/usr/lib/cni").join(p), bin_dir.join(p)).unwrap();
+        }
+        std::os::unix::fs::symlink(
+            fastpath_tests::bin_path("istio-cni"),
+            bin_dir.join("istio-cni"),
+        )
+        .unwrap();
+        let api = FakeKubeApi::start(&dir.join("api"), TOKEN).unwrap();
+        api.write_kubeconfig(&run_dir.join("istio-cni-kubeconfig"), Trust::Ca, TOKEN)
+            .unwrap();
+        let logs = LogSink::start(&run_dir.join("log.sock")).unwrap();
+        let bridge = tag.clone();
+        let conflist = json!({
+            "cniVersion": "1.0.0",
+            "name": "k8s-pod-network",
+            "plugins": [
+                {"type": "bridge", "bridge": bridge, "isGateway": true, "ipMasq": false,
+                 "ipam": {"type": "host-local", "dataDir": dir.join("ipam"),
+                          "ranges": [[{"subnet": subnet}]]}},
+                {"type": "istio-cni", "ipam": {}, "dns": {}, "plugin_log_level": "debug",
+                 "cni_agent_run_dir": run_dir, "ambient_enabled": false, "enablement_selectors": [],
+                 "exclude_namespaces": ["istio-system", "kube-system"], "pod_namespace": "istio-system",
+                 "native_nftables": native_nftables, "enable_ambient_detection_retry": false}
+            ]
+        });
+        std::fs::write(
+            conf_dir.join("10-k8s-pod-network.conflist"),
+            conflist.to_string(),
+        )
+        .unwrap();
+        let ctrd = Containerd::start(&dir.join("containerd"), &bin_dir, &conf_dir)
+            .expect("start containerd");
+        CriNode {
+            ctrd,
+            api,
+            logs,
+            dir,
+            bridge,
+            _lock: lock,
+        }
+    }
+}
+
 #[test]
 fn plugin_cri_containerd_runs_the_chain_for_sandboxes() {
     if !fastpath_tests::require_privileges!() {
         return;
     }
-    let _guard = fastpath_tests::serial_guard("containerd");
-    let tag = fastpath_tests::unique_name("fpcri");
-    let dir = std::env::temp_dir().join(format!("fastpath-{tag}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    struct DirGuard(std::path::PathBuf);
-    impl Drop for DirGuard {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _dir_guard = DirGuard(dir.clone());
-    let (bin_dir, conf_dir, run_dir) = (dir.join("cni-bin"), dir.join("cni-conf"), dir.join("run"));
-    for d in [&bin_dir, &conf_dir, &run_dir] {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    for p in ["loopback", "bridge", "host-local"] {
-        std::os::unix::fs::symlink(Path::new("/usr/lib/cni").join(p), bin_dir.join(p)).unwrap();
-    }
-    std::os::unix::fs::symlink(
-        fastpath_tests::bin_path("istio-cni"),
-        bin_dir.join("istio-cni"),
-    )
-    .unwrap();
-
-    let api = FakeKubeApi::start(&dir.join("api"), TOKEN).unwrap();
-    api.write_kubeconfig(&run_dir.join("istio-cni-kubeconfig"), Trust::Ca, TOKEN)
-        .unwrap();
-    let logs = LogSink::start(&run_dir.join("log.sock")).unwrap();
-    let bridge = tag.clone();
-    let conflist = json!({
-        "cniVersion": "1.0.0",
-        "name": "k8s-pod-network",
-        "plugins": [
-            {"type": "bridge", "bridge": bridge, "isGateway": true, "ipMasq": false,
-             "ipam": {"type": "host-local", "dataDir": dir.join("ipam"),
-                      "ranges": [[{"subnet": "10.248.200.0/24"}]]}},
-            {"type": "istio-cni", "ipam": {}, "dns": {}, "plugin_log_level": "debug",
-             "cni_agent_run_dir": run_dir, "ambient_enabled": false, "enablement_selectors": [],
-             "exclude_namespaces": ["istio-system", "kube-system"], "pod_namespace": "istio-system",
-             "native_nftables": false, "enable_ambient_detection_retry": false}
-        ]
-    });
-    std::fs::write(
-        conf_dir.join("10-k8s-pod-network.conflist"),
-        conflist.to_string(),
-    )
-    .unwrap();
-
-    struct BridgeGuard(String);
-    impl Drop for BridgeGuard {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["link", "del", &self.0]).output();
-        }
-    }
-    let _bridge_guard = BridgeGuard(bridge.clone());
-    let ctrd =
-        Containerd::start(&dir.join("containerd"), &bin_dir, &conf_dir).expect("start containerd");
+    let node = CriNode::start("10.248.200.0/24", false);
+    let (ctrd, api, logs, dir) = (&node.ctrd, &node.api, &node.logs, &node.dir);
 
     // A mesh pod.
     api.set_pod(sidecar_pod("shop-cri", "web-0", &[], &[]));
@@ -188,4 +210,46 @@ fn plugin_cri_containerd_runs_the_chain_for_sandboxes() {
         dels >= 3,
         "DEL for both sandboxes and for the one that failed ADD"
     );
+}
+
+/// `native_nftables: true` through containerd: the sandbox gets Istio's nftables tables (no
+/// iptables rule at all), programmed by the plugin over netlink, and DEL removes them.
+#[test]
+fn plugin_cri_containerd_programs_an_nftables_pod() {
+    if !fastpath_tests::require_privileges!() {
+        return;
+    }
+    let node = CriNode::start("10.248.201.0/24", true);
+    node.api.set_pod(sidecar_pod("shop-nft", "web-0", &[], &[]));
+    let id = node
+        .ctrd
+        .run_pod(&sandbox_config("shop-nft", "web-0", &node.dir.join("logs")))
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e:#}\n{}", node.ctrd.log()));
+    let status = node.ctrd.inspect_pod(&id).unwrap();
+    assert_eq!(status["state"], "SANDBOX_READY");
+    let netns = status["netnsPath"].as_str().unwrap().to_string();
+    let out = Command::new("nsenter")
+        .args([&format!("--net={netns}"), "nft", "list", "ruleset"])
+        .output()
+        .expect("nsenter nft");
+    let ruleset = String::from_utf8_lossy(&out.stdout).into_owned();
+    // REDIRECT mode: the nat table carries it all (Istio writes only the chains with rules).
+    assert!(
+        ruleset.contains("table inet istio-proxy-nat"),
+        "no nat table:\n{ruleset}"
+    );
+    assert!(ruleset.contains("redirect to :15001"), "{ruleset}");
+    assert!(ruleset.contains("redirect to :15006"), "{ruleset}");
+    assert!(
+        !netns_save(&netns, "iptables-nft-save").contains("ISTIO"),
+        "iptables rules in an nftables pod"
+    );
+    node.logs
+        .wait_for(
+            |l| l["msg"] == "sidecar redirection applied" && l["backend"] == "nftables",
+            Duration::from_secs(5),
+        )
+        .expect("the plugin's nftables line arrived on the socket");
+    node.ctrd.stop_pod(&id).unwrap();
+    node.ctrd.remove_pod(&id).unwrap();
 }
