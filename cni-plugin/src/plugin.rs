@@ -19,6 +19,32 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+/// Applies to the network namespace at `netns_path` exactly the sidecar redirection ADD would
+/// apply for `pod` (the API's Pod JSON) with addresses `ips`: iptables (the backend chosen as
+/// for a plugin config without `fastpath_iptables_backend`) or, with `native_nftables`, nftables.
+/// install-cni's repair controller uses it for pods that started before the plugin was
+/// installed. `Ok(Some(why))` when the plugin would not redirect this pod at all.
+pub fn redirect_running_pod(
+    pod_json: &[u8],
+    netns_path: &str,
+    ips: &[IpAddr],
+    native_nftables: bool,
+) -> Result<Option<String>, String> {
+    let pod = Pod::from_json(pod_json).map_err(|e| format!("not a Pod: {e}"))?;
+    if let Some(skip) = pod::sidecar_skip_reason(&pod) {
+        return Ok(Some(skip.to_string()));
+    }
+    let r = IstioCni::redirect_for(&pod).map_err(|e| e.to_string())?;
+    let conf = PluginConfig {
+        native_nftables,
+        ..Default::default()
+    };
+    IstioCni::default()
+        .apply(&conf, netns_path, &r, ips)
+        .map(|_| None)
+        .map_err(|e| e.to_string())
+}
+
 /// The plugin, with the log buffer of this invocation.
 pub struct IstioCni {
     pub log: RefCell<Logger>,

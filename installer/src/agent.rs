@@ -71,9 +71,6 @@ pub fn run(cfg: Config, entry: serde_json::Map<String, serde_json::Value>) -> i3
     for s in cfg.log.unknown_scopes() {
         log::warn!(target: SCOPE, "--log_output_level names scope {s:?}, which this agent does not have (scopes: cni-agent, cni-plugin, default)");
     }
-    if cfg.repair_enabled {
-        log::info!(target: SCOPE, "REPAIR_ENABLED=true: fastpath has no repair controller; pods started before the plugin was installed are not repaired (see docs/troubleshooting.md)");
-    }
 
     let readiness = Arc::new(Readiness::default());
     for (name, why) in [
@@ -105,6 +102,7 @@ pub fn run(cfg: Config, entry: serde_json::Map<String, serde_json::Value>) -> i3
     let mut installer = Installer::new(cfg.clone(), entry, metrics.clone());
     check_api_tls(&installer);
     start_pod_cache(&cfg, &installer);
+    start_repair(&cfg, &installer, &metrics);
     let mut retry = RETRY_FIRST;
     let signal = loop {
         watches.ensure();
@@ -277,6 +275,41 @@ fn start_pod_cache(cfg: &Config, installer: &Installer) {
         });
     if let Err(e) = settings.and_then(|s| crate::pod_cache::start(&s)) {
         log::warn!(target: SCOPE, "pod cache off, every pod ADD asks the API server: {e}");
+    }
+}
+
+/// Starts the repair controller (see [`crate::repair`]) when `REPAIR_ENABLED` and an action is
+/// switched on. Never fatal: without it, broken pods stay as they are (as with Istio's off).
+fn start_repair(cfg: &Config, installer: &Installer, metrics: &Arc<Metrics>) {
+    if !cfg.repair.enabled {
+        log::info!(target: SCOPE, "repair controller off (REPAIR_ENABLED=false)");
+        return;
+    }
+    let started = installer.api_access().and_then(|access| {
+        let api = crate::pod_cache::ApiSettings {
+            server: access.server,
+            ca_pem: access.ca_pem,
+            token_file: cfg.token_path(),
+        };
+        crate::repair::start(&api, &cfg.repair, metrics.clone())
+    });
+    match started {
+        Ok(Some(action)) => {
+            log::info!(target: SCOPE, "repair controller on: broken pods of node {} are handled by {} (selector {:?}{})", cfg.repair.node_name, match action {
+                crate::repair::Action::Repair => "repairing them in place",
+                crate::repair::Action::Delete => "deleting them",
+                crate::repair::Action::Label => "labelling them",
+            }, crate::repair::field_selector(&cfg.repair), match cfg.repair.label_selectors.as_str() {
+                "" => String::new(),
+                l => format!(", labels {l:?}"),
+            })
+        }
+        Ok(None) => {
+            log::info!(target: SCOPE, "repair controller idle: REPAIR_ENABLED=true but none of REPAIR_REPAIR_PODS, REPAIR_DELETE_PODS, REPAIR_LABEL_PODS is true")
+        }
+        Err(e) => {
+            log::warn!(target: SCOPE, "repair controller off, broken pods are not handled: {e}")
+        }
     }
 }
 

@@ -70,18 +70,18 @@ pub const PARAMS: &[Param] = &[
     p("ztunnel-uds-address", "ZTUNNEL_UDS_ADDRESS", "/var/run/ztunnel/ztunnel.sock", Str, "Ambient only; accepted, not used"),
     p("ambient-enabled", "AMBIENT_ENABLED", "false", Bool, "Ambient mode (not supported by fastpath: must stay false)"),
     p("enable-ambient-detection-retry", "ENABLE_AMBIENT_DETECTION_RETRY", "false", Bool, "Passed to the plugin's config"),
-    p("repair-enabled", "REPAIR_ENABLED", "true", Bool, "Repair controller (accepted; not implemented by fastpath)"),
-    p("repair-delete-pods", "REPAIR_DELETE_PODS", "false", Bool, "Repair controller; accepted"),
-    p("repair-label-pods", "REPAIR_LABEL_PODS", "false", Bool, "Repair controller; accepted"),
-    p("repair-broken-pod-label-key", "REPAIR_BROKEN_POD_LABEL_KEY", "cni.istio.io/uninitialized", Str, "Repair controller; accepted"),
-    p("repair-broken-pod-label-value", "REPAIR_BROKEN_POD_LABEL_VALUE", "true", Str, "Repair controller; accepted"),
-    p("repair-node-name", "REPAIR_NODE_NAME", "", Str, "Repair controller; accepted"),
-    p("repair-sidecar-annotation", "REPAIR_SIDECAR_ANNOTATION", "sidecar.istio.io/status", Str, "Repair controller; accepted"),
-    p("repair-init-container-name", "REPAIR_INIT_CONTAINER_NAME", "istio-validation", Str, "Repair controller; accepted"),
-    p("repair-init-container-termination-message", "REPAIR_INIT_CONTAINER_TERMINATION_MESSAGE", "", Str, "Repair controller; accepted"),
-    p("repair-init-container-exit-code", "REPAIR_INIT_CONTAINER_EXIT_CODE", "126", Int, "Repair controller; accepted"),
-    p("repair-label-selectors", "REPAIR_LABEL_SELECTORS", "", Str, "Repair controller; accepted"),
-    p("repair-field-selectors", "REPAIR_FIELD_SELECTORS", "", Str, "Repair controller; accepted"),
+    p("repair-enabled", "REPAIR_ENABLED", "true", Bool, "Run the repair controller: watch this node's pods and act on those whose istio-validation init container found no redirection (docs/repair.md)"),
+    p("repair-delete-pods", "REPAIR_DELETE_PODS", "false", Bool, "Repair controller: delete broken pods (when REPAIR_REPAIR_PODS is off)"),
+    p("repair-label-pods", "REPAIR_LABEL_PODS", "false", Bool, "Repair controller: label broken pods (when REPAIR_REPAIR_PODS and REPAIR_DELETE_PODS are off)"),
+    p("repair-broken-pod-label-key", "REPAIR_BROKEN_POD_LABEL_KEY", "cni.istio.io/uninitialized", Str, "Repair controller: the label key set on broken pods"),
+    p("repair-broken-pod-label-value", "REPAIR_BROKEN_POD_LABEL_VALUE", "true", Str, "Repair controller: the label value set on broken pods"),
+    p("repair-node-name", "REPAIR_NODE_NAME", "", Str, "Repair controller: the node whose pods are watched; empty: NODE_NAME"),
+    p("repair-sidecar-annotation", "REPAIR_SIDECAR_ANNOTATION", "sidecar.istio.io/status", Str, "Repair controller: only pods with this annotation can be broken; empty: any pod"),
+    p("repair-init-container-name", "REPAIR_INIT_CONTAINER_NAME", "istio-validation", Str, "Repair controller: the init container whose failure marks a pod broken; empty: any"),
+    p("repair-init-container-termination-message", "REPAIR_INIT_CONTAINER_TERMINATION_MESSAGE", "", Str, "Repair controller: the (trimmed) termination message of that failure; empty: any"),
+    p("repair-init-container-exit-code", "REPAIR_INIT_CONTAINER_EXIT_CODE", "126", Int, "Repair controller: the exit code of that failure; 0: any"),
+    p("repair-label-selectors", "REPAIR_LABEL_SELECTORS", "", Str, "Repair controller: label selector of the pods watched"),
+    p("repair-field-selectors", "REPAIR_FIELD_SELECTORS", "", Str, "Repair controller: field selector of the pods watched (spec.nodeName=<node> is always added)"),
     // Istio's env-only knobs (also flags here).
     p("exclude-namespaces", "EXCLUDE_NAMESPACES", "", Str, "Comma-separated namespaces the plugin leaves alone"),
     p("pod-namespace", "POD_NAMESPACE", "", Str, "Namespace of this pod, written into the plugin's config"),
@@ -91,8 +91,8 @@ pub const PARAMS: &[Param] = &[
     p("ambient-disable-safe-upgrade", "AMBIENT_DISABLE_SAFE_UPGRADE", "false", Bool, "Ambient only; accepted"),
     p("ambient-reconcile-pod-rules-on-startup", "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP", "false", Bool, "Ambient only; accepted"),
     p("native-nftables", "NATIVE_NFTABLES", "false", Bool, "The plugin programs Istio's nftables ruleset (tables inet istio-proxy-*) over netlink instead of iptables rules"),
-    p("repair-repair-pods", "REPAIR_REPAIR_PODS", "false", Bool, "Repair controller; accepted"),
-    p("force-iptables-binary", "FORCE_IPTABLES_BINARY", "", Str, "legacy or nft (repair/ambient only; accepted)"),
+    p("repair-repair-pods", "REPAIR_REPAIR_PODS", "false", Bool, "Repair controller: apply the redirection in broken pods' running network namespace (first choice of action)"),
+    p("force-iptables-binary", "FORCE_IPTABLES_BINARY", "", Str, "legacy or nft (ambient only; accepted)"),
     p("kubernetes-service-protocol", "KUBERNETES_SERVICE_PROTOCOL", "https", Str, "Scheme of the API server URL in the kubeconfig"),
     p("kubernetes-service-host", "KUBERNETES_SERVICE_HOST", "", Str, "API server host for the kubeconfig (set by Kubernetes)"),
     p("kubernetes-service-port", "KUBERNETES_SERVICE_PORT", "", Str, "API server port for the kubeconfig (set by Kubernetes)"),
@@ -125,6 +125,7 @@ pub const PARAMS: &[Param] = &[
     p("fastpath-bpffs", "FASTPATH_BPFFS", "", Str, "The host's bpffs; empty: /sys/fs/bpf if mounted there, else the host's through /host/proc/1/root"),
     p("fastpath-bpf-pin-dir", "FASTPATH_BPF_PIN_DIR", "", Str, "Directory of the accelerator's pins; empty: <bpffs>/fastpath"),
     p("fastpath-kernel-features-off", "FASTPATH_KERNEL_FEATURES_OFF", "", Str, "Kernel features the accelerator must not use, as if the kernel lacked them (comma-separated: sockmap-link, recvmsg-tracepoint, btf); each has a fallback (docs/install.md, Kernels)"),
+    p("fastpath-host-proc", "FASTPATH_HOST_PROC", "/host/proc", Str, "The host's procfs, where the repair controller finds a running pod's network namespace"),
     p("fastpath-cgroup-root", "FASTPATH_CGROUP_ROOT", "", Str, "The host's cgroup v2 root to attach to; empty: found from the host's mounts (/host/proc/1/mounts) or /proc/self/mounts"),
 ];
 
@@ -346,6 +347,8 @@ pub struct Config {
     pub pod_namespace: String,
     pub native_nftables: bool,
     pub repair_enabled: bool,
+    /// The repair controller (see [`crate::repair`]).
+    pub repair: crate::repair::RepairSettings,
     pub kubernetes_service_protocol: String,
     pub kubernetes_service_host: String,
     pub kubernetes_service_port: String,
@@ -458,6 +461,7 @@ impl Config {
             pod_namespace: raw.get("POD_NAMESPACE").to_string(),
             native_nftables: raw.bool("NATIVE_NFTABLES")?,
             repair_enabled: raw.bool("REPAIR_ENABLED")?,
+            repair: repair_settings(raw)?,
             kubernetes_service_protocol: raw.get("KUBERNETES_SERVICE_PROTOCOL").to_string(),
             kubernetes_service_host: raw.get("KUBERNETES_SERVICE_HOST").to_string(),
             kubernetes_service_port: raw.get("KUBERNETES_SERVICE_PORT").to_string(),
@@ -527,6 +531,28 @@ impl Config {
             0o600
         }
     }
+}
+
+/// The repair controller's settings (Istio's `REPAIR_*`).
+fn repair_settings(raw: &RawConfig) -> Result<crate::repair::RepairSettings, String> {
+    let s = |env: &str| raw.get(env).to_string();
+    Ok(crate::repair::RepairSettings {
+        enabled: raw.bool("REPAIR_ENABLED")?,
+        repair_pods: raw.bool("REPAIR_REPAIR_PODS")?,
+        delete_pods: raw.bool("REPAIR_DELETE_PODS")?,
+        label_pods: raw.bool("REPAIR_LABEL_PODS")?,
+        label_key: s("REPAIR_BROKEN_POD_LABEL_KEY"),
+        label_value: s("REPAIR_BROKEN_POD_LABEL_VALUE"),
+        node_name: crate::repair::node_name(raw.get("REPAIR_NODE_NAME"), raw.get("NODE_NAME")),
+        sidecar_annotation: s("REPAIR_SIDECAR_ANNOTATION"),
+        init_container_name: s("REPAIR_INIT_CONTAINER_NAME"),
+        init_container_termination_message: s("REPAIR_INIT_CONTAINER_TERMINATION_MESSAGE"),
+        init_container_exit_code: raw.int("REPAIR_INIT_CONTAINER_EXIT_CODE")?,
+        label_selectors: s("REPAIR_LABEL_SELECTORS"),
+        field_selectors: s("REPAIR_FIELD_SELECTORS"),
+        host_proc: raw.path("FASTPATH_HOST_PROC")?,
+        native_nftables: raw.bool("NATIVE_NFTABLES")?,
+    })
 }
 
 fn param_env_of_log(why: &(&'static str, String)) -> &'static str {

@@ -19,5 +19,6 @@ pub mod metrics;
 pub mod pod_cache;
 pub mod probes;
 pub mod readiness;
+pub mod repair;
 pub mod shutdown;
 pub mod uninstall;

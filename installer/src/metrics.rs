@@ -35,6 +35,18 @@ pub enum Repair {
 
 const REPAIR_LABELS: [&str; 3] = ["binary", "kubeconfig", "cni_config"];
 
+/// `type` of `istio_cni_repair_pods_repaired_total` (Istio's repair controller), in
+/// [`crate::repair::Action`]'s order.
+const POD_REPAIR_TYPES: [&str; 3] = ["repair", "delete", "label"];
+/// `result` of `istio_cni_repair_pods_repaired_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodRepairResult {
+    Success = 0,
+    Skip = 1,
+    Fail = 2,
+}
+const POD_REPAIR_RESULTS: [&str; 3] = ["success", "skip", "fail"];
+
 #[derive(Default)]
 pub struct Metrics {
     installs: [AtomicU64; 4],
@@ -43,9 +55,17 @@ pub struct Metrics {
     plugin_log_lines: AtomicU64,
     plugin_log_rejected: AtomicU64,
     reconciles: AtomicU64,
+    pods_repaired: [[AtomicU64; 3]; 3],
 }
 
 impl Metrics {
+    /// One outcome of the repair controller's `action` on a broken pod.
+    pub fn pod_repaired(&self, action: crate::repair::Action, r: PodRepairResult) {
+        self.pods_repaired[action as usize][r as usize].fetch_add(1, Relaxed);
+    }
+    pub fn pods_repaired(&self, action: crate::repair::Action, r: PodRepairResult) -> u64 {
+        self.pods_repaired[action as usize][r as usize].load(Relaxed)
+    }
     pub fn install(&self, r: InstallResult) {
         self.installs[r as usize].fetch_add(1, Relaxed);
     }
@@ -78,6 +98,7 @@ impl Metrics {
             repairs: load(&self.repairs),
             fights: self.fights.load(Relaxed),
             reconciles: self.reconciles.load(Relaxed),
+            pods_repaired: self.pods_repaired.iter().map(|a| load(a)).collect(),
             plugin_log_lines: self.plugin_log_lines.load(Relaxed),
             plugin_log_rejected: self.plugin_log_rejected.load(Relaxed),
             accel_state: accel.map(accel_state_name),
@@ -107,6 +128,8 @@ struct Snapshot {
     repairs: Vec<u64>,
     fights: u64,
     reconciles: u64,
+    /// By type, then result.
+    pods_repaired: Vec<Vec<u64>>,
     plugin_log_lines: u64,
     plugin_log_rejected: u64,
     accel_state: Option<&'static str>,
@@ -221,6 +244,21 @@ impl Collector for Snapshot {
                 .zip(&self.repairs)
                 .map(|(l, v)| ([("kind", *l)], *v)),
         )?;
+        family(
+            &mut enc,
+            "istio_cni_repair_pods_repaired",
+            "Broken pods (their istio-validation init container found no redirection) the repair controller acted on, by action type and result.",
+            Counter,
+            POD_REPAIR_TYPES
+                .iter()
+                .zip(&self.pods_repaired)
+                .flat_map(|(t, by_result)| {
+                    POD_REPAIR_RESULTS
+                        .iter()
+                        .zip(by_result)
+                        .map(move |(r, v)| ([("type", *t), ("result", *r)], *v))
+                }),
+        )?;
         single(
             &mut enc,
             "fastpath_cni_config_fights",
@@ -310,6 +348,7 @@ mod tests {
         m.install(InstallResult::Success);
         m.install(InstallResult::CreateCniConfigFailure);
         m.fight();
+        m.pod_repaired(crate::repair::Action::Delete, PodRepairResult::Success);
         let pods = vec![PodCounters {
             netns_cookie: 7,
             namespace: Some("default".into()),
@@ -328,6 +367,12 @@ mod tests {
         assert!(t.contains("istio_cni_installs_total{result=\"SUCCESS\"} 1\n"));
         assert!(t.contains("istio_cni_installs_total{result=\"CREATE_CNI_CONFIG_FAILURE\"} 1\n"));
         assert!(t.contains("fastpath_cni_config_fights_total 1\n"));
+        assert!(t.contains(
+            "istio_cni_repair_pods_repaired_total{type=\"delete\",result=\"success\"} 1\n"
+        ));
+        assert!(
+            t.contains("istio_cni_repair_pods_repaired_total{type=\"repair\",result=\"fail\"} 0\n")
+        );
         assert!(t.contains("fastpath_accel_enabled 0\n"));
         assert!(t.contains("fastpath_accel_state{state=\"unavailable\"} 1\n"));
         assert!(t.contains(

@@ -23,7 +23,7 @@
 //!   `timeoutSeconds`. A pod that moves into a selection arrives as ADDED and one that moves
 //!   out as DELETED, as the API's watch cache reports them. A watch from before the compacted
 //!   history gets an ERROR event with a 410 Expired `Status`;
-//! - DELETE (with `preconditions`) and PATCH (merge patch) of a pod, and POST of an event
+//! - DELETE (with `preconditions`) and PATCH (merge patch) of a pod or its `status`, and POST of an event
 //!   (`v1` and `events.k8s.io/v1`): the writes Istio's CNI repair controller makes.
 //!
 //! Each connection carries one request (`Connection: close`). A few acceptor threads answer
@@ -767,6 +767,15 @@ fn handle(st: &mut State, req: &Request<'_>) -> Reply {
                     "the server does not allow this method on the requested resource",
                 ),
             }
+        }
+        // The status subresource: its metadata (labels) may be patched too, with less
+        // privilege than the pod (what Istio's repair controller labels through).
+        ("PATCH", ["api", "v1", "namespaces", ns, "pods", name, "status"]) => {
+            let key = (ns.to_string(), name.to_string());
+            if let Some((s, b)) = st.forced.get(&key) {
+                return Reply::Json(*s, b.clone());
+            }
+            patch_pod(st, key, req.content_type, req.body).into()
         }
         ("POST", ["api", "v1", "namespaces", ns, "events"])
         | ("POST", ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"]) => {

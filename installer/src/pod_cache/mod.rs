@@ -13,6 +13,7 @@ mod serve;
 mod watch;
 
 pub use serve::{answer, serve};
+pub(crate) use watch::kubeconfig;
 pub use watch::{ApiSettings, WatchState, start_watch};
 
 use std::path::PathBuf;

@@ -65,7 +65,7 @@ impl WatchState {
 }
 
 /// The kubeconfig kube-rs reads: the server, its CA and the token *file*.
-fn kubeconfig(api: &ApiSettings) -> Kubeconfig {
+pub(crate) fn kubeconfig(api: &ApiSettings) -> Kubeconfig {
     let cluster = Cluster {
         server: Some(api.server.clone()),
         certificate_authority_data: api

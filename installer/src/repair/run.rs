@@ -1,0 +1,328 @@
+//! The repair controller's side effects: the watch of this node's pods (kube-rs's watcher, on a
+//! thread of its own with a current-thread tokio runtime, as the pod cache's), and per broken
+//! pod the action: repair in place ([`super::netns`]), delete (with preconditions) or label,
+//! each followed by a `Warning` event, counted in `istio_cni_repair_pods_repaired_total`.
+//!
+//! The watch resumes after dropped connections and backs off after errors (a `403` while the
+//! repair ClusterRole is missing): each distinct error is logged once, and once more when it
+//! recovers. An action that fails for a transient cause (no answer, 5xx, 429) is tried again, at
+//! most [`ATTEMPTS`] times in all, as Istio's queue does.
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::PostParams;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::config::KubeConfigOptions;
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Resource as _, ResourceExt as _};
+
+use super::{Action, RepairSettings, action, broken, field_selector, label_patch, pod_key};
+use crate::metrics::{Metrics, PodRepairResult};
+use crate::pod_cache::ApiSettings;
+
+const SCOPE: &str = crate::logging::SCOPE_AGENT;
+
+/// Attempts per action, as Istio's repair queue (`MaxAttempts(5)`).
+pub const ATTEMPTS: u32 = 5;
+/// The component named in the events.
+pub const COMPONENT: &str = "cni-repair";
+
+/// Starts the controller on its own thread. `Ok(None)` when no action is switched on (nothing
+/// to watch for); errors name what is missing.
+/// Whether `iptables-restore` (either backend's) is on the agent's own PATH.
+fn iptables_in_image() -> bool {
+    [
+        "iptables-restore",
+        "iptables-nft-restore",
+        "iptables-legacy-restore",
+    ]
+    .iter()
+    .any(|b| fastpath_cni_plugin::iptables::find_in_path(b).is_some())
+}
+
+pub fn start(
+    api: &ApiSettings,
+    settings: &RepairSettings,
+    metrics: Arc<Metrics>,
+) -> Result<Option<Action>, String> {
+    let Some(act) = action(settings) else {
+        return Ok(None);
+    };
+    if settings.node_name.is_empty() {
+        return Err(
+            "neither REPAIR_NODE_NAME nor NODE_NAME is set, so the pods of this node cannot be watched"
+                .into(),
+        );
+    }
+    let mut settings = settings.clone();
+    if act == Action::Repair && !settings.native_nftables && !iptables_in_image() {
+        // The image is FROM scratch: no iptables-restore to run. Istio's nftables ruleset is
+        // the same redirection, programmed over netlink by this process.
+        log::info!(target: SCOPE, "repair controller: no iptables-restore in this image, so pods are repaired with Istio's nftables ruleset (the same redirection; see docs/repair.md)");
+        settings.native_nftables = true;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("repair controller: cannot start its runtime: {e}"))?;
+    let api = api.clone();
+    std::thread::Builder::new()
+        .name("repair".into())
+        .spawn(move || runtime.block_on(run(api, settings, act, metrics)))
+        .map_err(|e| format!("repair controller: cannot start its thread: {e}"))?;
+    Ok(Some(act))
+}
+
+async fn client(api: &ApiSettings) -> Result<kube::Client, String> {
+    let config = kube::Config::from_custom_kubeconfig(
+        crate::pod_cache::kubeconfig(api),
+        &KubeConfigOptions::default(),
+    )
+    .await
+    .map_err(|e| format!("the API client cannot be configured: {e}"))?;
+    kube::Client::try_from(config).map_err(|e| format!("the API client cannot be built: {e}"))
+}
+
+struct Controller {
+    client: kube::Client,
+    settings: RepairSettings,
+    action: Action,
+    metrics: Arc<Metrics>,
+    /// UIDs of the pods repaired in place: each is repaired once (the pod recovers only when
+    /// its init container runs again, and every status change in between is an event).
+    repaired: HashSet<String>,
+}
+
+async fn run(api: ApiSettings, settings: RepairSettings, act: Action, metrics: Arc<Metrics>) {
+    let client = match client(&api).await {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!(target: SCOPE, "repair controller off: {e}");
+            return;
+        }
+    };
+    let mut config = watcher::Config::default().fields(&field_selector(&settings));
+    if !settings.label_selectors.trim().is_empty() {
+        config = config.labels(settings.label_selectors.trim());
+    }
+    let node = settings.node_name.clone();
+    let pods: Api<Pod> = Api::all(client.clone());
+    let mut controller = Controller {
+        client,
+        settings,
+        action: act,
+        metrics,
+        repaired: HashSet::new(),
+    };
+    let events = watcher(pods, config).default_backoff();
+    futures_util::pin_mut!(events);
+    let mut last_error: Option<String> = None;
+    let mut listed = false;
+    while let Some(event) = events.next().await {
+        let pod = match event {
+            Ok(watcher::Event::Init) => continue,
+            Ok(watcher::Event::InitDone) => {
+                if !listed {
+                    listed = true;
+                    log::info!(target: SCOPE, "repair controller: watching the pods of node {node} for broken ones ({})", act.metric_type());
+                }
+                recovered(&mut last_error, &node);
+                continue;
+            }
+            Ok(watcher::Event::Delete(pod)) => {
+                controller.repaired.remove(&pod.uid().unwrap_or_default());
+                continue;
+            }
+            Ok(watcher::Event::InitApply(pod) | watcher::Event::Apply(pod)) => pod,
+            Err(e) => {
+                let text = e.to_string();
+                if last_error.as_deref() != Some(text.as_str()) {
+                    log::warn!(target: SCOPE, "repair controller: the watch of node {node}'s pods failed, retrying with backoff (broken pods are not handled meanwhile): {text}");
+                    last_error = Some(text);
+                }
+                continue;
+            }
+        };
+        recovered(&mut last_error, &node);
+        if broken(&pod, &controller.settings) {
+            controller.handle(&pod).await;
+        }
+    }
+}
+
+fn recovered(last_error: &mut Option<String>, node: &str) {
+    if let Some(was) = last_error.take() {
+        log::info!(target: SCOPE, "repair controller: the watch of node {node}'s pods recovered (was: {was})");
+    }
+}
+
+/// Whether an API error may go away by itself (worth another attempt).
+fn transient(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => s.code >= 500 || s.code == 429,
+        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
+        _ => false,
+    }
+}
+
+/// The outcome of one attempt.
+enum Attempt {
+    Done(PodRepairResult),
+    Retry(String),
+    Failed(String),
+}
+
+impl Controller {
+    async fn handle(&mut self, pod: &Pod) {
+        let key = pod_key(pod);
+        let kind = self.action.metric_type();
+        let mut delay = Duration::from_millis(200);
+        for attempt in 1..=ATTEMPTS {
+            let outcome = match self.action {
+                Action::Repair => self.repair(pod, &key),
+                Action::Delete => self.delete(pod, &key).await,
+                Action::Label => self.label(pod, &key).await,
+            };
+            match outcome {
+                Attempt::Done(r) => {
+                    self.metrics.pod_repaired(self.action, r);
+                    return;
+                }
+                Attempt::Failed(e) => {
+                    log::error!(target: SCOPE, "repair controller: {kind} of broken pod {key} failed: {e}");
+                    self.metrics
+                        .pod_repaired(self.action, PodRepairResult::Fail);
+                    return;
+                }
+                Attempt::Retry(e) if attempt == ATTEMPTS => {
+                    log::error!(target: SCOPE, "repair controller: {kind} of broken pod {key} failed after {ATTEMPTS} attempts: {e}");
+                    self.metrics
+                        .pod_repaired(self.action, PodRepairResult::Fail);
+                    return;
+                }
+                Attempt::Retry(e) => {
+                    log::debug!(target: SCOPE, "repair controller: {kind} of broken pod {key}, attempt {attempt}: {e}");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+            }
+        }
+    }
+
+    fn repair(&mut self, pod: &Pod, key: &str) -> Attempt {
+        let uid = pod.uid().unwrap_or_default();
+        if self.repaired.contains(&uid) {
+            log::debug!(target: SCOPE, "repair controller: pod {key} (uid {uid}) already repaired; skipped");
+            return Attempt::Done(PodRepairResult::Skip);
+        }
+        log::info!(target: SCOPE, "repair controller: pod {key} is broken (its {} init container found no redirection); repairing it in place", self.settings.init_container_name);
+        match super::netns::repair_pod(&self.settings.host_proc, pod, self.settings.native_nftables)
+        {
+            Ok(None) => {
+                self.repaired.insert(uid);
+                log::info!(target: SCOPE, "repair controller: pod {key} repaired: its network namespace has the sidecar redirection ({})", if self.settings.native_nftables { "nftables" } else { "iptables" });
+                Attempt::Done(PodRepairResult::Success)
+            }
+            Ok(Some(why)) => {
+                self.repaired.insert(uid);
+                log::info!(target: SCOPE, "repair controller: pod {key} not repaired: the plugin does not redirect it ({why})");
+                Attempt::Done(PodRepairResult::Skip)
+            }
+            // The netns may not be there yet (the sandbox restarting): worth another look.
+            Err(e) => Attempt::Retry(e),
+        }
+    }
+
+    async fn delete(&self, pod: &Pod, key: &str) -> Attempt {
+        let (Some(ns), Some(name)) = (pod.namespace(), pod.metadata.name.clone()) else {
+            return Attempt::Done(PodRepairResult::Skip);
+        };
+        log::info!(target: SCOPE, "repair controller: pod {key} is broken (its {} init container found no redirection); deleting it", self.settings.init_container_name);
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: pod.metadata.uid.clone(),
+                resource_version: pod.metadata.resource_version.clone(),
+            }),
+            ..Default::default()
+        };
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+        match pods.delete(&name, &params).await {
+            Ok(_) => {
+                log::info!(target: SCOPE, "repair controller: broken pod {key} deleted");
+                self.event(pod, "DeleteBrokenPod", format!("pod {key} deleted by the CNI repair controller: its {} init container found no traffic redirection", self.settings.init_container_name)).await;
+                Attempt::Done(PodRepairResult::Success)
+            }
+            // Gone or changed meanwhile: a newer version comes through the watch.
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {
+                log::info!(target: SCOPE, "repair controller: broken pod {key} not deleted, it is gone or changed meanwhile ({})", s.message);
+                Attempt::Done(PodRepairResult::Skip)
+            }
+            Err(e) if transient(&e) => Attempt::Retry(format!("deleting pod {key}: {e}")),
+            Err(e) => Attempt::Failed(format!("deleting pod {key}: {e}")),
+        }
+    }
+
+    async fn label(&self, pod: &Pod, key: &str) -> Attempt {
+        let (Some(ns), Some(name)) = (pod.namespace(), pod.metadata.name.clone()) else {
+            return Attempt::Done(PodRepairResult::Skip);
+        };
+        let Some(patch) = label_patch(pod, &self.settings) else {
+            log::debug!(target: SCOPE, "repair controller: broken pod {key} already has label {}; skipped", self.settings.label_key);
+            return Attempt::Done(PodRepairResult::Skip);
+        };
+        let label = format!("{}={}", self.settings.label_key, self.settings.label_value);
+        log::info!(target: SCOPE, "repair controller: pod {key} is broken (its {} init container found no redirection); labelling it {label}", self.settings.init_container_name);
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+        // pods/status: it may change the labels too, and needs less privilege than pods.
+        match pods
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                self.event(pod, "LabelBrokenPod", format!("pod {key} labelled {label} by the CNI repair controller: its {} init container found no traffic redirection", self.settings.init_container_name)).await;
+                Attempt::Done(PodRepairResult::Success)
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => Attempt::Done(PodRepairResult::Skip),
+            Err(e) if transient(&e) => Attempt::Retry(format!("labelling pod {key} {label}: {e}")),
+            Err(e) => Attempt::Failed(format!("labelling pod {key} {label}: {e}")),
+        }
+    }
+
+    /// A `Warning` event about `pod` (core/v1, with the fields client-go's recorder sets; Istio's
+    /// chart grants `events` in the core group only). A failure is logged, never retried (the
+    /// action is done).
+    async fn event(&self, pod: &Pod, reason: &str, note: String) {
+        use k8s_openapi::api::core::v1::{Event, EventSource};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+        let ns = pod.namespace().unwrap_or_default();
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let event = Event {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("{}.", pod.name_any())),
+                namespace: Some(ns.clone()),
+                ..Default::default()
+            },
+            involved_object: pod.object_ref(&()),
+            type_: Some("Warning".into()),
+            reason: Some(reason.into()),
+            message: Some(note),
+            source: Some(EventSource {
+                component: Some(COMPONENT.into()),
+                host: Some(self.settings.node_name.clone()),
+            }),
+            reporting_component: Some(COMPONENT.into()),
+            reporting_instance: Some(self.settings.node_name.clone()),
+            first_timestamp: Some(Time(now)),
+            last_timestamp: Some(Time(now)),
+            count: Some(1),
+            ..Default::default()
+        };
+        let events: Api<Event> = Api::namespaced(self.client.clone(), &ns);
+        if let Err(e) = events.create(&PostParams::default(), &event).await {
+            log::warn!(target: SCOPE, "repair controller: event {reason} about pod {} not recorded: {e}", pod_key(pod));
+        }
+    }
+}
