@@ -158,3 +158,63 @@ fn an_abort_reaches_a_reader_that_is_busy_reading_a_long_redirect_queue() {
         stalls.len()
     );
 }
+
+/// A reader that pauses longer than the ingress gate holds TCP payload back (2 s) gets its TCP
+/// receive queue filled behind its redirect queue, and both count in its receive memory. The
+/// reset must still find room at the backlog after the pause. (Measured: the kernel grows
+/// such a reader's receive buffer to what it holds, about 2.2 MiB, which raises the backlog
+/// limit to about 6.3 MiB, so this holds without taking the TCP window out of the redirect
+/// queue's room.)
+#[test]
+fn a_reader_that_paused_past_the_gate_hold_still_has_room_for_a_reset() {
+    if !fastpath_tests::require_privileges!() {
+        return;
+    }
+    let accel = Accel::start("rstpause");
+    let pod = Pod::new("fprsp");
+    accel.enroll(&pod, None);
+    let data = pattern(0x9a05e, 12 << 20);
+    let (end, written, m) = pod.run(|| {
+        let (mut c, s) = paired_loopback_connection(&accel);
+        c.set_nonblocking(true).unwrap();
+        let mut written = 0;
+        let deadline = Instant::now() + Duration::from_secs(6);
+        // Keep writing through the pause: once the gate lets payload in, TCP takes what
+        // the reader's window allows.
+        while Instant::now() < deadline && written < data.len() {
+            match c.write(&data[written..]) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("write after {written} bytes: {e}"),
+            }
+        }
+        let m = socket_memory(&s);
+        abort_on_close(&c);
+        let data = data[..written].to_vec();
+        let reader = std::thread::spawn(move || read_until_end(s, &data));
+        std::thread::sleep(Duration::from_micros(300));
+        drop(c);
+        (reader.join().unwrap(), written, m)
+    });
+    eprintln!(
+        "{written} bytes written; after the pause the reader held {} bytes (receive buffer {}, \
+         send buffer {}, backlog limit {})",
+        m.receive,
+        m.rcvbuf,
+        m.sndbuf,
+        backlog_limit(&m)
+    );
+    assert!(
+        m.receive + (64 << 10) <= backlog_limit(&m),
+        "after the pause the reader holds {} bytes of receive memory, redirect queue and TCP \
+         window together: a segment that meets its backlog (limit {}) is dropped",
+        m.receive,
+        backlog_limit(&m)
+    );
+    assert!(
+        !matches!(end, End::Stalled(_)),
+        "the reader never saw its peer's abort"
+    );
+}
