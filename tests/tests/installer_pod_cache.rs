@@ -53,12 +53,14 @@ fn start_agent(host: &Host, api: &FakeKubeApi) -> Agent {
     agent
 }
 
+/// Fields drop in order: the agent stops before its host's dirs go, or it would repair them
+/// back into place after the removal.
 struct Node {
-    host: Host,
-    api: FakeKubeApi,
     agent: Agent,
     runtime: Runtime,
     conflist: Value,
+    api: FakeKubeApi,
+    host: Host,
 }
 
 impl Node {

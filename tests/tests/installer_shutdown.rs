@@ -32,10 +32,12 @@ fn node(labels: Value) -> Value {
 
 /// A node with an installed agent that knows its pod and node names, and an API that serves
 /// its pod, its DaemonSet and its node.
+///
+/// Fields drop in order: the agent stops before its host's dirs go.
 struct Cluster {
-    host: Host,
-    api: FakeKubeApi,
     agent: Agent,
+    api: FakeKubeApi,
+    host: Host,
 }
 
 impl Cluster {
