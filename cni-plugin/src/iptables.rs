@@ -1,7 +1,7 @@
 //! Applying the rules inside the pod's network namespace with the host's iptables binaries
 //! (`sidecar_iptables_linux.go` and `tools/istio-iptables/pkg/dependencies`).
 //!
-//! Each child (`iptables-restore`, `ip`) is forked with a small sandbox set up between fork and
+//! Each child (`iptables-restore`, `iptables-save`) is forked with a small sandbox set up between fork and
 //! exec, as Istio's `runInSandbox`: a private mount namespace with `/dev/null` over
 //! `/etc/nsswitch.conf` (so `-m owner` lookups never go to the network, istio/istio#48416), then
 //! `setns` into the pod netns. Legacy iptables takes its lock on the netns file
@@ -307,32 +307,6 @@ pub fn save(netns: &Netns, backend: Backend, v6: bool) -> Result<String, String>
         return Err(format!("{bin} failed: {}", out.stderr.trim()));
     }
     Ok(out.stdout)
-}
-
-/// Runs `ip <args>` in the netns; "File exists" counts as done (idempotent).
-pub fn ip(netns: &Netns, args: &[&str]) -> Result<(), String> {
-    match ip_output(netns, args) {
-        Err(e) if !e.contains("File exists") => Err(e),
-        _ => Ok(()),
-    }
-}
-
-/// Runs `ip <args>` in the netns and returns its output.
-pub fn ip_output(netns: &Netns, args: &[&str]) -> Result<String, String> {
-    let mut cmd = Command::new("ip");
-    cmd.args(args);
-    let out = netns
-        .exec(cmd, None)
-        .map_err(|e| format!("cannot run ip {}: {e}", args.join(" ")))?;
-    if out.success {
-        Ok(out.stdout)
-    } else {
-        Err(format!(
-            "ip {} failed: {}",
-            args.join(" "),
-            out.stderr.trim()
-        ))
-    }
 }
 
 /// What is missing from `saved` compared with the rules ADD applies (`expected`, from

@@ -11,7 +11,8 @@ use crate::pod::{self, Pod};
 use crate::pod_cache;
 use crate::redirect::{self, InterceptionMode, Redirect};
 use crate::result;
-use crate::rules::{self, Family, TPROXY_MARK, TPROXY_ROUTE_TABLE};
+use crate::routing;
+use crate::rules::{self, Family};
 use crate::skel::{CmdArgs, CniError, Commands, code};
 use serde_json::{Value, json};
 use std::cell::RefCell;
@@ -302,9 +303,7 @@ impl IstioCni {
         let mut timings = Vec::new();
         if conf.native_nftables {
             if v6 {
-                // Envoy's inbound passthrough source on IPv6 (Istio's configureIPv6Addresses).
-                iptables::ip(&netns, &["-6", "addr", "add", "::6/128", "dev", "lo"])
-                    .map_err(fail)?;
+                routing::add_inbound_passthrough_v6(&netns).map_err(fail)?;
             }
             let set = nftables::build(r, v6);
             self.log.borrow_mut().debug(
@@ -316,7 +315,7 @@ impl IstioCni {
             timings.push(("backend", json!("nftables")));
             timings.push(("nftables_ms", ms(t.elapsed())));
             if r.mode == InterceptionMode::Tproxy {
-                Self::tproxy_routes(&netns, v6).map_err(fail)?;
+                routing::add_tproxy_routing(&netns, v6).map_err(fail)?;
             }
             return Ok(timings);
         }
@@ -338,37 +337,16 @@ impl IstioCni {
                 .debug("final iptables state (IPv4)", &[("state", json!(state))]);
         }
         if v6 {
-            // Envoy's inbound passthrough source on IPv6 (Istio's configureIPv6Addresses).
-            iptables::ip(&netns, &["-6", "addr", "add", "::6/128", "dev", "lo"]).map_err(fail)?;
+            routing::add_inbound_passthrough_v6(&netns).map_err(fail)?;
             let b6: Backend = iptables::choose_backend(&netns, choice, true).map_err(fail)?;
             let text6 = rules::restore_text(r, Family::V6);
             let t6 = self.restore_once(&netns, b6, true, &text6).map_err(fail)?;
             timings.push(("restore_v6_ms", ms(t6)));
         }
         if r.mode == InterceptionMode::Tproxy {
-            Self::tproxy_routes(&netns, v6).map_err(fail)?;
+            routing::add_tproxy_routing(&netns, v6).map_err(fail)?;
         }
         Ok(timings)
-    }
-
-    /// TPROXY's policy routing: marked packets are delivered locally (both backends).
-    fn tproxy_routes(netns: &Netns, v6: bool) -> Result<(), String> {
-        let mark = TPROXY_MARK.to_string();
-        let table = TPROXY_ROUTE_TABLE.to_string();
-        let families: &[&str] = if v6 { &["-4", "-6"] } else { &["-4"] };
-        for fam in families {
-            iptables::ip(
-                netns,
-                &[fam, "rule", "add", "fwmark", &mark, "lookup", &table],
-            )?;
-            iptables::ip(
-                netns,
-                &[
-                    fam, "route", "add", "local", "default", "dev", "lo", "table", &table,
-                ],
-            )?;
-        }
-        Ok(())
     }
 
     /// Applies `text`, unless the netns already holds exactly these rules: a runtime that
@@ -399,41 +377,6 @@ impl IstioCni {
         } else {
             Err(err)
         }
-    }
-
-    fn check_tproxy_routes(
-        netns: &Netns,
-        v6: bool,
-        problems: &mut Vec<String>,
-    ) -> Result<(), CniError> {
-        Self::check_family_tproxy_routes(netns, false, problems)?;
-        if v6 {
-            Self::check_family_tproxy_routes(netns, true, problems)?;
-        }
-        Ok(())
-    }
-
-    fn check_family_tproxy_routes(
-        netns: &Netns,
-        v6: bool,
-        problems: &mut Vec<String>,
-    ) -> Result<(), CniError> {
-        let fam_flag = if v6 { "-6" } else { "-4" };
-        let table = TPROXY_ROUTE_TABLE.to_string();
-        let rule = format!("fwmark {:#x} lookup {table}", TPROXY_MARK);
-        let ip_rules =
-            iptables::ip_output(netns, &[fam_flag, "rule"]).map_err(CniError::internal)?;
-        if !ip_rules.contains(&rule) {
-            problems.push(format!("{fam_flag} ip rule \"{rule}\" is missing"));
-        }
-        let routes = iptables::ip_output(netns, &[fam_flag, "route", "show", "table", &table])
-            .map_err(CniError::internal)?;
-        if !routes.contains("local default dev lo") {
-            problems.push(format!(
-                "{fam_flag} route table {table} has no local default route"
-            ));
-        }
-        Ok(())
     }
 
     fn write_result(stdout: &mut dyn Write, result: &Value) -> Result<(), CniError> {
@@ -590,9 +533,6 @@ impl Commands for IstioCni {
                 }
             }
             families.clear();
-            if r.mode == InterceptionMode::Tproxy {
-                Self::check_tproxy_routes(&netns, Self::ipv6_enabled(&ips, &r), &mut problems)?;
-            }
         }
         let choice = conf.backend_choice()?;
         for fam in families {
@@ -602,9 +542,11 @@ impl Commands for IstioCni {
             let saved = iptables::save(&netns, backend, v6).map_err(CniError::internal)?;
             let want = rules::rule_counts(&rules::restore_text(&r, fam));
             problems.extend(iptables::missing_rules(&want, &rules::rule_counts(&saved)));
-            if r.mode == InterceptionMode::Tproxy {
-                Self::check_family_tproxy_routes(&netns, v6, &mut problems)?;
-            }
+        }
+        if r.mode == InterceptionMode::Tproxy {
+            let v6 = Self::ipv6_enabled(&ips, &r);
+            problems
+                .extend(routing::tproxy_routing_problems(&netns, v6).map_err(CniError::internal)?);
         }
         if problems.is_empty() {
             Ok(())

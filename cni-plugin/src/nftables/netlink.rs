@@ -3,9 +3,14 @@
 //! `NETLINK_NETFILTER` socket opened inside the pod's netns. The bytecode of each statement is
 //! what `nft` 1.0 generates for the same text (`nft --debug=netlink`), so `nft list ruleset`
 //! shows the rules as Istio writes them. Message and attribute numbers are the kernel's UAPI
-//! (`include/uapi/linux/netfilter/nf_tables.h`, `nfnetlink.h`).
+//! (`include/uapi/linux/netfilter/nf_tables.h`, `nfnetlink.h`); the framing and the socket are
+//! [`crate::netlink`]'s.
 use super::{Dir, Group, L4, Op, Ruleset, Stmt, TABLES, Verdict};
 use crate::iptables::Netns;
+use crate::netlink::{
+    Attrs, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, Socket, parse_attrs,
+    push_message,
+};
 use std::net::IpAddr;
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
@@ -19,15 +24,6 @@ const NFT_MSG_GETRULE: u16 = 7;
 const NFT_MSG_DELRULE: u16 = 8;
 const NFT_MSG_NEWSET: u16 = 9;
 const NFT_MSG_NEWSETELEM: u16 = 12;
-
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLM_F_CREATE: u16 = 0x400;
-const NLM_F_APPEND: u16 = 0x800;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLA_F_NESTED: u16 = 0x8000;
 
 const NFPROTO_INET: u8 = 1;
 const NFPROTO_IPV4: u8 = 2;
@@ -98,38 +94,6 @@ const CT_STATE_INVALID: u32 = 1;
 const CT_STATE_ESTABLISHED: u32 = 2;
 const CT_STATE_RELATED: u32 = 4;
 const IFNAMSIZ: usize = 16;
-
-/// A netlink attribute tree under construction.
-#[derive(Default)]
-struct Attrs(Vec<u8>);
-
-impl Attrs {
-    fn raw(&mut self, kind: u16, data: &[u8]) -> &mut Self {
-        let len = 4 + data.len();
-        self.0.extend_from_slice(&(len as u16).to_ne_bytes());
-        self.0.extend_from_slice(&kind.to_ne_bytes());
-        self.0.extend_from_slice(data);
-        self.0.resize(self.0.len().next_multiple_of(4), 0);
-        self
-    }
-    fn str(&mut self, kind: u16, s: &str) -> &mut Self {
-        let mut v = s.as_bytes().to_vec();
-        v.push(0);
-        self.raw(kind, &v)
-    }
-    /// nf_tables carries u32 attributes in network byte order.
-    fn be32(&mut self, kind: u16, v: u32) -> &mut Self {
-        self.raw(kind, &v.to_be_bytes())
-    }
-    fn nest(&mut self, kind: u16, inner: Attrs) -> &mut Self {
-        self.raw(kind | NLA_F_NESTED, &inner.0)
-    }
-    fn with(f: impl FnOnce(&mut Attrs)) -> Attrs {
-        let mut a = Attrs::default();
-        f(&mut a);
-        a
-    }
-}
 
 /// One expression: its kernel name and attributes.
 struct Expr(&'static str, Attrs);
@@ -454,17 +418,18 @@ impl Batch {
         b
     }
 
+    /// One message with its `nfgenmsg` (family, version 0, resource id).
     fn msg(&mut self, kind: u16, flags: u16, family: u8, res_id: u16, attrs: &Attrs) {
         self.seq += 1;
-        let len = 16 + 4 + attrs.0.len();
-        self.buf.extend_from_slice(&(len as u32).to_ne_bytes());
-        self.buf.extend_from_slice(&kind.to_ne_bytes());
-        self.buf.extend_from_slice(&flags.to_ne_bytes());
-        self.buf.extend_from_slice(&self.seq.to_ne_bytes());
-        self.buf.extend_from_slice(&0u32.to_ne_bytes());
-        self.buf.extend_from_slice(&[family, 0]);
-        self.buf.extend_from_slice(&res_id.to_be_bytes());
-        self.buf.extend_from_slice(&attrs.0);
+        let [r0, r1] = res_id.to_be_bytes();
+        push_message(
+            &mut self.buf,
+            kind,
+            flags,
+            self.seq,
+            &[family, 0, r0, r1],
+            attrs,
+        );
     }
 
     fn nft(&mut self, msg: u16, flags: u16, attrs: &Attrs) {
@@ -600,116 +565,6 @@ fn ruleset_batch(
     Ok(b.finish())
 }
 
-/// A `NETLINK_NETFILTER` socket.
-struct Socket(std::os::fd::OwnedFd);
-
-impl Socket {
-    fn open() -> std::io::Result<Self> {
-        use std::os::fd::FromRawFd as _;
-        // SAFETY: plain socket(2); the fd is owned from here on.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_NETFILTER,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor nobody else owns.
-        let s = Self(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
-        // A kernel that never answers must not hang the runtime's ADD.
-        let tv = libc::timeval {
-            tv_sec: 10,
-            tv_usec: 0,
-        };
-        use std::os::fd::AsRawFd as _;
-        // SAFETY: valid fd, pointer to a live timeval of the size passed.
-        unsafe {
-            libc::setsockopt(
-                s.0.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            );
-        }
-        Ok(s)
-    }
-
-    fn send(&self, buf: &[u8]) -> std::io::Result<()> {
-        use std::os::fd::AsRawFd as _;
-        // SAFETY: sockaddr_nl is plain data; all zeroes is the kernel as destination.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
-        // SAFETY: buf and addr outlive the call; sizes are theirs.
-        let n = unsafe {
-            libc::sendto(
-                self.0.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                0,
-                (&addr as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// The next datagram's messages as (type, payload after the nlmsghdr).
-    fn recv(&self) -> std::io::Result<Vec<(u16, Vec<u8>)>> {
-        use std::os::fd::AsRawFd as _;
-        let mut buf = vec![0u8; 1 << 16];
-        // SAFETY: buf is writable for its length.
-        let n = unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let mut out = Vec::new();
-        let mut rest = &buf[..n as usize];
-        while rest.len() >= 16 {
-            let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
-            let kind = u16::from_ne_bytes(rest[4..6].try_into().expect("2 bytes"));
-            if len < 16 || len > rest.len() {
-                break;
-            }
-            out.push((kind, rest[16..len].to_vec()));
-            rest = &rest[len.next_multiple_of(4).min(rest.len())..];
-        }
-        Ok(out)
-    }
-
-    /// Sends a batch and waits for its ACKs; the first error the kernel names wins (the
-    /// kernel then aborted the whole transaction).
-    fn transact(&self, batch: &Batch) -> Result<(), std::io::Error> {
-        self.send(&batch.buf)?;
-        let mut acks = 0;
-        let mut first_error: Option<i32> = None;
-        while acks < batch.acked {
-            for (kind, payload) in self.recv()? {
-                if kind == NLMSG_ERROR && payload.len() >= 4 {
-                    acks += 1;
-                    let code = i32::from_ne_bytes(payload[0..4].try_into().expect("4 bytes"));
-                    if code != 0 && first_error.is_none() {
-                        first_error = Some(-code);
-                    }
-                }
-            }
-            if first_error.is_some() {
-                break;
-            }
-        }
-        match first_error {
-            Some(errno) => Err(std::io::Error::from_raw_os_error(errno)),
-            None => Ok(()),
-        }
-    }
-}
-
 /// Group names from the host's `/etc/group` (the runtime's, as `nft` would read it).
 fn etc_group_id(name: &str) -> Option<u32> {
     let text = std::fs::read_to_string("/etc/group").ok()?;
@@ -724,7 +579,9 @@ fn etc_group_id(name: &str) -> Option<u32> {
 pub fn apply(netns: &Netns, set: &Ruleset) -> Result<(), String> {
     let batch = ruleset_batch(set, &etc_group_id)?;
     netns
-        .run(|| Socket::open().and_then(|s| s.transact(&batch)))
+        .run(|| {
+            Socket::open(libc::NETLINK_NETFILTER).and_then(|s| s.transact(&batch.buf, batch.acked))
+        })
         .map_err(|e| format!("entering netns {}: {e}", netns.path))?
         .map_err(|e| format!("nf_tables transaction of {} tables: {e}", set.tables.len()))
 }
@@ -733,7 +590,8 @@ pub fn apply(netns: &Netns, set: &Ruleset) -> Result<(), String> {
 pub fn delete_tables(netns: &Netns) -> Result<(), String> {
     netns
         .run(|| -> Result<(), String> {
-            let s = Socket::open().map_err(|e| format!("netlink socket: {e}"))?;
+            let s = Socket::open(libc::NETLINK_NETFILTER)
+                .map_err(|e| format!("netlink socket: {e}"))?;
             for name in TABLES {
                 let mut b = Batch::new();
                 b.nft(
@@ -743,7 +601,8 @@ pub fn delete_tables(netns: &Netns) -> Result<(), String> {
                         a.str(NFTA_TABLE_NAME, name);
                     }),
                 );
-                match s.transact(&b.finish()) {
+                let b = b.finish();
+                match s.transact(&b.buf, b.acked) {
                     Ok(()) => {}
                     Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                     Err(e) => return Err(format!("deleting table inet {name}: {e}")),
@@ -758,8 +617,8 @@ pub fn delete_tables(netns: &Netns) -> Result<(), String> {
 pub fn rule_counts(netns: &Netns) -> Result<Vec<(String, String, usize)>, String> {
     netns
         .run(|| -> Result<Vec<(String, String, usize)>, String> {
-            let s = Socket::open().map_err(|e| format!("netlink socket: {e}"))?;
-            let mut counts: Vec<(String, String, usize)> = Vec::new();
+            let s = Socket::open(libc::NETLINK_NETFILTER)
+                .map_err(|e| format!("netlink socket: {e}"))?;
             let mut req = Batch {
                 buf: Vec::new(),
                 seq: 0,
@@ -772,45 +631,32 @@ pub fn rule_counts(netns: &Netns) -> Result<Vec<(String, String, usize)>, String
                 0,
                 &Attrs::default(),
             );
-            s.send(&req.buf).map_err(|e| format!("dump rules: {e}"))?;
-            loop {
-                for (kind, payload) in s.recv().map_err(|e| format!("dump rules: {e}"))? {
-                    if kind == NLMSG_DONE {
-                        return Ok(counts);
-                    }
-                    if kind == NLMSG_ERROR {
-                        let code = i32::from_ne_bytes(payload[0..4].try_into().expect("4 bytes"));
-                        return Err(format!(
-                            "dump rules: {}",
-                            std::io::Error::from_raw_os_error(-code)
-                        ));
-                    }
-                    let (table, chain) = rule_location(&payload[4..]);
-                    if TABLES.contains(&table.as_str()) {
-                        match counts
-                            .iter_mut()
-                            .find(|(t, c, _)| *t == table && *c == chain)
-                        {
-                            Some(e) => e.2 += 1,
-                            None => counts.push((table, chain, 1)),
-                        }
+            let rules = s
+                .dump(&req.buf, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE)
+                .map_err(|e| format!("dump rules: {e}"))?;
+            let mut counts: Vec<(String, String, usize)> = Vec::new();
+            // After each message's nfgenmsg.
+            for (table, chain) in rules.iter().filter_map(|r| r.get(4..)).map(rule_location) {
+                if TABLES.contains(&table.as_str()) {
+                    match counts
+                        .iter_mut()
+                        .find(|(t, c, _)| *t == table && *c == chain)
+                    {
+                        Some(e) => e.2 += 1,
+                        None => counts.push((table, chain, 1)),
                     }
                 }
             }
+            Ok(counts)
         })
         .map_err(|e| format!("entering netns {}: {e}", netns.path))?
 }
 
 /// NFTA_RULE_TABLE and NFTA_RULE_CHAIN of a NEWRULE message's attributes.
-fn rule_location(mut attrs: &[u8]) -> (String, String) {
+fn rule_location(attrs: &[u8]) -> (String, String) {
     let (mut table, mut chain) = (String::new(), String::new());
-    while attrs.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
-        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & !NLA_F_NESTED;
-        if len < 4 || len > attrs.len() {
-            break;
-        }
-        let value = String::from_utf8_lossy(&attrs[4..len])
+    for (kind, value) in parse_attrs(attrs) {
+        let value = String::from_utf8_lossy(value)
             .trim_end_matches('\0')
             .to_string();
         match kind {
@@ -818,7 +664,6 @@ fn rule_location(mut attrs: &[u8]) -> (String, String) {
             NFTA_RULE_CHAIN => chain = value,
             _ => {}
         }
-        attrs = &attrs[len.next_multiple_of(4).min(attrs.len())..];
     }
     (table, chain)
 }
