@@ -101,8 +101,7 @@ pub fn run(cfg: Config, entry: serde_json::Map<String, serde_json::Value>) -> i3
     let mut watches = Watches::new(&cfg, tx.clone());
     let mut installer = Installer::new(cfg.clone(), entry, metrics.clone());
     check_api_tls(&installer);
-    start_pod_cache(&cfg, &installer);
-    start_repair(&cfg, &installer, &metrics);
+    start_pod_watch(&cfg, &installer, &metrics);
     let mut retry = RETRY_FIRST;
     let signal = loop {
         watches.ensure();
@@ -255,46 +254,93 @@ fn check_api_tls(installer: &Installer) {
         });
 }
 
-/// Starts the node's pod cache (see [`crate::pod_cache`]) unless it is switched off. Never
-/// fatal: without it the plugin asks the API server, as Istio's does.
-fn start_pod_cache(cfg: &Config, installer: &Installer) {
-    if !cfg.pod_cache {
-        log::info!(target: SCOPE, "pod cache off (FASTPATH_POD_CACHE=false): every pod ADD asks the API server");
-        return;
-    }
-    let settings = installer
-        .api_access()
-        .map(|access| crate::pod_cache::PodCacheSettings {
-            api: crate::pod_cache::ApiSettings {
+/// Starts the pod cache and the repair controller (those switched on) and the one watch of the
+/// node's pods they share ([`crate::pod_watch`]). Never fatal: without the cache the plugin asks
+/// the API server, without the controller broken pods stay as they are (as with Istio's off).
+fn start_pod_watch(cfg: &Config, installer: &Installer, metrics: &Arc<Metrics>) {
+    let api = || {
+        installer
+            .api_access()
+            .map(|access| crate::pod_watch::ApiSettings {
                 server: access.server,
                 ca_pem: access.ca_pem,
                 token_file: cfg.token_path(),
-            },
+            })
+    };
+    let cache = start_pod_cache(cfg, api);
+    let repair = start_repair(cfg, api, metrics);
+    // One watch per node: the cache's is NODE_NAME's, the controller's REPAIR_NODE_NAME's
+    // (which falls back to NODE_NAME).
+    let mut watches: Vec<(String, crate::pod_watch::Consumers)> = Vec::new();
+    if let Some(feed) = cache {
+        let consumers = crate::pod_watch::Consumers {
+            cache: Some(feed),
+            repair: None,
+        };
+        watches.push((cfg.identity.node_name.clone(), consumers));
+    }
+    if let Some(feed) = repair {
+        let node = &cfg.repair.node_name;
+        match watches.iter_mut().find(|(n, _)| n == node) {
+            Some((_, consumers)) => consumers.repair = Some(feed),
+            None => {
+                if !watches.is_empty() {
+                    log::warn!(target: SCOPE, "REPAIR_NODE_NAME={node} is not NODE_NAME={}: the repair controller watches that node's pods with a watch of its own", cfg.identity.node_name);
+                }
+                let consumers = crate::pod_watch::Consumers {
+                    cache: None,
+                    repair: Some(feed),
+                };
+                watches.push((node.clone(), consumers));
+            }
+        }
+    }
+    for (node, consumers) in watches {
+        if let Err(e) = api().and_then(|api| crate::pod_watch::start(&api, &node, consumers)) {
+            log::warn!(target: SCOPE, "the watch of node {node}'s pods did not start: {e}");
+        }
+    }
+}
+
+/// Opens the pod cache's socket (see [`crate::pod_cache`]) unless it is switched off; its store
+/// is filled by the node's pod watch.
+fn start_pod_cache(
+    cfg: &Config,
+    api: impl Fn() -> Result<crate::pod_watch::ApiSettings, String>,
+) -> Option<crate::pod_cache::CacheFeed> {
+    if !cfg.pod_cache {
+        log::info!(target: SCOPE, "pod cache off (FASTPATH_POD_CACHE=false): every pod ADD asks the API server");
+        return None;
+    }
+    let prepared = api().and_then(|api| {
+        crate::pod_cache::prepare(&crate::pod_cache::PodCacheSettings {
+            api,
             node_name: cfg.identity.node_name.clone(),
             socket: fastpath_cni_plugin::pod_cache::socket_path(&cfg.cni_agent_run_dir),
-        });
-    if let Err(e) = settings.and_then(|s| crate::pod_cache::start(&s)) {
-        log::warn!(target: SCOPE, "pod cache off, every pod ADD asks the API server: {e}");
+        })
+    });
+    match prepared {
+        Ok((feed, _)) => Some(feed),
+        Err(e) => {
+            log::warn!(target: SCOPE, "pod cache off, every pod ADD asks the API server: {e}");
+            None
+        }
     }
 }
 
 /// Starts the repair controller (see [`crate::repair`]) when `REPAIR_ENABLED` and an action is
-/// switched on. Never fatal: without it, broken pods stay as they are (as with Istio's off).
-fn start_repair(cfg: &Config, installer: &Installer, metrics: &Arc<Metrics>) {
+/// switched on; it acts on the events of the node's pod watch.
+fn start_repair(
+    cfg: &Config,
+    api: impl Fn() -> Result<crate::pod_watch::ApiSettings, String>,
+    metrics: &Arc<Metrics>,
+) -> Option<crate::repair::RepairFeed> {
     if !cfg.repair.enabled {
         log::info!(target: SCOPE, "repair controller off (REPAIR_ENABLED=false)");
-        return;
+        return None;
     }
-    let started = installer.api_access().and_then(|access| {
-        let api = crate::pod_cache::ApiSettings {
-            server: access.server,
-            ca_pem: access.ca_pem,
-            token_file: cfg.token_path(),
-        };
-        crate::repair::start(&api, &cfg.repair, metrics.clone())
-    });
-    match started {
-        Ok(Some(action)) => {
+    match api().and_then(|api| crate::repair::start(&api, &cfg.repair, metrics.clone())) {
+        Ok(Some((action, feed))) => {
             log::info!(target: SCOPE, "repair controller on: broken pods of node {} are handled by {} (selector {:?}{})", cfg.repair.node_name, match action {
                 crate::repair::Action::Repair => "repairing them in place",
                 crate::repair::Action::Delete => "deleting them",
@@ -302,13 +348,16 @@ fn start_repair(cfg: &Config, installer: &Installer, metrics: &Arc<Metrics>) {
             }, crate::repair::field_selector(&cfg.repair), match cfg.repair.label_selectors.as_str() {
                 "" => String::new(),
                 l => format!(", labels {l:?}"),
-            })
+            });
+            Some(feed)
         }
         Ok(None) => {
-            log::info!(target: SCOPE, "repair controller idle: REPAIR_ENABLED=true but none of REPAIR_REPAIR_PODS, REPAIR_DELETE_PODS, REPAIR_LABEL_PODS is true")
+            log::info!(target: SCOPE, "repair controller idle: REPAIR_ENABLED=true but none of REPAIR_REPAIR_PODS, REPAIR_DELETE_PODS, REPAIR_LABEL_PODS is true");
+            None
         }
         Err(e) => {
-            log::warn!(target: SCOPE, "repair controller off, broken pods are not handled: {e}")
+            log::warn!(target: SCOPE, "repair controller off, broken pods are not handled: {e}");
+            None
         }
     }
 }

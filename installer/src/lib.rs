@@ -3,7 +3,8 @@
 //! Layout: [`config`] reads and builds settings, [`conflist`] and [`kubeconfig`] are pure
 //! renderers/mergers, [`install`] decides and applies (binary, kubeconfig, CNI config, cleanup),
 //! [`fight`] spots another agent fighting over the config, [`agent`] wires watches, servers,
-//! signals and the loop, [`readiness`] and [`metrics`] report state.
+//! signals and the loop, [`readiness`] and [`metrics`] report state. [`pod_watch`] is the one
+//! watch of the node's pods that [`pod_cache`] and [`repair`] share.
 pub mod accel;
 pub mod agent;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod logging;
 pub mod logsock;
 pub mod metrics;
 pub mod pod_cache;
+pub mod pod_watch;
 pub mod probes;
 pub mod readiness;
 pub mod repair;

@@ -38,17 +38,16 @@ fn host_with_api(tag: &str) -> (Host, FakeKubeApi) {
     (host, api)
 }
 
-/// The agent on `host`, with the pod cache on (NODE_NAME set), once ready.
-fn start_agent(host: &Host, api: &FakeKubeApi) -> Agent {
+/// The agent on `host`, with the pod cache on (NODE_NAME set) and `extra` env, once ready.
+fn start_agent(host: &Host, api: &FakeKubeApi, extra: &[(&str, &str)]) -> Agent {
     let port = api.addr.port().to_string();
-    let mut agent = Agent::start(
-        host,
-        &[
-            ("KUBERNETES_SERVICE_HOST", "127.0.0.1"),
-            ("KUBERNETES_SERVICE_PORT", &port),
-            ("NODE_NAME", NODE),
-        ],
-    );
+    let mut env = vec![
+        ("KUBERNETES_SERVICE_HOST", "127.0.0.1"),
+        ("KUBERNETES_SERVICE_PORT", port.as_str()),
+        ("NODE_NAME", NODE),
+    ];
+    env.extend_from_slice(extra);
+    let mut agent = Agent::start(host, &env);
     agent.wait_ready();
     agent
 }
@@ -67,11 +66,16 @@ impl Node {
     /// An agent with the pod cache on (NODE_NAME set) and the real plugin installed, its watch
     /// established on the fake API server.
     fn start(tag: &str, bound_before: &[Value]) -> Node {
+        Self::start_with(tag, bound_before, &[])
+    }
+
+    /// [`Node::start`] with more of the agent's env.
+    fn start_with(tag: &str, bound_before: &[Value], env: &[(&str, &str)]) -> Node {
         let (host, api) = host_with_api(tag);
         for pod in bound_before {
             api.set_pod(pod.clone());
         }
-        let mut agent = start_agent(&host, &api);
+        let mut agent = start_agent(&host, &api, env);
         let socket = fastpath_cni_plugin::pod_cache::socket_path(&host.run);
         agent.wait_until("the pod cache's socket and watch", |_| {
             socket.exists() && api.watches() >= 1
@@ -241,7 +245,7 @@ fn forbidden_to_list_pods_the_agent_keeps_running_and_adds_ask_the_api_server() 
         403,
         "pods is forbidden: User \"system:serviceaccount:istio-system:istio-cni\" cannot list resource \"pods\"",
     );
-    let mut agent = start_agent(&host, &api);
+    let mut agent = start_agent(&host, &api, &[]);
     agent.wait_until("the forbidden list in the log", |a| {
         a.log().contains("pod cache: the watch of node") && a.log().contains("forbidden")
     });
@@ -259,5 +263,78 @@ fn forbidden_to_list_pods_the_agent_keeps_running_and_adds_ask_the_api_server() 
         api.lists() >= 2,
         "the list was not retried: {}",
         api.lists()
+    );
+}
+
+/// A pod of this node whose `istio-validation` init container crashloops with exit code 126:
+/// what the repair controller acts on.
+fn broken_pod(ns: &str, name: &str) -> Value {
+    let mut pod = pod_on(NODE, ns, name);
+    pod["status"] = json!({
+        "phase": "Pending",
+        "initContainerStatuses": [{
+            "name": "istio-validation", "image": "proxyv2", "imageID": "", "ready": false,
+            "restartCount": 2, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": 126, "reason": "Error"}}
+        }]
+    });
+    pod
+}
+
+/// With the pod cache and the repair controller both on, the API server sees one list and one
+/// watch of the node's pods (as with Istio's agent), not one per feature; both are served from
+/// it, also after the watch was dropped and resumed.
+#[test]
+fn with_the_repair_controller_on_too_the_node_holds_one_pod_watch() {
+    if !fastpath_tests::require_privileges!() {
+        return;
+    }
+    let mut node = Node::start_with(
+        "pc-one-watch",
+        &[pod_on(NODE, "shop", "web-0")],
+        &[("REPAIR_DELETE_PODS", "true"), ("REPAIR_NODE_NAME", NODE)],
+    );
+    node.agent.wait_until("both on the watch", |a| {
+        a.log().contains("pod cache: watching the")
+            && a.log()
+                .contains("repair controller: watching the pods of node")
+    });
+    let steady = |what: &str| {
+        // Sampled for a while: a second watch would be open by now.
+        for _ in 0..20 {
+            assert_eq!(node.api.open_watches(), 1, "{what}: pod watches open");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    steady("started");
+    assert_eq!(node.api.lists(), 1, "pod lists");
+    assert_eq!(node.api.watches(), 1, "pod watches");
+    node.add("shop", "web-0", "uid-web-0").unwrap();
+    assert_eq!(
+        node.api.pod_gets("shop", "web-0"),
+        0,
+        "a GET for a cached pod"
+    );
+    node.api.set_pod(broken_pod("shop", "broken-0"));
+    node.agent.wait_until("the broken pod deleted", |_| {
+        node.api.pod("shop", "broken-0").is_none()
+    });
+
+    let watches = node.api.watches();
+    node.api.break_watches();
+    node.agent
+        .wait_until("the watch to resume", |_| node.api.watches() > watches);
+    steady("resumed");
+    assert_eq!(node.api.watches(), watches + 1, "one watch resumed");
+    node.api.set_pod(pod_on(NODE, "shop", "web-1"));
+    node.api.set_pod(broken_pod("shop", "broken-1"));
+    node.agent.wait_until("the second broken pod deleted", |_| {
+        node.api.pod("shop", "broken-1").is_none()
+    });
+    node.add("shop", "web-1", "uid-web-1").unwrap();
+    assert_eq!(
+        node.api.pod_gets("shop", "web-1"),
+        0,
+        "a GET for a cached pod"
     );
 }

@@ -95,8 +95,16 @@ impl Sandbox {
         netns.exec_ok(&["ip", "link", "set", "lo", "up"]).unwrap();
         // On lo: the dummy/veth modules may be missing on the test machine; any interface
         // holding the pod's IP identifies the netns.
+        let host_len = if ip.contains(':') { 128 } else { 32 };
         netns
-            .exec_ok(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "lo"])
+            .exec_ok(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{ip}/{host_len}"),
+                "dev",
+                "lo",
+            ])
             .unwrap();
         let pause = Command::new("ip")
             .args(["netns", "exec", &netns.name, "sleep", "120"])
@@ -318,5 +326,49 @@ fn without_iptables_in_the_image_a_pod_is_repaired_with_nftables() {
         log.matches("no iptables-restore in this image").count(),
         1,
         "{log}"
+    );
+}
+
+/// The scratch image has no `ip` either: a TPROXY pod's policy routing and an IPv6 pod's
+/// passthrough address are programmed over rtnetlink, so such a pod is repaired in place too.
+#[test]
+fn without_ip_or_iptables_in_the_image_a_tproxy_ipv6_pod_is_repaired() {
+    if !fastpath_tests::require_privileges!() {
+        return;
+    }
+    let ip = format!("fd00:{:x}::7", std::process::id() % 0xffff);
+    let sandbox = Sandbox::new(&ip);
+    let (host, api) = host_with_api("repair-tproxy6");
+    let empty_path = host.root.join("empty-path");
+    std::fs::create_dir_all(&empty_path).unwrap();
+    let mut agent = start_agent(
+        &host,
+        &api,
+        &[
+            ("REPAIR_REPAIR_PODS", "true"),
+            ("PATH", empty_path.to_str().unwrap()),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let mut pod = broken_pod("shop", "web-t6", &ip);
+    pod["metadata"]["annotations"]["sidecar.istio.io/interceptionMode"] = json!("TPROXY");
+    api.set_pod(pod);
+    agent.wait_until("the pod repaired", |a| {
+        metric(a, "repair", "success") == 1.0 || metric(a, "repair", "fail") == 1.0
+    });
+    assert_eq!(metric(&agent, "repair", "success"), 1.0, "{}", agent.log());
+    let show = |argv: &[&str]| sandbox.netns.exec_ok(argv).unwrap_or_default();
+    for fam in ["-4", "-6"] {
+        let rules = show(&["ip", fam, "rule", "show"]);
+        assert!(rules.contains("fwmark 0x539 lookup 133"), "{fam}: {rules}");
+        let routes = show(&["ip", fam, "route", "show", "table", "133"]);
+        assert!(routes.contains("local default dev lo"), "{fam}: {routes}");
+    }
+    let lo = show(&["ip", "-6", "addr", "show", "dev", "lo"]);
+    assert!(lo.contains("::6/128"), "{lo}");
+    let ruleset = show(&["nft", "list", "ruleset"]);
+    assert!(
+        ruleset.contains("table inet istio-proxy-mangle") && ruleset.contains("tproxy ip6"),
+        "no TPROXY redirection in the pod's netns:\n{ruleset}"
     );
 }

@@ -1,5 +1,6 @@
 //! The node-local pod cache: install-cni watches the pods bound to its node (a kube-rs
-//! reflector over `spec.nodeName=<node>`) and answers the plugin's question "which pod is this?"
+//! reflector store fed by the node's one pod watch, [`crate::pod_watch`], over
+//! `spec.nodeName=<node>`) and answers the plugin's question "which pod is this?"
 //! on a root-only unix socket in its run directory (`fastpath_cni_plugin::pod_cache` has the
 //! protocol and the plugin's client). A pod ADD then makes no API call; the API server sees one
 //! watch per node instead of one GET per pod creation, and pods keep getting their rules when
@@ -13,10 +14,12 @@ mod serve;
 mod watch;
 
 pub use serve::{answer, serve};
-pub(crate) use watch::kubeconfig;
-pub use watch::{ApiSettings, WatchState, start_watch};
+pub use watch::{CacheFeed, WatchState, feed};
+
+use crate::pod_watch::ApiSettings;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// What the cache needs: where the API server is, which node, where to listen.
 #[derive(Clone, Debug)]
@@ -26,13 +29,26 @@ pub struct PodCacheSettings {
     pub socket: PathBuf,
 }
 
-/// Starts the watch and the socket. Errors name what is missing; the agent logs them and runs
-/// without the cache (the plugin then asks the API server, as Istio's does).
-pub fn start(settings: &PodCacheSettings) -> Result<std::sync::Arc<WatchState>, String> {
+/// The store and its socket, and the feed the node's pod watch fills the store with. Errors
+/// name what is missing; the agent logs them and runs without the cache (the plugin then asks
+/// the API server, as Istio's does).
+pub fn prepare(settings: &PodCacheSettings) -> Result<(CacheFeed, Arc<WatchState>), String> {
     if settings.node_name.is_empty() {
         return Err("NODE_NAME is not set, so the pods of this node cannot be watched".into());
     }
-    let state = start_watch(&settings.api, &settings.node_name)?;
+    let (feed, state) = feed();
     serve(&settings.socket, state.clone())?;
+    Ok((feed, state))
+}
+
+/// The cache alone, with a watch of its own (the agent shares its watch with the repair
+/// controller instead, see [`crate::agent`]).
+pub fn start(settings: &PodCacheSettings) -> Result<Arc<WatchState>, String> {
+    let (feed, state) = prepare(settings)?;
+    let consumers = crate::pod_watch::Consumers {
+        cache: Some(feed),
+        repair: None,
+    };
+    crate::pod_watch::start(&settings.api, &settings.node_name, consumers)?;
     Ok(state)
 }

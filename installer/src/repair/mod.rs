@@ -3,17 +3,18 @@
 //! (a pod that started before the plugin was in the node's CNI config, istio/istio#14327).
 //!
 //! This module holds the pure decisions (is a pod broken, which action, the label patch, the
-//! selectors), kept apart from the side effects: [`run`] (API watch, delete, label, events,
-//! metrics) and [`netns`] (finding the pod's network namespace through the host's procfs and
+//! selectors, [`selector`]), kept apart from the side effects: [`run`] (the pod watch's events,
+//! delete, label, events, metrics) and [`netns`] (finding the pod's network namespace through the host's procfs and
 //! applying the plugin's redirection there).
 pub mod netns;
 pub mod run;
+pub mod selector;
 
 use std::path::PathBuf;
 
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
 
-pub use run::start;
+pub use run::{RepairFeed, start};
 
 /// The repair controller's settings (Istio's `REPAIR_*`, plus where the host's procfs is).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,9 +98,11 @@ pub fn action(s: &RepairSettings) -> Option<Action> {
     }
 }
 
-/// The watch's field selector: `REPAIR_FIELD_SELECTORS` (when set) and, always, the node term.
-/// Istio adds `spec.nodeName=<REPAIR_NODE_NAME>` even when the name is empty; here the name
-/// falls back to `NODE_NAME` first (see [`RepairSettings::node_name`]).
+/// The controller's field selection, as Istio's watch has it: `REPAIR_FIELD_SELECTORS` (when
+/// set) and, always, the node term. Istio adds `spec.nodeName=<REPAIR_NODE_NAME>` even when the
+/// name is empty; here the name falls back to `NODE_NAME` first (see
+/// [`RepairSettings::node_name`]). The node's shared pod watch selects the node term;
+/// [`selector`] evaluates the rest.
 pub fn field_selector(s: &RepairSettings) -> String {
     let node = format!("spec.nodeName={}", s.node_name);
     match s.field_selectors.trim() {

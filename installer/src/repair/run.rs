@@ -1,27 +1,28 @@
-//! The repair controller's side effects: the watch of this node's pods (kube-rs's watcher, on a
-//! thread of its own with a current-thread tokio runtime, as the pod cache's), and per broken
-//! pod the action: repair in place ([`super::netns`]), delete (with preconditions) or label,
+//! The repair controller's side effects: it takes the node's pod watch's events
+//! ([`crate::pod_watch`], shared with the pod cache) on a thread of its own with a
+//! current-thread tokio runtime, keeps the pods its own selectors select, and per broken pod
+//! takes the action: repair in place ([`super::netns`]), delete (with preconditions) or label,
 //! each followed by a `Warning` event, counted in `istio_cni_repair_pods_repaired_total`.
 //!
 //! The watch resumes after dropped connections and backs off after errors (a `403` while the
-//! repair ClusterRole is missing): each distinct error is logged once, and once more when it
-//! recovers. An action that fails for a transient cause (no answer, 5xx, 429) is tried again, at
-//! most [`ATTEMPTS`] times in all, as Istio's queue does.
+//! repair ClusterRole is missing): each distinct error is logged once here, and once more when
+//! it recovers. An action that fails for a transient cause (no answer, 5xx, 429) is tried
+//! again, at most [`ATTEMPTS`] times in all, as Istio's queue does.
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::PostParams;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
-use kube::config::KubeConfigOptions;
-use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::runtime::watcher;
 use kube::{Resource as _, ResourceExt as _};
+use tokio::sync::mpsc;
 
-use super::{Action, RepairSettings, action, broken, field_selector, label_patch, pod_key};
+use super::selector::PodSelector;
+use super::{Action, RepairSettings, action, broken, label_patch, pod_key};
 use crate::metrics::{Metrics, PodRepairResult};
-use crate::pod_cache::ApiSettings;
+use crate::pod_watch::{ApiSettings, PodEvent};
 
 const SCOPE: &str = crate::logging::SCOPE_AGENT;
 
@@ -30,8 +31,9 @@ pub const ATTEMPTS: u32 = 5;
 /// The component named in the events.
 pub const COMPONENT: &str = "cni-repair";
 
-/// Starts the controller on its own thread. `Ok(None)` when no action is switched on (nothing
-/// to watch for); errors name what is missing.
+/// Where the node's pod watch sends the controller its events.
+pub type RepairFeed = mpsc::UnboundedSender<PodEvent>;
+
 /// Whether `iptables-restore` (either backend's) is on the agent's own PATH.
 fn iptables_in_image() -> bool {
     [
@@ -43,11 +45,14 @@ fn iptables_in_image() -> bool {
     .any(|b| fastpath_cni_plugin::iptables::find_in_path(b).is_some())
 }
 
+/// Starts the controller on its own thread, waiting for the events of the watch of
+/// `settings.node_name`'s pods on the returned feed. `Ok(None)` when no action is switched on
+/// (nothing to watch for); errors name what is missing or wrong.
 pub fn start(
     api: &ApiSettings,
     settings: &RepairSettings,
     metrics: Arc<Metrics>,
-) -> Result<Option<Action>, String> {
+) -> Result<Option<(Action, RepairFeed)>, String> {
     let Some(act) = action(settings) else {
         return Ok(None);
     };
@@ -57,6 +62,7 @@ pub fn start(
                 .into(),
         );
     }
+    let selector = PodSelector::parse(&settings.label_selectors, &settings.field_selectors)?;
     let mut settings = settings.clone();
     if act == Action::Repair && !settings.native_nftables && !iptables_in_image() {
         // The image is FROM scratch: no iptables-restore to run. Istio's nftables ruleset is
@@ -69,21 +75,12 @@ pub fn start(
         .build()
         .map_err(|e| format!("repair controller: cannot start its runtime: {e}"))?;
     let api = api.clone();
+    let (feed, events) = mpsc::unbounded_channel();
     std::thread::Builder::new()
         .name("repair".into())
-        .spawn(move || runtime.block_on(run(api, settings, act, metrics)))
+        .spawn(move || runtime.block_on(run(api, settings, selector, act, metrics, events)))
         .map_err(|e| format!("repair controller: cannot start its thread: {e}"))?;
-    Ok(Some(act))
-}
-
-async fn client(api: &ApiSettings) -> Result<kube::Client, String> {
-    let config = kube::Config::from_custom_kubeconfig(
-        crate::pod_cache::kubeconfig(api),
-        &KubeConfigOptions::default(),
-    )
-    .await
-    .map_err(|e| format!("the API client cannot be configured: {e}"))?;
-    kube::Client::try_from(config).map_err(|e| format!("the API client cannot be built: {e}"))
+    Ok(Some((act, feed)))
 }
 
 struct Controller {
@@ -96,20 +93,23 @@ struct Controller {
     repaired: HashSet<String>,
 }
 
-async fn run(api: ApiSettings, settings: RepairSettings, act: Action, metrics: Arc<Metrics>) {
-    let client = match client(&api).await {
+async fn run(
+    api: ApiSettings,
+    settings: RepairSettings,
+    selector: PodSelector,
+    act: Action,
+    metrics: Arc<Metrics>,
+    mut events: mpsc::UnboundedReceiver<PodEvent>,
+) {
+    // For the writes (delete, label, events); the watch has its own.
+    let client = match crate::pod_watch::client(&api).await {
         Ok(c) => c,
         Err(e) => {
             log::error!(target: SCOPE, "repair controller off: {e}");
             return;
         }
     };
-    let mut config = watcher::Config::default().fields(&field_selector(&settings));
-    if !settings.label_selectors.trim().is_empty() {
-        config = config.labels(settings.label_selectors.trim());
-    }
     let node = settings.node_name.clone();
-    let pods: Api<Pod> = Api::all(client.clone());
     let mut controller = Controller {
         client,
         settings,
@@ -117,11 +117,9 @@ async fn run(api: ApiSettings, settings: RepairSettings, act: Action, metrics: A
         metrics,
         repaired: HashSet::new(),
     };
-    let events = watcher(pods, config).default_backoff();
-    futures_util::pin_mut!(events);
     let mut last_error: Option<String> = None;
     let mut listed = false;
-    while let Some(event) = events.next().await {
+    while let Some(event) = events.recv().await {
         let pod = match event {
             Ok(watcher::Event::Init) => continue,
             Ok(watcher::Event::InitDone) => {
@@ -137,8 +135,7 @@ async fn run(api: ApiSettings, settings: RepairSettings, act: Action, metrics: A
                 continue;
             }
             Ok(watcher::Event::InitApply(pod) | watcher::Event::Apply(pod)) => pod,
-            Err(e) => {
-                let text = e.to_string();
+            Err(text) => {
                 if last_error.as_deref() != Some(text.as_str()) {
                     log::warn!(target: SCOPE, "repair controller: the watch of node {node}'s pods failed, retrying with backoff (broken pods are not handled meanwhile): {text}");
                     last_error = Some(text);
@@ -147,6 +144,12 @@ async fn run(api: ApiSettings, settings: RepairSettings, act: Action, metrics: A
             }
         };
         recovered(&mut last_error, &node);
+        if !selector.matches(&pod) {
+            // Out of the controller's selection: what a watch with these selectors would see
+            // as the pod's deletion.
+            controller.repaired.remove(&pod.uid().unwrap_or_default());
+            continue;
+        }
         if broken(&pod, &controller.settings) {
             controller.handle(&pod).await;
         }

@@ -343,7 +343,7 @@ fn main() -> Result<()> {
     let socket = fastpath_cni_plugin::pod_cache::socket_path(&dir.join("run"));
     let cache =
         fastpath_installer::pod_cache::start(&fastpath_installer::pod_cache::PodCacheSettings {
-            api: fastpath_installer::pod_cache::ApiSettings {
+            api: fastpath_installer::pod_watch::ApiSettings {
                 server: api.url(),
                 ca_pem: Some(api.ca_pem.clone().into_bytes()),
                 token_file: dir.join("token"),
