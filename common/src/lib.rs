@@ -267,6 +267,25 @@ pub const fn backlog_room(rcvbuf: u64, sndbuf: u64) -> u64 {
     }
 }
 
+/// A floor under the send buffer the kernel gives a socket whose MSS is `mss` when its
+/// connection establishes (`tcp_sndbuf_expand` in net/ipv4/tcp_input.c: at least 2 × 10
+/// segments, each `roundup_pow_of_two(mss + MAX_TCP_HEADER + shared info) + sk_buff` bytes,
+/// `MAX_TCP_HEADER` being at least 128 bytes), unless the application set `SO_SNDBUF` or the
+/// node's `tcp_wmem[2]` is lower.
+///
+/// A server's own callback runs before the kernel sizes its send buffer, so its room takes
+/// its client's sized buffer, which its client read; but the two are sized for different
+/// MSSes when the client's route differs from the server's. A connection an application
+/// makes to another pod's address and iptables redirects to its sidecar on loopback is one:
+/// the client sizes its buffer for the sidecar's 64 KiB MSS (3.76 MiB), the sidecar for the
+/// client's 1448 bytes (67.5 KiB). Taking the smaller of the client's buffer and this floor
+/// for the server's MSS keeps the room within the server's real limit.
+pub const fn sized_sndbuf_floor(mss: u64) -> u64 {
+    const MAX_TCP_HEADER_FLOOR: u64 = 128;
+    const INITIAL_SEGMENTS: u64 = 10;
+    2 * INITIAL_SEGMENTS * (mss + MAX_TCP_HEADER_FLOOR).next_power_of_two()
+}
+
 /// [`RxQueue::backlog_room`] when a socket's buffer sizes cannot be read (`bpf_getsockopt`
 /// of `SO_RCVBUF`/`SO_SNDBUF` needs Linux 6.1): the room of the kernel's default buffers
 /// (`tcp_rmem[1]` 128 KiB, the smallest send buffer, 4 KiB).
@@ -565,6 +584,27 @@ mod tests {
         // A receive buffer grown past the send buffer: the older formula is the smaller.
         assert_eq!(backlog_room(6 << 20, 16 << 10), (6 << 20) + (16 << 10));
         assert!(FALLBACK_BACKLOG_ROOM <= backlog_room(131_072, 4608));
+    }
+
+    #[test]
+    fn the_send_buffer_floor_stays_under_what_the_kernel_sized() {
+        // Measured on 6.18 (`ss -m`, BBR, whose factor is 3 where others take 2): a socket
+        // with a 1448-byte MSS gets 69 120 bytes, one with a 64 KiB MSS 3 939 840.
+        assert!(sized_sndbuf_floor(1448) <= 69_120);
+        assert!(sized_sndbuf_floor(65_483) <= 3_939_840);
+        assert!(sized_sndbuf_floor(32_768) <= 3_939_840);
+        // It follows the MSS: a floor for a small MSS is no room for a large queue.
+        assert_eq!(sized_sndbuf_floor(1448), 2 * 10 * 2048);
+        assert_eq!(sized_sndbuf_floor(65_483), 2 * 10 * 131_072);
+        // The asymmetric connection that lost a reset: a client sized for 64 KiB segments,
+        // a server for 1448-byte ones; the server's room must be under its own limit.
+        let server_limit_less_headroom = 2 * 131_072 + 69_120 / 2;
+        let room = backlog_room(131_072, min(3_939_840, sized_sndbuf_floor(1448)));
+        assert!(room <= server_limit_less_headroom, "{room}");
+    }
+
+    const fn min(a: u64, b: u64) -> u64 {
+        if a < b { a } else { b }
     }
 
     #[test]

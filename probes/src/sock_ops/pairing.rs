@@ -7,7 +7,7 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use fastpath_common::{
-    ActiveConn, Endpoint, PendingSyn, PodInfo, SockState, sock_role, sock_state,
+    ActiveConn, Endpoint, PendingSyn, PodInfo, SockState, sized_sndbuf_floor, sock_role, sock_state,
 };
 
 use super::{
@@ -267,14 +267,22 @@ pub(crate) fn release_waiting_client(ctx: &SockOpsContext, netns: u64) {
 
 /// The server's [`fastpath_common::RxQueue::backlog_room`]. Its callback runs before the kernel
 /// sizes its send buffer; when it started where its client's did (neither application set
-/// one), it grows as the client's did, which the client's first segment out recorded.
+/// one), it grows as the client's did, which the client's first segment out recorded, but
+/// never past what the kernel gives the server's own MSS ([`sized_sndbuf_floor`]): the client
+/// may have been sized for another MSS (a connection redirected from a pod route to loopback).
 #[inline(never)]
 fn server_backlog_room(ctx: &SockOpsContext, client: &ActiveConn) -> u64 {
     let buffers = own_buffers(ctx);
     let grows_like_the_client =
         matches!(buffers, Some((_, own)) if own == client.sndbuf_unsized as u64);
     let sized = if grows_like_the_client {
-        client.sndbuf_sized as u64
+        let floor = sized_sndbuf_floor(unsafe { (*ctx.ops).mss_cache } as u64);
+        let client_sized = client.sndbuf_sized as u64;
+        if client_sized < floor {
+            client_sized
+        } else {
+            floor
+        }
     } else {
         0
     };
