@@ -32,9 +32,20 @@ pub enum SidecarPolling {
     /// `accel_sidecar_echo.rs`).
     Default,
     /// `tune.fd.edge-triggered on`, which does not lose track of unread input that way: a
-    /// stand-in without that defect, for the randomized harness, whose failures must all be
-    /// the product's.
+    /// stand-in without that defect, for the tests whose failures must all be the product's
+    /// (the sidecar echo, the randomized harness).
     EdgeTriggered,
+}
+
+impl SidecarPolling {
+    /// The polling the env var `name` asks for: `default` for HAProxy's own, anything else
+    /// (or unset) for [`SidecarPolling::EdgeTriggered`].
+    pub fn from_env(name: &str) -> Self {
+        match std::env::var(name).as_deref() {
+            Ok("default") => SidecarPolling::Default,
+            _ => SidecarPolling::EdgeTriggered,
+        }
+    }
 }
 
 impl Mesh {
@@ -255,18 +266,6 @@ impl Session {
 pub struct Trace {
     pub outbound: Option<Session>,
     pub inbound: Option<Session>,
-}
-
-impl Trace {
-    /// Whether a sidecar took the end of its client's stream before `sent` bytes and closed
-    /// the session as if that were the end (HAProxy 2.6 does so now and then over plain TCP;
-    /// see the sidecar echo test).
-    pub fn sidecar_took_eof_early(&self, sent: u64) -> bool {
-        [&self.outbound, &self.inbound].iter().any(|s| {
-            s.as_ref()
-                .is_some_and(|s| s.ended_normally() && s.up < sent)
-        })
-    }
 }
 
 impl std::fmt::Display for Trace {

@@ -715,10 +715,7 @@ impl Bench {
                 62,
                 accelerated.then_some(&accel),
                 // STRESS_SIDECAR_POLLING=default: HAProxy's own (level-triggered) polling.
-                match std::env::var("STRESS_SIDECAR_POLLING").as_deref() {
-                    Ok("default") => SidecarPolling::Default,
-                    _ => SidecarPolling::EdgeTriggered,
-                },
+                SidecarPolling::from_env("STRESS_SIDECAR_POLLING"),
             )
         });
         // STRESS_PCAP=<dir>: a capture of both mesh pods' handshakes, FINs, resets and small

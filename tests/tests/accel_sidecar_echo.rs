@@ -2,11 +2,26 @@
 //! Istio's rules, 2 connections at once, each writing 4 MiB of random data in writes of 1 B
 //! to 256 KiB right after connect, reading the echo concurrently, and half-closing after its
 //! last write; the echo server echoes until EOF, then half-closes. Accelerated it must be
-//! intact in 200 of 200 runs; the plain control (same sidecars and rules, nothing enrolled)
-//! tells a product failure from one of the harness.
+//! intact in 200 of 200 runs, and so must the plain control (same sidecars and rules, nothing
+//! enrolled), which proves the harness itself loses nothing.
+//!
+//! The sidecars poll edge-triggered ([`SidecarPolling::EdgeTriggered`]). Debian's HAProxy 2.6
+//! with its default level-triggered polling cuts an echo short by itself now and then, with
+//! no accelerator on the node: CI saw 1 in 400 plain echoes end early, the sidecars' logs
+//! showing every byte read on one hop and fewer delivered on the next, with only normal
+//! closes and no reset sent in either pod, which plain TCP cannot do. Such a failure would
+//! hide the product's among the harness's, so this test uses the stand-in without that
+//! defect and allows no failure at all. ECHO_SIDECAR_POLLING=default runs HAProxy's own
+//! polling, to watch the stand-in's defect.
+//!
+//! What first showed the product's defect here (a proxy that takes a short read after the
+//! FIN as the end of the stream, meeting two receive queues at once after a demotion) is
+//! tested exactly, with no proxy and no timing, by
+//! `a_proxy_that_takes_a_short_read_after_the_fin_as_eof_gets_every_byte_across_a_demotion`
+//! (accel_flow_control.rs).
 use fastpath_tests::{
     accel::Accel,
-    mesh::{Mesh, NetCounters},
+    mesh::{Mesh, NetCounters, SidecarPolling},
     stress::Rng,
 };
 use std::{
@@ -43,8 +58,6 @@ fn echo_server(l: TcpListener) {
 struct Failure {
     /// The client app's port, which finds the connection in the sidecars' logs.
     app_port: u16,
-    /// Whether the bytes that came back were all correct (only the end was missing).
-    prefix_intact: bool,
     text: String,
 }
 
@@ -54,7 +67,6 @@ fn one(addr: SocketAddr, seed: u64) -> Result<u16, Failure> {
     let data: Vec<u8> = (0..SIZE).map(|_| r.next_u64() as u8).collect();
     let c = TcpStream::connect(addr).map_err(|e| Failure {
         app_port: 0,
-        prefix_intact: false,
         text: format!("seed {seed}: connect: {e}"),
     })?;
     let app_port = c.local_addr().unwrap().port();
@@ -91,7 +103,6 @@ fn one(addr: SocketAddr, seed: u64) -> Result<u16, Failure> {
     if got.len() != SIZE || bad.is_some() || err.is_some() || w.is_err() {
         return Err(Failure {
             app_port,
-            prefix_intact: bad.is_none(),
             text: format!(
                 "seed {seed}: {} of {SIZE} bytes back, first bad offset {bad:?}, read error {err:?}, writer {w:?}",
                 got.len()
@@ -138,56 +149,30 @@ fn run(mesh: &Mesh, rounds: u64, base: u64) -> Vec<Failure> {
     failures
 }
 
-/// Plain TCP through these HAProxy 2.6 sidecars is itself cut short now and then, more often
-/// when the node is busy: CI saw 1 echo in 400 end early without acceleration, and so did two
-/// plain meshes run at once with no accelerator loaded at all (1 in 600). In both failures
-/// logged with these diagnostics, a sidecar took the end of its client's stream too early: it
-/// logged a normal close (`--`)
-/// after reading fewer bytes than were sent, its pod counted a reset sent for a close with
-/// bytes unread (TCPAbortOnClose), and every byte that came back was correct.
-///
-/// The defect this test was written for looks the same from outside (HAProxy takes a short
-/// read after the FIN as the end); its cause in fastpath, two receive queues at once after a
-/// demotion, is tested exactly, with no proxy and no timing, by
-/// `a_proxy_that_takes_a_short_read_after_the_fin_as_eof_gets_every_byte_across_a_demotion`
-/// (accel_flow_control.rs), which fails without the ingress gate. So here a failure is the
-/// sidecars' when it has that signature, up to 1% in either mode; anything else (a byte
-/// altered, an error, or more of them) fails either test. Each failure is printed with both
-/// sidecars' log of it and the pods' reset and conntrack counters.
+/// Every connection's echo was intact. A failure is printed with both sidecars' log of it
+/// (bytes each way and how each session ended) and the pods' reset and conntrack counters.
 fn check_failures(mesh: &Mesh, failures: &[Failure], before: [NetCounters; 2], mode: &str) {
     let total = rounds() * 2;
     let after = [NetCounters::of(&mesh.client), NetCounters::of(&mesh.server)];
-    let mut product = Vec::new();
-    let mut sidecars = Vec::new();
-    for f in failures {
-        let trace = mesh.trace(f.app_port);
-        let line = format!("{}; {trace}", f.text);
-        if f.prefix_intact && trace.sidecar_took_eof_early(SIZE as u64) {
-            sidecars.push(line);
-        } else {
-            product.push(line);
-        }
-    }
-    let counters = format!(
-        "client pod {:?} -> {:?}, server pod {:?} -> {:?}",
-        before[0], after[0], before[1], after[1]
-    );
+    let traced: Vec<String> = failures
+        .iter()
+        .map(|f| format!("{}; {}", f.text, mesh.trace(f.app_port)))
+        .collect();
     assert!(
-        product.is_empty() && (sidecars.len() as u64) * 100 <= total,
-        "{mode}: {} of {total} connections failed; not the sidecars' (intact prefix, a sidecar \
-         took EOF early): {product:?}; the sidecars': {sidecars:?}; {counters}",
-        failures.len()
+        failures.is_empty(),
+        "{mode}: {} of {total} connections failed: {traced:?}; client pod {:?} -> {:?}, server \
+         pod {:?} -> {:?}",
+        failures.len(),
+        before[0],
+        after[0],
+        before[1],
+        after[1]
     );
-    if !sidecars.is_empty() {
-        eprintln!(
-            "{mode}: {} of {total} cut short under the sidecars (see check_failures): {sidecars:?}; {counters}",
-            sidecars.len()
-        );
-    }
 }
 
 fn mesh_with_echo(tag: &str, subnet: u8, accel: Option<&Accel>) -> Mesh {
-    let mesh = Mesh::new(tag, subnet, accel);
+    let polling = SidecarPolling::from_env("ECHO_SIDECAR_POLLING");
+    let mesh = Mesh::with_polling(tag, subnet, accel, polling);
     let l = mesh
         .server
         .run(|| TcpListener::bind("0.0.0.0:7007").unwrap());
@@ -231,12 +216,14 @@ fn echo_through_sidecars_is_intact_accelerated() {
     );
     check_failures(&mesh, &failures, before, "accelerated");
     // Every hop of every connection was paired, and the echo went socket to socket until a
-    // reader lagged past the queue bound (its backlog room, about 2 MiB on loopback): at
-    // least a quarter of the bytes of both of the client pod's hops.
+    // reader lagged past the queue bound: at least 1/32 of the bytes of both of the client
+    // pod's hops (measured: 1/21). The bound is the reader's backlog room, and the app's
+    // sidecar, sized for the app's 1448-byte MSS, has about 170 KiB of it; the app's 4 MiB
+    // arrive in writes of up to 256 KiB, so most connections leave the fast path early.
     assert!(client.connections_paired >= rounds() * 2, "{client:?}");
     assert!(server.connections_paired >= rounds() * 4, "{server:?}");
     assert!(
-        client.bytes_redirected >= rounds() * 2 * SIZE as u64 / 4,
+        client.bytes_redirected >= rounds() * 2 * SIZE as u64 / 32,
         "{client:?}"
     );
 }
