@@ -232,11 +232,57 @@ impl Sandbox {
     }
 }
 
+/// The chosen backend's `-restore` binary is not on `PATH`.
+#[derive(Debug, thiserror::Error)]
+#[error("{binary} not found on PATH {path:?}")]
+pub struct BackendNotFound {
+    pub binary: String,
+    /// `PATH` as the plugin saw it.
+    pub path: String,
+}
+
+/// `<backend>-restore --noflush` did not apply the rules.
+#[derive(Debug, thiserror::Error)]
+pub enum RuleApplyError {
+    #[error("cannot run {binary}: {source}")]
+    Spawn {
+        binary: String,
+        source: std::io::Error,
+    },
+    #[error("{binary} --noflush failed (exit {status}): {stderr}")]
+    Failed {
+        binary: String,
+        status: i32,
+        /// Trimmed.
+        stderr: String,
+    },
+}
+
+/// `<backend>-save` did not list the rules.
+#[derive(Debug, thiserror::Error)]
+pub enum RuleSaveError {
+    #[error("cannot run {binary}: {source}")]
+    Spawn {
+        binary: String,
+        source: std::io::Error,
+    },
+    #[error("{binary} failed: {stderr}")]
+    Failed {
+        binary: String,
+        /// Trimmed.
+        stderr: String,
+    },
+}
+
 /// Istio's choice (`DetectIptablesVersion`): legacy when this netns already holds legacy rules,
 /// else nft, else the plain binary. "Holds legacy rules" is read from the netns' own
 /// `/proc/net/ip{,6}_tables_names` (a legacy table exists there once anything used it) instead of
 /// running `iptables-legacy-save` plus test rules: same answer, no child processes.
-pub fn choose_backend(netns: &Netns, choice: BackendChoice, v6: bool) -> Result<Backend, String> {
+pub fn choose_backend(
+    netns: &Netns,
+    choice: BackendChoice,
+    v6: bool,
+) -> Result<Backend, BackendNotFound> {
     let has = |b: Backend| find_in_path(&b.binary(v6, "restore")).is_some();
     let pick = match choice {
         BackendChoice::Legacy => Backend::Legacy,
@@ -266,16 +312,20 @@ pub fn choose_backend(netns: &Netns, choice: BackendChoice, v6: bool) -> Result<
     if has(pick) {
         Ok(pick)
     } else {
-        Err(format!(
-            "{} not found on PATH {:?}",
-            pick.binary(v6, "restore"),
-            std::env::var("PATH").unwrap_or_default()
-        ))
+        Err(BackendNotFound {
+            binary: pick.binary(v6, "restore"),
+            path: std::env::var("PATH").unwrap_or_default(),
+        })
     }
 }
 
 /// One `<backend>-restore --noflush` of `text` inside the netns.
-pub fn restore(netns: &Netns, backend: Backend, v6: bool, text: &str) -> Result<Duration, String> {
+pub fn restore(
+    netns: &Netns,
+    backend: Backend,
+    v6: bool,
+    text: &str,
+) -> Result<Duration, RuleApplyError> {
     let bin = backend.binary(v6, "restore");
     let mut cmd = Command::new(&bin);
     cmd.arg("--noflush");
@@ -286,25 +336,34 @@ pub fn restore(netns: &Netns, backend: Backend, v6: bool, text: &str) -> Result<
     }
     let out = netns
         .exec(cmd, Some(text.as_bytes()))
-        .map_err(|e| format!("cannot run {bin}: {e}"))?;
+        .map_err(|source| RuleApplyError::Spawn {
+            binary: bin.clone(),
+            source,
+        })?;
     if !out.success {
-        return Err(format!(
-            "{bin} --noflush failed (exit {}): {}",
-            out.status,
-            out.stderr.trim()
-        ));
+        return Err(RuleApplyError::Failed {
+            binary: bin,
+            status: out.status,
+            stderr: out.stderr.trim().to_string(),
+        });
     }
     Ok(out.elapsed)
 }
 
 /// `<backend>-save` inside the netns.
-pub fn save(netns: &Netns, backend: Backend, v6: bool) -> Result<String, String> {
+pub fn save(netns: &Netns, backend: Backend, v6: bool) -> Result<String, RuleSaveError> {
     let bin = backend.binary(v6, "save");
     let out = netns
         .exec(Command::new(&bin), None)
-        .map_err(|e| format!("cannot run {bin}: {e}"))?;
+        .map_err(|source| RuleSaveError::Spawn {
+            binary: bin.clone(),
+            source,
+        })?;
     if !out.success {
-        return Err(format!("{bin} failed: {}", out.stderr.trim()));
+        return Err(RuleSaveError::Failed {
+            binary: bin,
+            stderr: out.stderr.trim().to_string(),
+        });
     }
     Ok(out.stdout)
 }

@@ -75,10 +75,51 @@ pub struct KubeAccess {
     pub token: Option<String>,
 }
 
+/// Why a kubeconfig's text cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeconfigParseError {
+    #[error("invalid kubeconfig YAML: {0}")]
+    Yaml(#[source] Box<serde_saphyr::Error>),
+    #[error("kubeconfig names no cluster")]
+    NoCluster,
+    #[error("kubeconfig cluster {cluster:?} has no server")]
+    NoServer { cluster: String },
+    #[error("certificate-authority-data is not base64: {0}")]
+    CaDataNotBase64(#[source] base64::DecodeError),
+    #[error("read certificate-authority {}: {source}", path.display())]
+    ReadCa {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("read tokenFile {}: {source}", path.display())]
+    ReadTokenFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Why the kubeconfig file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeconfigError {
+    #[error("read kubeconfig {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: String,
+        source: KubeconfigParseError,
+    },
+}
+
 /// Parses kubeconfig YAML text. Relative file references are resolved against `base_dir`.
-pub fn parse_kubeconfig(text: &str, base_dir: &std::path::Path) -> Result<KubeAccess, String> {
+pub fn parse_kubeconfig(
+    text: &str,
+    base_dir: &std::path::Path,
+) -> Result<KubeAccess, KubeconfigParseError> {
     let file: KubeconfigFile =
-        serde_saphyr::from_str(text).map_err(|e| format!("invalid kubeconfig YAML: {e}"))?;
+        serde_saphyr::from_str(text).map_err(|e| KubeconfigParseError::Yaml(Box::new(e)))?;
     let ctx = file
         .contexts
         .iter()
@@ -89,17 +130,16 @@ pub fn parse_kubeconfig(text: &str, base_dir: &std::path::Path) -> Result<KubeAc
         Some(c) => file.clusters.iter().find(|k| k.name == c.cluster),
         None => file.clusters.first(),
     }
-    .ok_or("kubeconfig names no cluster")?;
+    .ok_or(KubeconfigParseError::NoCluster)?;
     let user = match ctx {
         Some(c) => file.users.iter().find(|u| u.name == c.user),
         None => file.users.first(),
     };
     let c = &cluster.cluster;
     if c.server.is_empty() {
-        return Err(format!(
-            "kubeconfig cluster {:?} has no server",
-            cluster.name
-        ));
+        return Err(KubeconfigParseError::NoServer {
+            cluster: cluster.name.clone(),
+        });
     }
     let resolve = |p: &str| {
         let p = std::path::Path::new(p);
@@ -114,13 +154,15 @@ pub fn parse_kubeconfig(text: &str, base_dir: &std::path::Path) -> Result<KubeAc
         Some(
             base64::engine::general_purpose::STANDARD
                 .decode(compact)
-                .map_err(|e| format!("certificate-authority-data is not base64: {e}"))?,
+                .map_err(KubeconfigParseError::CaDataNotBase64)?,
         )
     } else if let Some(path) = c.certificate_authority.as_deref() {
         let p = resolve(path);
         Some(
-            std::fs::read(&p)
-                .map_err(|e| format!("read certificate-authority {}: {e}", p.display()))?,
+            std::fs::read(&p).map_err(|source| KubeconfigParseError::ReadCa {
+                path: p.clone(),
+                source,
+            })?,
         )
     } else {
         None
@@ -134,7 +176,10 @@ pub fn parse_kubeconfig(text: &str, base_dir: &std::path::Path) -> Result<KubeAc
             let p = resolve(f);
             Some(
                 std::fs::read_to_string(&p)
-                    .map_err(|e| format!("read tokenFile {}: {e}", p.display()))?
+                    .map_err(|source| KubeconfigParseError::ReadTokenFile {
+                        path: p.clone(),
+                        source,
+                    })?
                     .trim()
                     .to_string(),
             )
@@ -150,12 +195,18 @@ pub fn parse_kubeconfig(text: &str, base_dir: &std::path::Path) -> Result<KubeAc
 }
 
 /// Reads and parses the kubeconfig file.
-pub fn load_kubeconfig(path: &str) -> Result<KubeAccess, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("read kubeconfig {path}: {e}"))?;
+pub fn load_kubeconfig(path: &str) -> Result<KubeAccess, KubeconfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KubeconfigError::Read {
+        path: path.to_string(),
+        source,
+    })?;
     let dir = std::path::Path::new(path)
         .parent()
         .unwrap_or(std::path::Path::new("/"));
-    parse_kubeconfig(&text, dir).map_err(|e| format!("{path}: {e}"))
+    parse_kubeconfig(&text, dir).map_err(|source| KubeconfigError::Parse {
+        path: path.to_string(),
+        source,
+    })
 }
 
 /// Why a GET failed.
@@ -453,15 +504,27 @@ mod tests {
     #[test]
     fn broken_kubeconfigs_say_why() {
         let e = parse_kubeconfig("clusters: [", std::path::Path::new("/")).unwrap_err();
-        assert!(e.contains("invalid kubeconfig YAML"), "{e}");
+        assert!(matches!(e, KubeconfigParseError::Yaml(_)), "{e:?}");
+        assert!(
+            e.to_string().starts_with("invalid kubeconfig YAML: "),
+            "{e}"
+        );
         let e = parse_kubeconfig("kind: Config\n", std::path::Path::new("/")).unwrap_err();
-        assert!(e.contains("no cluster"), "{e}");
+        assert_eq!(e.to_string(), "kubeconfig names no cluster");
         let text = GOLDEN_SKIP_TLS.replace(
             "    insecure-skip-tls-verify: true\n",
             "    certificate-authority-data: '%%%'\n",
         );
         let e = parse_kubeconfig(&text, std::path::Path::new("/")).unwrap_err();
-        assert!(e.contains("not base64"), "{e}");
+        assert!(
+            matches!(e, KubeconfigParseError::CaDataNotBase64(_)),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("certificate-authority-data is not base64: "),
+            "{e}"
+        );
     }
 
     #[test]

@@ -20,6 +20,19 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+/// Why [`redirect_running_pod`] did not redirect a pod.
+#[derive(Debug, thiserror::Error)]
+pub enum RunningPodRedirectError {
+    #[error("not a Pod: {0}")]
+    NotAPod(#[source] pod::PodDecodeError),
+    /// An annotation or setting of the pod that the plugin refuses (as ADD would).
+    #[error("{0}")]
+    InvalidSetting(#[source] CniError),
+    /// The redirection could not be applied in the netns.
+    #[error("{0}")]
+    Apply(#[source] CniError),
+}
+
 /// Applies to the network namespace at `netns_path` exactly the sidecar redirection ADD would
 /// apply for `pod` (the API's Pod JSON) with addresses `ips`: iptables (the backend chosen as
 /// for a plugin config without `fastpath_iptables_backend`) or, with `native_nftables`, nftables.
@@ -30,12 +43,12 @@ pub fn redirect_running_pod(
     netns_path: &str,
     ips: &[IpAddr],
     native_nftables: bool,
-) -> Result<Option<String>, String> {
-    let pod = Pod::from_json(pod_json).map_err(|e| format!("not a Pod: {e}"))?;
+) -> Result<Option<String>, RunningPodRedirectError> {
+    let pod = Pod::from_json(pod_json).map_err(RunningPodRedirectError::NotAPod)?;
     if let Some(skip) = pod::sidecar_skip_reason(&pod) {
         return Ok(Some(skip.to_string()));
     }
-    let r = IstioCni::redirect_for(&pod).map_err(|e| e.to_string())?;
+    let r = IstioCni::redirect_for(&pod).map_err(RunningPodRedirectError::InvalidSetting)?;
     let conf = PluginConfig {
         native_nftables,
         ..Default::default()
@@ -43,7 +56,7 @@ pub fn redirect_running_pod(
     IstioCni::default()
         .apply(&conf, netns_path, &r, ips)
         .map(|_| None)
-        .map_err(|e| e.to_string())
+        .map_err(RunningPodRedirectError::Apply)
 }
 
 /// The plugin, with the log buffer of this invocation.
@@ -207,7 +220,7 @@ impl IstioCni {
         for attempt in 1..=attempts {
             let t = Instant::now();
             let got = kube::load_kubeconfig(&path)
-                .map_err(FetchError::Config)
+                .map_err(|e| FetchError::Config(e.to_string()))
                 .and_then(|access| kube::get_pod(&access, &k8s.pod_namespace, &k8s.pod_name));
             *api_time += t.elapsed();
             match got {
@@ -289,7 +302,7 @@ impl IstioCni {
         r: &Redirect,
         ips: &[IpAddr],
     ) -> Result<Vec<(&'static str, Value)>, CniError> {
-        let fail = |what: String| {
+        let fail = |what: &dyn std::fmt::Display| {
             CniError::new(
                 code::INTERNAL,
                 format!(
@@ -298,12 +311,12 @@ impl IstioCni {
                 "",
             )
         };
-        let netns = Netns::open(netns_path).map_err(|e| fail(format!("open netns: {e}")))?;
+        let netns = Netns::open(netns_path).map_err(|e| fail(&format_args!("open netns: {e}")))?;
         let v6 = Self::ipv6_enabled(ips, r);
         let mut timings = Vec::new();
         if conf.native_nftables {
             if v6 {
-                routing::add_inbound_passthrough_v6(&netns).map_err(fail)?;
+                routing::add_inbound_passthrough_v6(&netns).map_err(|e| fail(&e))?;
             }
             let set = nftables::build(r, v6);
             self.log.borrow_mut().debug(
@@ -311,40 +324,45 @@ impl IstioCni {
                 &[("rules", json!(set.transaction_text()))],
             );
             let t = Instant::now();
-            nftables::netlink::apply(&netns, &set).map_err(fail)?;
+            nftables::netlink::apply(&netns, &set).map_err(|e| fail(&e))?;
             timings.push(("backend", json!("nftables")));
             timings.push(("nftables_ms", ms(t.elapsed())));
             if r.mode == InterceptionMode::Tproxy {
-                routing::add_tproxy_routing(&netns, v6).map_err(fail)?;
+                routing::add_tproxy_routing(&netns, v6).map_err(|e| fail(&e))?;
             }
             return Ok(timings);
         }
         let choice = conf.backend_choice()?;
-        let b4 = iptables::choose_backend(&netns, choice, false).map_err(fail)?;
+        let b4 = iptables::choose_backend(&netns, choice, false).map_err(|e| fail(&e))?;
         let text4 = rules::restore_text(r, Family::V4);
         self.log.borrow_mut().debug(
             "iptables-restore input (IPv4)",
             &[("backend", json!(b4.name())), ("rules", json!(text4))],
         );
-        let t4 = self.restore_once(&netns, b4, false, &text4).map_err(fail)?;
+        let t4 = self
+            .restore_once(&netns, b4, false, &text4)
+            .map_err(|e| fail(&e))?;
         timings.push(("backend", json!(b4.name())));
         timings.push(("restore_v4_ms", ms(t4)));
         if self.log.borrow().enabled(Level::Debug) {
             // Istio logs the final state; it costs one more child, so only at debug.
-            let state = iptables::save(&netns, b4, false).unwrap_or_else(|e| e);
+            let state = iptables::save(&netns, b4, false).unwrap_or_else(|e| e.to_string());
             self.log
                 .borrow_mut()
                 .debug("final iptables state (IPv4)", &[("state", json!(state))]);
         }
         if v6 {
-            routing::add_inbound_passthrough_v6(&netns).map_err(fail)?;
-            let b6: Backend = iptables::choose_backend(&netns, choice, true).map_err(fail)?;
+            routing::add_inbound_passthrough_v6(&netns).map_err(|e| fail(&e))?;
+            let b6: Backend =
+                iptables::choose_backend(&netns, choice, true).map_err(|e| fail(&e))?;
             let text6 = rules::restore_text(r, Family::V6);
-            let t6 = self.restore_once(&netns, b6, true, &text6).map_err(fail)?;
+            let t6 = self
+                .restore_once(&netns, b6, true, &text6)
+                .map_err(|e| fail(&e))?;
             timings.push(("restore_v6_ms", ms(t6)));
         }
         if r.mode == InterceptionMode::Tproxy {
-            routing::add_tproxy_routing(&netns, v6).map_err(fail)?;
+            routing::add_tproxy_routing(&netns, v6).map_err(|e| fail(&e))?;
         }
         Ok(timings)
     }
@@ -359,7 +377,7 @@ impl IstioCni {
         backend: Backend,
         v6: bool,
         text: &str,
-    ) -> Result<Duration, String> {
+    ) -> Result<Duration, iptables::RuleApplyError> {
         let err = match iptables::restore(netns, backend, v6, text) {
             Ok(t) => return Ok(t),
             Err(e) => e,
@@ -469,7 +487,10 @@ impl Commands for IstioCni {
                     if let Err(e) = nftables::netlink::delete_tables(&netns) {
                         self.log.borrow_mut().warn(
                             "DEL: removing the nftables tables failed",
-                            &[("netns", json!(args.netns)), ("error", json!(e))],
+                            &[
+                                ("netns", json!(args.netns)),
+                                ("error", json!(e.to_string())),
+                            ],
                         );
                     }
                 }
@@ -520,7 +541,8 @@ impl Commands for IstioCni {
         let mut problems = Vec::new();
         if conf.native_nftables {
             let want = nftables::build(&r, families.contains(&Family::V6)).rule_counts();
-            let have = nftables::netlink::rule_counts(&netns).map_err(CniError::internal)?;
+            let have = nftables::netlink::rule_counts(&netns)
+                .map_err(|e| CniError::internal(e.to_string()))?;
             for (table, chain, want) in want {
                 let got = have
                     .iter()
@@ -537,16 +559,19 @@ impl Commands for IstioCni {
         let choice = conf.backend_choice()?;
         for fam in families {
             let v6 = fam == Family::V6;
-            let backend =
-                iptables::choose_backend(&netns, choice, v6).map_err(CniError::internal)?;
-            let saved = iptables::save(&netns, backend, v6).map_err(CniError::internal)?;
+            let backend = iptables::choose_backend(&netns, choice, v6)
+                .map_err(|e| CniError::internal(e.to_string()))?;
+            let saved = iptables::save(&netns, backend, v6)
+                .map_err(|e| CniError::internal(e.to_string()))?;
             let want = rules::rule_counts(&rules::restore_text(&r, fam));
             problems.extend(iptables::missing_rules(&want, &rules::rule_counts(&saved)));
         }
         if r.mode == InterceptionMode::Tproxy {
             let v6 = Self::ipv6_enabled(&ips, &r);
-            problems
-                .extend(routing::tproxy_routing_problems(&netns, v6).map_err(CniError::internal)?);
+            problems.extend(
+                routing::tproxy_routing_problems(&netns, v6)
+                    .map_err(|e| CniError::internal(e.to_string()))?,
+            );
         }
         if problems.is_empty() {
             Ok(())

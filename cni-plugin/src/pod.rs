@@ -57,9 +57,14 @@ pub struct SecurityContext {
     pub run_as_group: Option<i64>,
 }
 
+/// A body that is not a Pod's JSON.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct PodDecodeError(pub serde_json::Error);
+
 impl Pod {
-    pub fn from_json(body: &[u8]) -> Result<Self, String> {
-        serde_json::from_slice(body).map_err(|e| e.to_string())
+    pub fn from_json(body: &[u8]) -> Result<Self, PodDecodeError> {
+        serde_json::from_slice(body).map_err(PodDecodeError)
     }
 
     fn all_containers(&self) -> impl Iterator<Item = &Container> {

@@ -230,14 +230,50 @@ fn tproxy_rule_text() -> String {
     format!("fwmark {TPROXY_MARK:#x} lookup {TPROXY_ROUTE_TABLE}")
 }
 
+/// Setting or reading the pod's routing state failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    /// The thread that enters the netns could not.
+    #[error("entering netns {netns}: {source}")]
+    EnterNetns {
+        netns: String,
+        source: std::io::Error,
+    },
+    /// A step inside the netns failed.
+    #[error("in netns {netns}: {step}")]
+    InNetns {
+        netns: String,
+        step: RoutingStepError,
+    },
+}
+
+/// One step inside the pod's netns.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingStepError {
+    #[error("rtnetlink socket: {0}")]
+    Socket(std::io::Error),
+    #[error("no interface \"lo\": {0}")]
+    NoLoopback(std::io::Error),
+    /// A request or dump, named by the `ip` command it stands for.
+    #[error("{command}: {source}")]
+    Netlink {
+        command: String,
+        source: std::io::Error,
+    },
+}
+
+impl RoutingStepError {
+    fn netlink(command: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let command = command.into();
+        move |source| Self::Netlink { command, source }
+    }
+}
+
 /// The index of `lo` in the calling thread's netns.
-fn loopback_index() -> Result<u32, String> {
+fn loopback_index() -> Result<u32, RoutingStepError> {
     // SAFETY: a NUL-terminated name; if_nametoindex only reads it.
     match unsafe { libc::if_nametoindex(c"lo".as_ptr()) } {
-        0 => Err(format!(
-            "no interface \"lo\": {}",
-            std::io::Error::last_os_error()
-        )),
+        0 => Err(RoutingStepError::NoLoopback(std::io::Error::last_os_error())),
         i => Ok(i),
     }
 }
@@ -245,31 +281,39 @@ fn loopback_index() -> Result<u32, String> {
 /// Runs `f` with a `NETLINK_ROUTE` socket opened inside `netns` and `lo`'s index there.
 fn in_netns<T: Send>(
     netns: &Netns,
-    f: impl FnOnce(&Socket, u32) -> Result<T, String> + Send,
-) -> Result<T, String> {
+    f: impl FnOnce(&Socket, u32) -> Result<T, RoutingStepError> + Send,
+) -> Result<T, RoutingError> {
     netns
         .run(|| {
-            let s =
-                Socket::open(libc::NETLINK_ROUTE).map_err(|e| format!("rtnetlink socket: {e}"))?;
+            let s = Socket::open(libc::NETLINK_ROUTE).map_err(RoutingStepError::Socket)?;
             f(&s, loopback_index()?)
         })
-        .map_err(|e| format!("entering netns {}: {e}", netns.path))?
-        .map_err(|e| format!("in netns {}: {e}", netns.path))
+        .map_err(|source| RoutingError::EnterNetns {
+            netns: netns.path.clone(),
+            source,
+        })?
+        .map_err(|step| RoutingError::InNetns {
+            netns: netns.path.clone(),
+            step,
+        })
 }
 
 /// Sends one creating request; "File exists" is success, as `ip` is used by Istio.
-fn create(s: &Socket, message: &[u8], what: &str) -> Result<(), String> {
+fn create(s: &Socket, message: &[u8], what: &str) -> Result<(), RoutingStepError> {
     match s.transact(message, 1) {
-        Err(e) if e.raw_os_error() != Some(libc::EEXIST) => Err(format!("{what}: {e}")),
+        Err(e) if e.raw_os_error() != Some(libc::EEXIST) => Err(RoutingStepError::netlink(what)(e)),
         _ => Ok(()),
     }
 }
 
 /// Whether the family's rules hold TPROXY's rule.
-fn has_tproxy_rule(s: &Socket, v6: bool) -> Result<bool, String> {
+fn has_tproxy_rule(s: &Socket, v6: bool) -> Result<bool, RoutingStepError> {
     let rules = s
         .dump(&dump_message(RTM_GETRULE, v6), RTM_NEWRULE)
-        .map_err(|e| format!("ip {} rule show: {e}", family_flag(v6)))?;
+        .map_err(RoutingStepError::netlink(format!(
+            "ip {} rule show",
+            family_flag(v6)
+        )))?;
     Ok(rules
         .iter()
         .filter_map(|r| Rule::parse(r))
@@ -278,7 +322,7 @@ fn has_tproxy_rule(s: &Socket, v6: bool) -> Result<bool, String> {
 
 /// TPROXY's policy routing: packets marked by the mangle rules are delivered locally, for IPv4
 /// and, with `v6`, IPv6 (Istio's `configureTProxyRoutes`).
-pub fn add_tproxy_routing(netns: &Netns, v6: bool) -> Result<(), String> {
+pub fn add_tproxy_routing(netns: &Netns, v6: bool) -> Result<(), RoutingError> {
     let families: &[bool] = if v6 { &[false, true] } else { &[false] };
     in_netns(netns, |s, lo| {
         for &v6 in families {
@@ -305,7 +349,7 @@ pub fn add_tproxy_routing(netns: &Netns, v6: bool) -> Result<(), String> {
 
 /// `::6/128` on `lo`: Envoy's inbound passthrough source on IPv6 (Istio's
 /// `configureIPv6Addresses`).
-pub fn add_inbound_passthrough_v6(netns: &Netns) -> Result<(), String> {
+pub fn add_inbound_passthrough_v6(netns: &Netns) -> Result<(), RoutingError> {
     in_netns(netns, |s, lo| {
         create(
             s,
@@ -316,7 +360,7 @@ pub fn add_inbound_passthrough_v6(netns: &Netns) -> Result<(), String> {
 }
 
 /// What of TPROXY's policy routing is missing (CNI CHECK): IPv4 and, with `v6`, IPv6.
-pub fn tproxy_routing_problems(netns: &Netns, v6: bool) -> Result<Vec<String>, String> {
+pub fn tproxy_routing_problems(netns: &Netns, v6: bool) -> Result<Vec<String>, RoutingError> {
     let families: &[bool] = if v6 { &[false, true] } else { &[false] };
     in_netns(netns, |s, lo| {
         let mut problems = Vec::new();
@@ -330,7 +374,9 @@ pub fn tproxy_routing_problems(netns: &Netns, v6: bool) -> Result<Vec<String>, S
             }
             let routes = s
                 .dump(&dump_message(RTM_GETROUTE, v6), RTM_NEWROUTE)
-                .map_err(|e| format!("ip {fam} route show table {TPROXY_ROUTE_TABLE}: {e}"))?;
+                .map_err(RoutingStepError::netlink(format!(
+                    "ip {fam} route show table {TPROXY_ROUTE_TABLE}"
+                )))?;
             if !routes
                 .iter()
                 .filter_map(|r| Route::parse(r))

@@ -420,6 +420,14 @@ mod tests {
             run_as_group: None,
         },
         IstioCase {
+            name: "tproxy",
+            golden: "tproxy.txt.golden",
+            annotations: &[("sidecar.istio.io/interceptionMode", "TPROXY")],
+            proxy_env: &[],
+            run_as_user: None,
+            run_as_group: None,
+        },
+        IstioCase {
             name: "DNS",
             golden: "dns.txt.golden",
             annotations: &[],

@@ -44,9 +44,26 @@ fn temp_path(target: &Path) -> PathBuf {
     target.with_file_name(name)
 }
 
+/// Why an atomic write or copy did not replace the target (the target is unchanged).
+#[derive(Debug, thiserror::Error)]
+pub enum FileWriteError {
+    /// The copy's source could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    ReadSource {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// Said as [`describe_write_error`] says it (read-only mounts, permissions, ...).
+    #[error("{}", describe_write_error(target, source))]
+    Write {
+        target: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// Writes `data` to `target` atomically with `mode`: readers see the old or the new file,
 /// never a partial one, even if this process is killed.
-pub fn atomic_write(target: &Path, data: &[u8], mode: u32) -> Result<(), String> {
+pub fn atomic_write(target: &Path, data: &[u8], mode: u32) -> Result<(), FileWriteError> {
     atomic_write_from(target, &mut &data[..], mode)
 }
 
@@ -55,7 +72,7 @@ pub fn atomic_write_from(
     target: &Path,
     data: &mut dyn std::io::Read,
     mode: u32,
-) -> Result<(), String> {
+) -> Result<(), FileWriteError> {
     let tmp = temp_path(target);
     let result = (|| {
         let mut f = fs::OpenOptions::new()
@@ -72,21 +89,23 @@ pub fn atomic_write_from(
         sync_dir(target);
         Ok(())
     })();
-    result.map_err(|e: std::io::Error| {
+    result.map_err(|source: std::io::Error| {
         let _ = fs::remove_file(&tmp);
-        describe_write_error(target, &e)
+        FileWriteError::Write {
+            target: target.to_path_buf(),
+            source,
+        }
     })
 }
 
 /// Copies `src` to `target` atomically, with the source's mode.
-pub fn atomic_copy(src: &Path, target: &Path) -> Result<(), String> {
-    let mut f = fs::File::open(src).map_err(|e| format!("cannot read {}: {e}", src.display()))?;
-    let mode = f
-        .metadata()
-        .map_err(|e| format!("cannot read {}: {e}", src.display()))?
-        .permissions()
-        .mode()
-        & 0o7777;
+pub fn atomic_copy(src: &Path, target: &Path) -> Result<(), FileWriteError> {
+    let read_source = |source| FileWriteError::ReadSource {
+        path: src.to_path_buf(),
+        source,
+    };
+    let mut f = fs::File::open(src).map_err(read_source)?;
+    let mode = f.metadata().map_err(read_source)?.permissions().mode() & 0o7777;
     atomic_write_from(target, &mut f, mode)
 }
 
@@ -330,5 +349,22 @@ mod tests {
             m.contains("read-only") && m.contains("/host/etc/cni/net.d"),
             "{m}"
         );
+    }
+
+    #[test]
+    fn a_failed_write_keeps_its_cause_and_its_wording() {
+        let d = scratch("werr");
+        let target = d.join("missing-dir/x.conflist");
+        let e = atomic_write(&target, b"{}", 0o600).unwrap_err();
+        let FileWriteError::Write { target: t, source } = &e else {
+            panic!("{e:?}");
+        };
+        assert_eq!(t, &target);
+        assert_eq!(source.raw_os_error(), Some(libc::ENOENT));
+        assert_eq!(e.to_string(), describe_write_error(&target, source));
+        let e = atomic_copy(&d.join("no-such-source"), &d.join("y")).unwrap_err();
+        assert!(matches!(e, FileWriteError::ReadSource { .. }), "{e:?}");
+        assert!(e.to_string().starts_with("cannot read "), "{e}");
+        fs::remove_dir_all(&d).unwrap();
     }
 }

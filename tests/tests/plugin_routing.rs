@@ -111,6 +111,17 @@ fn a_routing_failure_names_the_command_and_the_netns() {
     let netns = Netns::open(&ns.path()).unwrap();
     let err = routing::add_tproxy_routing(&netns, true).unwrap_err();
     assert!(
+        matches!(
+            &err,
+            routing::RoutingError::InNetns {
+                step: routing::RoutingStepError::Netlink { .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = err.to_string();
+    assert!(
         err.contains("ip -6 route add local default dev lo table 133") && err.contains(&ns.path()),
         "{err}"
     );

@@ -206,6 +206,52 @@ fn verdict(v: &Verdict) -> Expr {
     )
 }
 
+/// An owner group given by name that the host's `/etc/group` does not hold.
+#[derive(Debug, thiserror::Error)]
+#[error("group {name:?} (owner group) is not in /etc/group")]
+pub struct UnknownGroup {
+    pub name: String,
+}
+
+/// Programming, removing or reading Istio's nftables tables failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NftablesError {
+    #[error("entering netns {netns}: {source}")]
+    EnterNetns {
+        netns: String,
+        source: std::io::Error,
+    },
+    /// A rule could not be encoded (nothing was sent).
+    #[error("table {table} chain {chain}: {source}")]
+    Encode {
+        table: &'static str,
+        chain: &'static str,
+        source: UnknownGroup,
+    },
+    /// The kernel refused the batch (nothing of it was applied).
+    #[error("nf_tables transaction of {tables} tables: {source}")]
+    Transaction {
+        tables: usize,
+        source: std::io::Error,
+    },
+    #[error("netlink socket: {0}")]
+    Socket(std::io::Error),
+    #[error("deleting table inet {table}: {source}")]
+    DeleteTable {
+        table: &'static str,
+        source: std::io::Error,
+    },
+    #[error("dump rules: {0}")]
+    Dump(std::io::Error),
+}
+
+impl NftablesError {
+    fn enter(netns: &Netns) -> impl FnOnce(std::io::Error) -> Self {
+        let netns = netns.path.clone();
+        move |source| Self::EnterNetns { netns, source }
+    }
+}
+
 /// An anonymous set of ports a rule looks up; sent before the rule in the same batch.
 struct AnonSet {
     id: u32,
@@ -218,7 +264,7 @@ fn encode_stmts(
     sets: &mut Vec<AnonSet>,
     next_set_id: &mut u32,
     resolve_group: &dyn Fn(&str) -> Option<u32>,
-) -> Result<Vec<Expr>, String> {
+) -> Result<Vec<Expr>, UnknownGroup> {
     let mut out = Vec::new();
     // nft writes a protocol's dependency once per rule (`meta l4proto`, `meta nfproto`).
     let mut l4_known: Option<L4> = None;
@@ -319,9 +365,8 @@ fn encode_stmts(
                         let name = name.to_string();
                         match name.parse::<u32>() {
                             Ok(id) => id,
-                            Err(_) => resolve_group(&name).ok_or_else(|| {
-                                format!("group {name:?} (owner group) is not in /etc/group")
-                            })?,
+                            Err(_) => resolve_group(&name)
+                                .ok_or_else(|| UnknownGroup { name: name.clone() })?,
                         }
                     }
                 };
@@ -460,7 +505,7 @@ impl Batch {
 fn ruleset_batch(
     set: &Ruleset,
     resolve_group: &dyn Fn(&str) -> Option<u32>,
-) -> Result<Batch, String> {
+) -> Result<Batch, NftablesError> {
     let mut b = Batch::new();
     let mut next_set_id = 0u32;
     for t in &set.tables {
@@ -499,7 +544,11 @@ fn ruleset_batch(
             for stmts in t.chain_rules(c.name) {
                 let mut sets = Vec::new();
                 let exprs = encode_stmts(stmts, &mut sets, &mut next_set_id, resolve_group)
-                    .map_err(|e| format!("table {} chain {}: {e}", t.name, c.name))?;
+                    .map_err(|source| NftablesError::Encode {
+                        table: t.name,
+                        chain: c.name,
+                        source,
+                    })?;
                 for s in sets {
                     b.nft(
                         NFT_MSG_NEWSET,
@@ -576,22 +625,24 @@ fn etc_group_id(name: &str) -> Option<u32> {
 }
 
 /// Programs the ruleset in the netns, as one transaction.
-pub fn apply(netns: &Netns, set: &Ruleset) -> Result<(), String> {
+pub fn apply(netns: &Netns, set: &Ruleset) -> Result<(), NftablesError> {
     let batch = ruleset_batch(set, &etc_group_id)?;
     netns
         .run(|| {
             Socket::open(libc::NETLINK_NETFILTER).and_then(|s| s.transact(&batch.buf, batch.acked))
         })
-        .map_err(|e| format!("entering netns {}: {e}", netns.path))?
-        .map_err(|e| format!("nf_tables transaction of {} tables: {e}", set.tables.len()))
+        .map_err(NftablesError::enter(netns))?
+        .map_err(|source| NftablesError::Transaction {
+            tables: set.tables.len(),
+            source,
+        })
 }
 
 /// Removes Istio's sidecar tables from the netns; a table that is not there is no error.
-pub fn delete_tables(netns: &Netns) -> Result<(), String> {
+pub fn delete_tables(netns: &Netns) -> Result<(), NftablesError> {
     netns
-        .run(|| -> Result<(), String> {
-            let s = Socket::open(libc::NETLINK_NETFILTER)
-                .map_err(|e| format!("netlink socket: {e}"))?;
+        .run(|| -> Result<(), NftablesError> {
+            let s = Socket::open(libc::NETLINK_NETFILTER).map_err(NftablesError::Socket)?;
             for name in TABLES {
                 let mut b = Batch::new();
                 b.nft(
@@ -605,20 +656,24 @@ pub fn delete_tables(netns: &Netns) -> Result<(), String> {
                 match s.transact(&b.buf, b.acked) {
                     Ok(()) => {}
                     Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                    Err(e) => return Err(format!("deleting table inet {name}: {e}")),
+                    Err(source) => {
+                        return Err(NftablesError::DeleteTable {
+                            table: name,
+                            source,
+                        });
+                    }
                 }
             }
             Ok(())
         })
-        .map_err(|e| format!("entering netns {}: {e}", netns.path))?
+        .map_err(NftablesError::enter(netns))?
 }
 
 /// Per (table, chain), how many rules the netns holds in Istio's tables.
-pub fn rule_counts(netns: &Netns) -> Result<Vec<(String, String, usize)>, String> {
+pub fn rule_counts(netns: &Netns) -> Result<Vec<(String, String, usize)>, NftablesError> {
     netns
-        .run(|| -> Result<Vec<(String, String, usize)>, String> {
-            let s = Socket::open(libc::NETLINK_NETFILTER)
-                .map_err(|e| format!("netlink socket: {e}"))?;
+        .run(|| -> Result<Vec<(String, String, usize)>, NftablesError> {
+            let s = Socket::open(libc::NETLINK_NETFILTER).map_err(NftablesError::Socket)?;
             let mut req = Batch {
                 buf: Vec::new(),
                 seq: 0,
@@ -633,7 +688,7 @@ pub fn rule_counts(netns: &Netns) -> Result<Vec<(String, String, usize)>, String
             );
             let rules = s
                 .dump(&req.buf, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE)
-                .map_err(|e| format!("dump rules: {e}"))?;
+                .map_err(NftablesError::Dump)?;
             let mut counts: Vec<(String, String, usize)> = Vec::new();
             // After each message's nfgenmsg.
             for (table, chain) in rules.iter().filter_map(|r| r.get(4..)).map(rule_location) {
@@ -649,7 +704,7 @@ pub fn rule_counts(netns: &Netns) -> Result<Vec<(String, String, usize)>, String
             }
             Ok(counts)
         })
-        .map_err(|e| format!("entering netns {}: {e}", netns.path))?
+        .map_err(NftablesError::enter(netns))?
 }
 
 /// NFTA_RULE_TABLE and NFTA_RULE_CHAIN of a NEWRULE message's attributes.
@@ -755,7 +810,11 @@ mod tests {
         let err = encode_stmts(&[g], &mut Vec::new(), &mut 0, &|_| None)
             .err()
             .unwrap();
-        assert!(err.contains("\"nosuchgrp\""), "{err}");
+        assert_eq!(err.name, "nosuchgrp");
+        assert_eq!(
+            err.to_string(),
+            "group \"nosuchgrp\" (owner group) is not in /etc/group"
+        );
         let ok = Stmt::SkGid {
             op: Op::Eq,
             gid: Group::Named(GroupName::parse("202").unwrap()),

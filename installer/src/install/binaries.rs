@@ -28,7 +28,7 @@ impl Installer {
                 self.bin_ok.insert(name, stamp);
                 continue;
             }
-            fsutil::atomic_copy(&src, &dst)?;
+            fsutil::atomic_copy(&src, &dst).map_err(|e| e.to_string())?;
             *wrote = true;
             if self.bin_ok.remove(&name).is_some() {
                 self.metrics.repair(Repair::Binary);

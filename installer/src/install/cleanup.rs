@@ -32,7 +32,8 @@ pub(super) fn remove_entry_from_file(path: &Path) -> Result<bool, String> {
             path,
             conflist::to_go_json(&Value::Object(out), true).as_bytes(),
             mode,
-        )?;
+        )
+        .map_err(|e| e.to_string())?;
     } else {
         // The list held only our entry: an empty list is not a valid config; remove it.
         std::fs::remove_file(path).map_err(|e| fsutil::describe_write_error(path, &e))?;

@@ -156,7 +156,8 @@ impl Installer {
         let bytes = conflist::to_go_json(&Value::Object(merged), true);
         let mode = fsutil::mode_of(path).unwrap_or(self.cfg.created_conf_mode());
         fsutil::remove_stale_temps(target);
-        fsutil::atomic_write(target, bytes.as_bytes(), mode).map_err(ConfInstallError::failed)?;
+        fsutil::atomic_write(target, bytes.as_bytes(), mode)
+            .map_err(|e| ConfInstallError::failed(e.to_string()))?;
         if conf.single
             && let Err(e) = std::fs::remove_file(path)
             && e.kind() != std::io::ErrorKind::NotFound
@@ -193,7 +194,8 @@ impl Installer {
         }
         let mode = fsutil::mode_of(&path).unwrap_or(self.cfg.created_conf_mode());
         fsutil::remove_stale_temps(&path);
-        fsutil::atomic_write(&path, bytes.as_bytes(), mode).map_err(ConfInstallError::failed)?;
+        fsutil::atomic_write(&path, bytes.as_bytes(), mode)
+            .map_err(|e| ConfInstallError::failed(e.to_string()))?;
         *wrote = true;
         if self.written.is_some() {
             self.metrics.repair(Repair::CniConfig);

@@ -80,7 +80,7 @@ impl Installer {
                 self.cfg.cni_agent_run_dir.display()
             )
         })?;
-        fsutil::atomic_write(&path, text.as_bytes(), mode)?;
+        fsutil::atomic_write(&path, text.as_bytes(), mode).map_err(|e| e.to_string())?;
         *wrote = true;
         if self.kubeconfig_written {
             self.metrics.repair(Repair::Kubeconfig);

@@ -13,17 +13,62 @@ use std::path::{Path, PathBuf};
 
 use fastpath_cni_plugin::iptables::Netns;
 
+/// Why a pod's network namespace was not found.
+#[derive(Debug, thiserror::Error)]
+pub enum PodNetnsError {
+    #[error("pod {key} has no IP in its status yet")]
+    NoIp { key: String },
+    #[error("cannot read the host's procfs at {} (FASTPATH_HOST_PROC; is the host's /proc mounted?) to find pod {key}'s network namespace: {source}", host_proc.display())]
+    ProcUnreadable {
+        host_proc: PathBuf,
+        key: String,
+        source: std::io::Error,
+    },
+    #[error("no process in {} has a readable ns/net (FASTPATH_HOST_PROC: is it the host's procfs, and is the agent privileged?); pod {key}'s network namespace cannot be found", host_proc.display())]
+    NoNamespaces { host_proc: PathBuf, key: String },
+    #[error("no network namespace under {} holds pod {key}'s IP {} ({looked_at} namespaces looked at)", host_proc.display(), ips.join(","))]
+    NotFound {
+        host_proc: PathBuf,
+        key: String,
+        ips: Vec<String>,
+        looked_at: usize,
+    },
+}
+
+/// Why a pod was not repaired in place.
+#[derive(Debug, thiserror::Error)]
+pub enum PodRepairError {
+    #[error(transparent)]
+    Netns(#[from] PodNetnsError),
+    #[error("pod {key}: {source}")]
+    Encode {
+        key: String,
+        source: serde_json::Error,
+    },
+    #[error("pod {key}: in {}: {source}", netns.display())]
+    Redirect {
+        key: String,
+        netns: PathBuf,
+        source: fastpath_cni_plugin::plugin::RunningPodRedirectError,
+    },
+}
+
 /// The netns of the pod whose IPs are `ips`: `<procfs>/<pid>/ns/net` of the oldest process in
 /// it. Errors name the pod (`key`) and what was looked at.
-pub fn find_pod_netns(host_proc: &Path, key: &str, ips: &[IpAddr]) -> Result<PathBuf, String> {
+pub fn find_pod_netns(
+    host_proc: &Path,
+    key: &str,
+    ips: &[IpAddr],
+) -> Result<PathBuf, PodNetnsError> {
     if ips.is_empty() {
-        return Err(format!("pod {key} has no IP in its status yet"));
+        return Err(PodNetnsError::NoIp {
+            key: key.to_string(),
+        });
     }
-    let dir = std::fs::read_dir(host_proc).map_err(|e| {
-        format!(
-            "cannot read the host's procfs at {} (FASTPATH_HOST_PROC; is the host's /proc mounted?) to find pod {key}'s network namespace: {e}",
-            host_proc.display()
-        )
+    let dir = std::fs::read_dir(host_proc).map_err(|source| PodNetnsError::ProcUnreadable {
+        host_proc: host_proc.to_path_buf(),
+        key: key.to_string(),
+        source,
     })?;
     // (dev, inode) of each netns -> its processes.
     let mut namespaces: BTreeMap<(u64, u64), Vec<u32>> = BTreeMap::new();
@@ -40,10 +85,10 @@ pub fn find_pod_netns(host_proc: &Path, key: &str, ips: &[IpAddr]) -> Result<Pat
         }
     }
     if namespaces.is_empty() {
-        return Err(format!(
-            "no process in {} has a readable ns/net (FASTPATH_HOST_PROC: is it the host's procfs, and is the agent privileged?); pod {key}'s network namespace cannot be found",
-            host_proc.display()
-        ));
+        return Err(PodNetnsError::NoNamespaces {
+            host_proc: host_proc.to_path_buf(),
+            key: key.to_string(),
+        });
     }
     let wanted: HashSet<IpAddr> = ips.iter().copied().collect();
     for pids in namespaces.values() {
@@ -69,13 +114,12 @@ pub fn find_pod_netns(host_proc: &Path, key: &str, ips: &[IpAddr]) -> Result<Pat
             return Ok(host_proc.join(format!("{oldest}/ns/net")));
         }
     }
-    let ips: Vec<String> = ips.iter().map(IpAddr::to_string).collect();
-    Err(format!(
-        "no network namespace under {} holds pod {key}'s IP {} ({} namespaces looked at)",
-        host_proc.display(),
-        ips.join(","),
-        namespaces.len()
-    ))
+    Err(PodNetnsError::NotFound {
+        host_proc: host_proc.to_path_buf(),
+        key: key.to_string(),
+        ips: ips.iter().map(IpAddr::to_string).collect(),
+        looked_at: namespaces.len(),
+    })
 }
 
 /// The interface addresses of the calling thread's network namespace.
@@ -134,18 +178,25 @@ pub fn repair_pod(
     host_proc: &Path,
     pod: &k8s_openapi::api::core::v1::Pod,
     native_nftables: bool,
-) -> Result<Option<String>, String> {
+) -> Result<Option<String>, PodRepairError> {
     let key = super::pod_key(pod);
     let ips = super::pod_ips(pod);
     let path = find_pod_netns(host_proc, &key, &ips)?;
-    let json = serde_json::to_vec(pod).map_err(|e| format!("pod {key}: {e}"))?;
+    let json = serde_json::to_vec(pod).map_err(|source| PodRepairError::Encode {
+        key: key.clone(),
+        source,
+    })?;
     fastpath_cni_plugin::plugin::redirect_running_pod(
         &json,
         &path.to_string_lossy(),
         &ips,
         native_nftables,
     )
-    .map_err(|e| format!("pod {key}: in {}: {e}", path.display()))
+    .map_err(|source| PodRepairError::Redirect {
+        key,
+        netns: path,
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -167,12 +218,15 @@ mod tests {
             &["10.1.2.3".parse().unwrap()],
         )
         .unwrap_err();
+        assert!(matches!(e, PodNetnsError::ProcUnreadable { .. }), "{e:?}");
+        let e = e.to_string();
         assert!(
             e.contains("ns/web") && e.contains("/nonexistent-proc"),
             "{e}"
         );
         let e = find_pod_netns(Path::new("/proc"), "ns/web", &[]).unwrap_err();
-        assert!(e.contains("ns/web") && e.contains("no IP"), "{e}");
+        assert!(matches!(e, PodNetnsError::NoIp { .. }), "{e:?}");
+        assert_eq!(e.to_string(), "pod ns/web has no IP in its status yet");
     }
 
     #[test]

@@ -235,7 +235,7 @@ impl Controller {
                 Attempt::Done(PodRepairResult::Skip)
             }
             // The netns may not be there yet (the sandbox restarting): worth another look.
-            Err(e) => Attempt::Retry(e),
+            Err(e) => Attempt::Retry(e.to_string()),
         }
     }
 
