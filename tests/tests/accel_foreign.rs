@@ -84,7 +84,7 @@ fn a_second_accelerator_refuses_and_the_first_keeps_every_byte() {
     });
     let st = first.stats(pod.cookie());
     assert_eq!(st.connections_paired, 2, "{st:?}");
-    // Each echo redirects until its reader lags past the queue bound (the reader's backlog
-    // room, about 2 MiB on loopback), so at least that much of each.
-    assert!(st.bytes_redirected >= 4 << 20, "{st:?}");
+    // Each echo redirects until its reader lags past the queue bound (a loopback server's
+    // backlog room, 896 KiB): at least its first message, half a MiB, of each.
+    assert!(st.bytes_redirected >= 2 << 19, "{st:?}");
 }
