@@ -6,8 +6,6 @@
 //! or recreates the maps instead of reusing them with the wrong layout.
 #![no_std]
 
-#[cfg(feature = "user")]
-pub mod pod_record;
 pub mod time;
 
 /// Bumped when the meaning of a map's entries changes while its key and value sizes stay the

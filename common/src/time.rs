@@ -9,7 +9,7 @@ pub struct Rfc3339 {
     pub micros: u32,
 }
 
-#[cfg(feature = "user")]
+#[cfg(feature = "std")]
 impl Rfc3339 {
     /// The current time.
     pub fn now() -> Self {

@@ -4,6 +4,7 @@ use crate::netns::{NetNs, run};
 use fastpath_cni_plugin::accel::{PodEnrollment, enroll_at, netns_cookie, unenroll};
 use fastpath_common::PodStats;
 use fastpath_installer::accel::{AccelSettings, AccelState, pod_counters, start, uninstall};
+use fastpath_pins::Pins;
 use std::{
     net::IpAddr,
     os::fd::AsRawFd as _,
@@ -85,13 +86,14 @@ impl Accel {
         pinned_map(self.pin_dir(), name)
     }
 
+    /// This accelerator's pins.
+    pub fn pins(&self) -> Pins {
+        Pins::new(self.pin_dir())
+    }
+
     /// Number of entries in a pinned map.
     pub fn map_entries(&self, name: &str) -> usize {
-        use fastpath_installer::accel::sys;
-        use std::os::fd::AsFd as _;
-        let fd = sys::obj_get(&self.pin_dir().join(name)).unwrap();
-        let ids = sys::map_ids(fd.as_fd()).unwrap();
-        sys::map_entry_count(fd.as_fd(), ids.key_size).unwrap()
+        self.pins().map(name).unwrap().count().unwrap()
     }
 
     /// Waits (up to 5 s) until a pinned map holds `n` entries; `what` names the moment.

@@ -1015,10 +1015,9 @@ impl Drop for Bench {
 /// Stamps the pinned set with a map ABI other than this build's, as a build with other
 /// connection maps would have left it: the next start retires them.
 pub fn stamp_another_map_abi(pin_dir: &std::path::Path) -> anyhow::Result<()> {
-    use fastpath_common::{MAP_ABI_VERSION, map_names, meta_index};
-    let data = aya::maps::MapData::from_pin(pin_dir.join(map_names::META))?;
-    let mut meta: aya::maps::Array<_, u64> = aya::maps::Map::from_map_data(data)?.try_into()?;
-    meta.set(meta_index::ABI_VERSION, MAP_ABI_VERSION as u64 + 1, 0)?;
+    use fastpath_common::{MAP_ABI_VERSION, meta_index};
+    let meta = fastpath_pins::Pins::new(pin_dir).meta()?;
+    meta.set(&meta_index::ABI_VERSION, &(MAP_ABI_VERSION as u64 + 1))?;
     Ok(())
 }
 
@@ -1036,10 +1035,8 @@ fn set_config(
     value: u32,
 ) -> anyhow::Result<()> {
     // An error, not a panic: a case that broke the pins fails, and the run says which.
-    let data =
-        aya::maps::MapData::from_pin(settings.pin_dir.join(fastpath_common::map_names::CONFIG))?;
-    let mut cfg: aya::maps::Array<_, u32> = aya::maps::Map::from_map_data(data)?.try_into()?;
-    cfg.set(index, value, 0)?;
+    let cfg = fastpath_pins::Pins::new(&settings.pin_dir).config()?;
+    cfg.set(&index, &value)?;
     Ok(())
 }
 

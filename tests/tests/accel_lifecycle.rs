@@ -2,25 +2,24 @@
 //! upgrades (programs swapped in the pinned links, maps kept, live connections keep being
 //! redirected), a map whose layout changed is recreated (and enrollment restored), and an
 //! explicit uninstall removes everything.
-use aya::maps::{Array, HashMap, MapData};
 use fastpath_common::{map_names, meta_index};
 use fastpath_installer::accel::{
     self, AccelState, PIN_LINK_RX_CONSUMED, PIN_LINK_SKMSG, PIN_LINK_SOCKOPS, PIN_PROG_SKMSG,
     PIN_PROG_SOCKOPS, sys,
 };
-use fastpath_tests::accel::{Accel, Pod, pinned_map, read_exact_retry};
+use fastpath_pins::Pins;
+use fastpath_tests::accel::{Accel, Pod, read_exact_retry};
 use std::{
     io::Write as _,
     net::{TcpListener, TcpStream},
-    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::AsFd as _,
     os::unix::fs::PermissionsExt as _,
     path::Path,
     time::Duration,
 };
 
 fn map_id(dir: &Path, name: &str) -> u32 {
-    let fd = sys::obj_get(&dir.join(name)).unwrap();
-    sys::map_ids(fd.as_fd()).unwrap().id
+    Pins::new(dir).map(name).unwrap().info().unwrap().id
 }
 
 fn link(dir: &Path, name: &str) -> sys::LinkIds {
@@ -98,64 +97,29 @@ fn pair_new_connection(pod: &Pod) {
 /// Pins, in place of `path`, a new map of this layout (`BPF_MAP_TYPE_*`, key and value
 /// sizes, max entries).
 fn pin_foreign_map(path: &Path, layout: [u32; 4]) {
-    #[repr(C)]
-    struct Create {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-    }
-    let mut attr = [0u8; 128];
     let [map_type, key_size, value_size, max_entries] = layout;
-    let c = Create {
-        map_type,
-        key_size,
-        value_size,
-        max_entries,
-    };
-    // SAFETY: plain bytes of a repr(C) struct into a zeroed bpf_attr.
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            (&c as *const Create).cast::<u8>(),
-            attr.as_mut_ptr(),
-            std::mem::size_of::<Create>(),
-        )
-    };
-    // SAFETY: BPF_MAP_CREATE (0) with a valid attr.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_mut_ptr(), 128u32) };
-    assert!(
-        fd >= 0,
-        "BPF_MAP_CREATE: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: a new fd from the kernel.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let fd = fastpath_pins::sys::map_create(map_type, key_size, value_size, max_entries)
+        .unwrap_or_else(|e| panic!("BPF_MAP_CREATE: {e}"));
     std::fs::remove_file(path).unwrap();
     sys::obj_pin(fd.as_fd(), path).unwrap();
 }
 
 fn set_meta_hash(dir: &Path, hash: u64) {
-    let fd = sys::obj_get(&dir.join(map_names::META)).unwrap();
-    let key = meta_index::OBJECT_HASH;
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
-    attr[8..16].copy_from_slice(&(&key as *const u32 as u64).to_ne_bytes());
-    attr[16..24].copy_from_slice(&(&hash as *const u64 as u64).to_ne_bytes());
-    // SAFETY: BPF_MAP_UPDATE_ELEM (2) with pointers that outlive the call.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, 2, attr.as_mut_ptr(), 128u32) };
-    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    let meta = Pins::new(dir).meta().unwrap();
+    meta.set(&meta_index::OBJECT_HASH, &hash).unwrap();
 }
 
 /// Forgets which paired sockets the read filter counts, as a build without the filter would
 /// have left them.
 fn forget_filter_counts(dir: &Path) {
-    let mut counted: HashMap<MapData, u64, u64> = pinned_map(dir, map_names::SK_COUNTED);
-    for sk in counted.keys().map(Result::unwrap).collect::<Vec<_>>() {
+    let pins = Pins::new(dir);
+    let counted = pins.sk_counted().unwrap();
+    for sk in counted.keys().unwrap() {
         counted.remove(&sk).unwrap();
     }
-    let mut filter: Array<MapData, u64> = pinned_map(dir, map_names::SK_FILTER);
-    for slot in 0..filter.len() {
-        filter.set(slot, 0, 0).unwrap();
+    let filter = pins.sk_filter().unwrap();
+    for slot in 0..filter.map().info().unwrap().max_entries {
+        filter.set(&slot, &0).unwrap();
     }
 }
 
@@ -266,21 +230,25 @@ fn restart_upgrade_migration_and_uninstall_with_live_connections() {
     // values: the new programs read them from the swap on, and start() writes acceleration on
     // only after the self-test.
     pin_foreign_map(&dir.join(map_names::CONFIG), [2, 4, 4, 4]);
-    let mut old_config: Array<MapData, u32> = pinned_map(&dir, map_names::CONFIG);
+    let old_config = Pins::new(&dir).config().unwrap();
     old_config
-        .set(fastpath_common::config_index::ACCEL_ENABLED, 1, 0)
+        .set(&fastpath_common::config_index::ACCEL_ENABLED, &1)
         .unwrap();
     let state = accel::start_with(&fixture.settings, |pin_dir| {
-        let config: Array<MapData, u32> = pinned_map(pin_dir, map_names::CONFIG);
+        let config = Pins::new(pin_dir).config().unwrap();
         assert_eq!(
-            config.len(),
+            config.map().info().unwrap().max_entries,
             fastpath_common::config_index::LEN,
             "FP_CONFIG recreated"
         );
         let enabled = config
-            .get(&fastpath_common::config_index::ACCEL_ENABLED, 0)
+            .get(&fastpath_common::config_index::ACCEL_ENABLED)
             .unwrap();
-        assert_eq!(enabled, 1, "acceleration stayed on through the recreation");
+        assert_eq!(
+            enabled,
+            Some(1),
+            "acceleration stayed on through the recreation"
+        );
         accel::selftest::run(pin_dir)
     });
     assert_eq!(state, AccelState::Active);

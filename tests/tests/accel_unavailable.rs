@@ -7,7 +7,6 @@
 //! Every test here may load the eBPF accelerator: each holds the node-wide sock_ops lock.
 use std::path::{Path, PathBuf};
 
-use fastpath_common::{PodInfo, map_names};
 use fastpath_tests::cni::{Attachment, Runtime, load_conflist};
 use fastpath_tests::installer::{Agent, Host, plugin_types};
 use fastpath_tests::kube_api::{FakeKubeApi, sidecar_pod};
@@ -166,9 +165,8 @@ fn assert_nothing_pinned(pin_dir: &Path) {
 /// Whether the pod in `netns` is in the `FP_PODS` map pinned under `pin_dir`.
 fn enrolled(pin_dir: &Path, netns: &NetNs) -> bool {
     let cookie = fastpath_cni_plugin::accel::netns_cookie(&netns.path()).unwrap();
-    let pods: aya::maps::HashMap<aya::maps::MapData, u64, PodInfo> =
-        fastpath_tests::accel::pinned_map(pin_dir, map_names::PODS);
-    pods.get(&cookie, 0).is_ok()
+    let pods = fastpath_pins::Pins::new(pin_dir).pods().unwrap();
+    pods.get(&cookie).unwrap().is_some()
 }
 
 fn mounted_fs(path: &Path) -> Option<String> {

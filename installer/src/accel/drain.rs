@@ -14,10 +14,10 @@
 //! barrier between), and this reads the count after it wrote the flag (a syscall between), so
 //! a writer that missed the flag has its bytes counted here, and one that sees it redirects
 //! nothing.
-use super::{accelerated_sockets, pinned_map, read_meta, set_enabled, sweep_demoted};
+use super::{accelerated_sockets, set_enabled, sweep_demoted};
 use anyhow::Result;
-use aya::maps::{Array, HashMap, MapData, SockHash};
-use fastpath_common::{DRAIN_ABI_VERSION, RxQueue, config_index, map_names, rxq_state};
+use fastpath_common::{DRAIN_ABI_VERSION, config_index, rxq_state};
+use fastpath_pins::Pins;
 use std::{
     path::Path,
     time::{Duration, Instant},
@@ -32,10 +32,11 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// their redirected bytes in time: they keep the programs loaded until they close).
 pub fn drain(pin_dir: &Path, within: Duration) -> Result<usize> {
     set_enabled(pin_dir, false)?;
-    let mut cfg: Array<MapData, u32> = pinned_map(pin_dir, map_names::CONFIG)?.try_into()?;
-    let stamped = read_meta(pin_dir).map(|(abi, _)| abi);
-    if config_index::DRAIN >= cfg.len() || stamped.is_none_or(|abi| abi < DRAIN_ABI_VERSION as u64)
-    {
+    let pins = Pins::new(pin_dir);
+    let cfg = pins.config()?;
+    let stamped = pins.stamp().map(|(abi, _)| abi);
+    let slots = cfg.map().info()?.max_entries;
+    if config_index::DRAIN >= slots || stamped.is_none_or(|abi| abi < DRAIN_ABI_VERSION as u64) {
         // Pins of a build without the flag: its sk_msg would redirect into a socket taken out
         // here. Only the demoted ones can go.
         log::warn!(
@@ -45,7 +46,7 @@ pub fn drain(pin_dir: &Path, within: Duration) -> Result<usize> {
         sweep_demoted(pin_dir)?;
         return accelerated_sockets(pin_dir);
     }
-    cfg.set(config_index::DRAIN, 1, 0)?;
+    cfg.set(&config_index::DRAIN, &1)?;
     // The flag's store before any count is loaded below: the syscall boundary alone is no
     // full barrier on every CPU.
     std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
@@ -64,19 +65,19 @@ pub fn drain(pin_dir: &Path, within: Duration) -> Result<usize> {
 /// Takes paired sockets with an empty redirect queue out of the sockhash (only while
 /// [`config_index::DRAIN`] is set; see the module's comment). Returns how many.
 fn release_idle(pin_dir: &Path) -> Result<usize> {
-    let queues: HashMap<MapData, u64, RxQueue> = pinned_map(pin_dir, map_names::RXQ)?.try_into()?;
-    let mut socks: SockHash<MapData, u64> = pinned_map(pin_dir, map_names::SOCKS)?.try_into()?;
+    let pins = Pins::new(pin_dir);
+    let (queues, socks) = (pins.rxq()?, pins.socks()?);
     let open: Vec<u64> = queues
-        .iter()
-        .filter_map(Result::ok)
+        .entries()?
+        .into_iter()
         .filter(|(_, q)| q.state == rxq_state::OPEN)
         .map(|(cookie, _)| cookie)
         .collect();
     let mut released = 0;
     for cookie in open {
         // Read again: the count must be read after the flag was written.
-        let empty = matches!(queues.get(&cookie, 0), Ok(q) if q.queued as i64 <= 0);
-        if empty && socks.remove(&cookie).is_ok() {
+        let empty = matches!(queues.get(&cookie), Ok(Some(q)) if q.queued as i64 <= 0);
+        if empty && matches!(socks.remove(&cookie), Ok(true)) {
             released += 1;
         }
     }

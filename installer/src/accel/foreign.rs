@@ -40,9 +40,10 @@ pub fn find(cgroup_root: &Path, pin_dir: &Path) -> Result<Vec<ForeignProgram>> {
         .ok()
         .and_then(|l| sys::link_ids(l.as_fd()).ok())
         .map(|l| l.prog_id);
-    let own_sockhash = sys::obj_get(&pin_dir.join(fastpath_common::map_names::SOCKS))
+    let own_sockhash = fastpath_pins::Pins::new(pin_dir)
+        .map(fastpath_common::map_names::SOCKS)
         .ok()
-        .and_then(|m| sys::map_ids(m.as_fd()).ok())
+        .and_then(|m| m.info().ok())
         .map(|m| m.id);
 
     let cgroup = std::fs::File::open(cgroup_root)

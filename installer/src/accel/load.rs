@@ -42,7 +42,7 @@ pub(super) fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
         log::warn!("retired connection maps: {e:#}");
     }
     let ours = plan::object_hash(crate::probes::OBJECT);
-    let stored = read_meta(dir);
+    let stored = Pins::new(dir).stamp();
     let mut verdicts: Vec<plan::MapVerdict> = MAP_LAYOUTS
         .iter()
         .map(|l| {
@@ -130,7 +130,7 @@ pub(super) fn load_or_reuse(settings: &AccelSettings) -> Result<()> {
     set_read_filter_bypass(dir, true)?;
     attach_rx_consumed(&mut ebpf, dir)?;
 
-    write_meta(dir, ours)?;
+    Pins::new(dir).write_stamp(ours)?;
     // Fresh enrollment maps (first start, reboot, layout change): pods recorded by the plugin
     // are enrolled again.
     let fresh = |name| {
@@ -260,64 +260,33 @@ pub(super) fn restrict_pins(dir: &Path) -> Result<()> {
 
 /// Writes every recorded pod back into freshly created enrollment maps.
 pub(super) fn reenroll(settings: &AccelSettings) -> Result<()> {
-    let dir = &settings.pin_dir;
-    let mut pods_map: HashMap<MapData, u64, PodInfo> =
-        pinned_map(dir, map_names::PODS)?.try_into()?;
-    let mut ips_map: HashMap<MapData, IpKey, u64> =
-        pinned_map(dir, map_names::POD_IPS)?.try_into()?;
-    let records: Vec<_> = pods::read_all(&settings.run_dir)?
-        .into_iter()
-        .filter(|r| r.accelerate)
-        .collect();
-    for r in &records {
-        for k in r.ip_keys() {
-            ips_map.insert(k, r.netns_cookie, 0)?;
-        }
-        pods_map.insert(r.netns_cookie, r.pod_info(), 0)?;
-    }
+    let records = pods::read_all(&settings.run_dir)?;
+    let n = Pins::new(&settings.pin_dir).reenroll(&records)?;
     log::info!(
-        "re-enrolled {} pods from {}",
-        records.len(),
+        "re-enrolled {n} pods from {}",
         pods::state_dir(&settings.run_dir).display()
     );
     Ok(())
 }
 
-pub(super) fn pinned_map_ids(pin_dir: &Path, name: &str) -> Option<sys::MapIds> {
-    let fd = sys::obj_get(&pin(pin_dir, name)).ok()?;
-    sys::map_ids(fd.as_fd()).ok()
+pub(super) fn pinned_map_ids(pin_dir: &Path, name: &str) -> Option<sys::MapInfo> {
+    Pins::new(pin_dir).map(name).ok()?.info().ok()
 }
 
 /// The runtime switches in FP_CONFIG (empty when there is no such pin).
 pub(super) fn read_config(pin_dir: &Path) -> Vec<u32> {
-    let Ok(cfg) = pinned_map(pin_dir, map_names::CONFIG)
-        .and_then(|m| Array::<MapData, u32>::try_from(m).map_err(Into::into))
-    else {
+    let Ok(cfg) = Pins::new(pin_dir).config() else {
         return Vec::new();
     };
-    cfg.iter().map_while(Result::ok).collect()
+    cfg.values().unwrap_or_default()
 }
 
 /// Writes switches read by [`read_config`] into the pinned FP_CONFIG, as far as both reach.
 pub(super) fn write_config(pin_dir: &Path, values: &[u32]) -> Result<()> {
-    let mut cfg: Array<MapData, u32> = pinned_map(pin_dir, map_names::CONFIG)?.try_into()?;
-    for (index, value) in (0..cfg.len()).zip(values) {
-        cfg.set(index, *value, 0)?;
+    let cfg = Pins::new(pin_dir).config()?;
+    for (index, value) in (0..cfg.map().info()?.max_entries).zip(values) {
+        cfg.set(&index, value)?;
     }
-    Ok(())
-}
-
-pub(super) fn read_meta(pin_dir: &Path) -> Option<(u64, u64)> {
-    let meta: Array<MapData, u64> = pinned_map(pin_dir, map_names::META).ok()?.try_into().ok()?;
-    let abi = meta.get(&meta_index::ABI_VERSION, 0).ok()?;
-    let hash = meta.get(&meta_index::OBJECT_HASH, 0).ok()?;
-    (abi != 0).then_some((abi, hash))
-}
-
-pub(super) fn write_meta(pin_dir: &Path, hash: u64) -> Result<()> {
-    let mut meta: Array<MapData, u64> = pinned_map(pin_dir, map_names::META)?.try_into()?;
-    meta.set(meta_index::ABI_VERSION, MAP_ABI_VERSION as u64, 0)?;
-    meta.set(meta_index::OBJECT_HASH, hash, 0)?;
     Ok(())
 }
 

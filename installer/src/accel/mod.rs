@@ -23,8 +23,9 @@
 //! `read_filter` the tracepoint's read filter, `status` the counters and `accel-status`,
 //! `removal` the detach and the uninstall (with `drain`), `retire` the retired connection
 //! maps, `plan` the pure decisions, `features` the kernel features and their fallbacks,
-//! `foreign` other accelerators, `pindir` the checks on the pin dir, `sys` the raw bpf(2)
-//! commands.
+//! `foreign` other accelerators, `pindir` the checks on the pin dir, `sys` the link and program
+//! commands aya lacks. The maps themselves, the ABI stamp, the pod records and enrollment are
+//! fastpath-pins' (`pins/`), which the plugin and the tests use too.
 pub mod drain;
 pub mod features;
 pub mod foreign;
@@ -43,16 +44,16 @@ pub mod sys;
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuHashMap, SockHash},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint, SkMsg, SockOps,
         links::FdLink,
     },
 };
 use fastpath_common::{
-    ALL_MAPS, IpKey, MAP_ABI_VERSION, MAP_LAYOUTS, PodInfo, PodStats, RX_CONSUMED_TRACEPOINT,
-    RxQueue, config_index, map_names, meta_index, prog_names, rxq_state,
+    ALL_MAPS, MAP_ABI_VERSION, MAP_LAYOUTS, RX_CONSUMED_TRACEPOINT, config_index, map_names,
+    prog_names, rxq_state,
 };
+use fastpath_pins::Pins;
 use std::{
     os::fd::AsFd as _,
     os::unix::fs::PermissionsExt as _,
@@ -295,25 +296,25 @@ fn cgroup_root(settings: &AccelSettings) -> Result<PathBuf> {
 /// The state is read before `queued`, in two lookups: a writer adds to `queued` before it reads
 /// the state, so a writer that still saw the connection open has its bytes counted here.
 pub fn sweep_demoted(pin_dir: &Path) -> Result<usize> {
-    let mut demoted: HashMap<MapData, u64, u64> =
-        pinned_map(pin_dir, map_names::DEMOTED)?.try_into()?;
-    let cookies: Vec<u64> = demoted.keys().filter_map(Result::ok).collect();
+    let pins = Pins::new(pin_dir);
+    let demoted = pins.demoted()?;
+    let cookies = demoted.keys()?;
     if cookies.is_empty() {
         return Ok(0);
     }
-    let queues: HashMap<MapData, u64, RxQueue> = pinned_map(pin_dir, map_names::RXQ)?.try_into()?;
-    let mut socks: SockHash<MapData, u64> = pinned_map(pin_dir, map_names::SOCKS)?.try_into()?;
+    let (queues, socks) = (pins.rxq()?, pins.socks()?);
     let mut released = 0;
     for cookie in cookies {
-        let demoted_now = matches!(queues.get(&cookie, 0), Ok(q) if q.state == rxq_state::DEMOTED);
+        let demoted_now =
+            matches!(queues.get(&cookie), Ok(Some(q)) if q.state == rxq_state::DEMOTED);
         if !demoted_now {
             // Left the sockhash already, or closed.
             let _ = demoted.remove(&cookie);
             continue;
         }
-        let drained = matches!(queues.get(&cookie, 0), Ok(q) if q.queued as i64 <= 0);
+        let drained = matches!(queues.get(&cookie), Ok(Some(q)) if q.queued as i64 <= 0);
         if drained {
-            if socks.remove(&cookie).is_ok() {
+            if matches!(socks.remove(&cookie), Ok(true)) {
                 released += 1;
             }
             let _ = demoted.remove(&cookie);
@@ -324,28 +325,20 @@ pub fn sweep_demoted(pin_dir: &Path) -> Result<usize> {
 
 /// Sockets in the pinned sockhash (0 when there is none).
 fn accelerated_sockets(pin_dir: &Path) -> Result<usize> {
-    let socks = match sys::obj_get(&pin(pin_dir, map_names::SOCKS)) {
-        Ok(fd) => fd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e).context("open the sockhash"),
-    };
-    let ids = sys::map_ids(socks.as_fd())?;
-    sys::map_entry_count(socks.as_fd(), ids.key_size)
+    match Pins::new(pin_dir).map(map_names::SOCKS) {
+        Ok(socks) => Ok(socks.count()?),
+        Err(e) if e.is_not_found() => Ok(0),
+        Err(e) => Err(e).context("open the sockhash"),
+    }
 }
 
 fn pin(settings_dir: &Path, name: &str) -> PathBuf {
     settings_dir.join(name)
 }
 
-fn pinned_map(pin_dir: &Path, name: &str) -> Result<Map> {
-    let path = pin(pin_dir, name);
-    let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
-    Ok(Map::from_map_data(data)?)
-}
-
 fn set_enabled(pin_dir: &Path, on: bool) -> Result<()> {
-    let mut cfg: Array<MapData, u32> = pinned_map(pin_dir, map_names::CONFIG)?.try_into()?;
-    cfg.set(config_index::ACCEL_ENABLED, on as u32, 0)?;
+    let cfg = Pins::new(pin_dir).config()?;
+    cfg.set(&config_index::ACCEL_ENABLED, &(on as u32))?;
     Ok(())
 }
 
@@ -354,8 +347,8 @@ fn set_enabled(pin_dir: &Path, on: bool) -> Result<()> {
 fn set_queue_limit(pin_dir: &Path, bytes: u64) -> Result<()> {
     let kib = u32::try_from(bytes.div_ceil(1024))
         .with_context(|| format!("queue limit of {bytes} bytes is too large"))?;
-    let mut cfg: Array<MapData, u32> = pinned_map(pin_dir, map_names::CONFIG)?.try_into()?;
-    cfg.set(config_index::QUEUE_LIMIT_KIB, kib, 0)?;
-    cfg.set(config_index::DRAIN, 0, 0)?;
+    let cfg = Pins::new(pin_dir).config()?;
+    cfg.set(&config_index::QUEUE_LIMIT_KIB, &kib)?;
+    cfg.set(&config_index::DRAIN, &0)?;
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! Pure decisions of the loader: where cgroup v2 is, whether a pinned map can be reused, and
 //! whether a pinned installation can be reused as a whole.
-use super::sys::MapIds;
+use super::sys::MapInfo as MapIds;
 use fastpath_common::{MapLayout, map_names};
 use std::path::{Path, PathBuf};
 

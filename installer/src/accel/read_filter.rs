@@ -14,27 +14,28 @@ pub enum ReadFilter {
 /// Paired sockets missing from the read filter: listed in FP_SK_COOKIES, not in FP_SK_COUNTED.
 /// Only a build without the filter pairs such sockets.
 pub(super) fn uncounted_paired_sockets(pin_dir: &Path) -> Result<usize> {
-    let cookies: HashMap<MapData, u64, u64> =
-        pinned_map(pin_dir, map_names::SK_COOKIES)?.try_into()?;
-    let counted: HashMap<MapData, u64, u64> =
-        pinned_map(pin_dir, map_names::SK_COUNTED)?.try_into()?;
+    let pins = Pins::new(pin_dir);
+    let (cookies, counted) = (pins.sk_cookies()?, pins.sk_counted()?);
     Ok(cookies
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|sk| counted.get(sk, 0).is_err())
+        .keys()?
+        .iter()
+        .filter(|sk| !matches!(counted.get(sk), Ok(Some(_))))
         .count())
 }
 
 pub(super) fn set_read_filter_bypass(pin_dir: &Path, on: bool) -> Result<()> {
-    let mut cfg: Array<MapData, u32> = pinned_map(pin_dir, map_names::CONFIG)?.try_into()?;
-    cfg.set(config_index::READ_FILTER_BYPASS, on as u32, 0)?;
+    let cfg = Pins::new(pin_dir).config()?;
+    cfg.set(&config_index::READ_FILTER_BYPASS, &(on as u32))?;
     Ok(())
 }
 
 /// Whether the recvmsg tracepoint looks every read up ([`config_index::READ_FILTER_BYPASS`]).
 pub fn read_filter_bypassed(pin_dir: &Path) -> Result<bool> {
-    let cfg: Array<MapData, u32> = pinned_map(pin_dir, map_names::CONFIG)?.try_into()?;
-    Ok(cfg.get(&config_index::READ_FILTER_BYPASS, 0)? != 0)
+    let cfg = Pins::new(pin_dir).config()?;
+    let bypass = cfg
+        .get(&config_index::READ_FILTER_BYPASS)?
+        .ok_or_else(|| anyhow!("{} has no read filter switch", cfg.map().path().display()))?;
+    Ok(bypass != 0)
 }
 
 /// Puts the read filter in use when no paired socket is missing from it, bypasses it
@@ -64,10 +65,8 @@ pub fn refresh_read_filter(pin_dir: &Path) -> Result<ReadFilter> {
 
 /// Unmarks every socket counted in the read filter (see [`load_or_reuse`]).
 pub(super) fn forget_counted_sockets(pin_dir: &Path) -> Result<()> {
-    let mut counted: HashMap<MapData, u64, u64> =
-        pinned_map(pin_dir, map_names::SK_COUNTED)?.try_into()?;
-    let sockets: Vec<u64> = counted.keys().filter_map(Result::ok).collect();
-    for sk in sockets {
+    let counted = Pins::new(pin_dir).sk_counted()?;
+    for sk in counted.keys()? {
         let _ = counted.remove(&sk);
     }
     Ok(())

@@ -19,10 +19,10 @@
 //!   shutdown(SHUT_WR) of the same socket is acknowledged)? 6.18.44 does. A read that starts
 //!   after the half-close is not affected: the half-close demotes the connection to TCP.
 //!   Event-driven programs retry; programs using blocking sockets see an error.
-use super::{pinned_map, sys};
+use super::sys;
 use anyhow::{Context as _, Result, bail, ensure};
-use aya::maps::{Array, HashMap, MapData, PerCpuHashMap, SockHash};
-use fastpath_common::{PodInfo, PodStats, RxQueue, config_index, map_names, rxq_state};
+use fastpath_common::{PodInfo, config_index, rxq_state};
+use fastpath_pins::Pins;
 use std::{
     io::{Read as _, Write as _},
     net::{Shutdown, TcpListener, TcpStream},
@@ -97,14 +97,11 @@ fn in_private_netns(pin_dir: &Path) -> Result<Report> {
     }
     loopback_up()?;
     let cookie = sys::current_netns_cookie()?;
-    let mut pods: HashMap<MapData, u64, PodInfo> =
-        pinned_map(pin_dir, map_names::PODS)?.try_into()?;
-    let mut cfg: Array<MapData, u32> = pinned_map(pin_dir, map_names::CONFIG)?.try_into()?;
-    let mut stats: PerCpuHashMap<MapData, u64, PodStats> =
-        pinned_map(pin_dir, map_names::STATS)?.try_into()?;
-    pods.insert(cookie, PodInfo::new(true, &[EXCLUDED_PORT]), 0)?;
-    cfg.set(config_index::SELFTEST_NETNS_LO, cookie as u32, 0)?;
-    cfg.set(config_index::SELFTEST_NETNS_HI, (cookie >> 32) as u32, 0)?;
+    let pins = Pins::new(pin_dir);
+    let (pods, cfg, stats) = (pins.pods()?, pins.config()?, pins.stats()?);
+    pods.set(&cookie, &PodInfo::new(true, &[EXCLUDED_PORT]))?;
+    cfg.set(&config_index::SELFTEST_NETNS_LO, &(cookie as u32))?;
+    cfg.set(&config_index::SELFTEST_NETNS_HI, &((cookie >> 32) as u32))?;
 
     let mut report = Report {
         paired: paired_transfer().err().map(|e| format!("{e:#}")),
@@ -114,15 +111,15 @@ fn in_private_netns(pin_dir: &Path) -> Result<Report> {
         blocking_recv_eagain: blocking_recv_eagain().ok(),
         redirected_msgs: 0,
     };
-    if let Ok(per_cpu) = stats.get(&cookie, 0) {
+    if let Ok(Some(per_cpu)) = stats.get(&cookie) {
         report.redirected_msgs = per_cpu.iter().map(|s| s.msgs_redirected).sum();
     }
     if report.paired.is_none() && report.redirected_msgs == 0 {
         report.paired = Some("no message was redirected (sockets were not paired)".into());
     }
 
-    let _ = cfg.set(config_index::SELFTEST_NETNS_LO, 0, 0);
-    let _ = cfg.set(config_index::SELFTEST_NETNS_HI, 0, 0);
+    let _ = cfg.set(&config_index::SELFTEST_NETNS_LO, &0);
+    let _ = cfg.set(&config_index::SELFTEST_NETNS_HI, &0);
     let _ = pods.remove(&cookie);
     let _ = stats.remove(&cookie);
     Ok(report)
@@ -242,7 +239,7 @@ fn paired_transfer() -> Result<()> {
 }
 
 fn queue_accounting(pin_dir: &Path) -> Result<()> {
-    let queues: HashMap<MapData, u64, RxQueue> = pinned_map(pin_dir, map_names::RXQ)?.try_into()?;
+    let queues = Pins::new(pin_dir).rxq()?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let mut c = TcpStream::connect(listener.local_addr()?)?;
     let (mut s, _) = listener.accept()?;
@@ -263,7 +260,7 @@ fn queue_accounting(pin_dir: &Path) -> Result<()> {
     );
     for (side, sock) in [("client", &c), ("server", &s)] {
         let q = queues
-            .get(&sys::socket_cookie(sock.as_fd())?, 0)
+            .get(&sys::socket_cookie(sock.as_fd())?)?
             .with_context(|| format!("the {side} socket has no redirect queue entry"))?;
         ensure!(
             q.queued == 0 && q.state == rxq_state::OPEN,
@@ -291,7 +288,7 @@ fn unaccelerated_peer() -> Result<()> {
 
 /// Returns whether FIONREAD is wrong for a socket in the sockhash without a peer.
 fn unpaired_in_sockhash(pin_dir: &Path) -> Result<bool> {
-    let mut socks: SockHash<MapData, u64> = pinned_map(pin_dir, map_names::SOCKS)?.try_into()?;
+    let socks = Pins::new(pin_dir).socks()?;
     // The excluded port: the probes leave this connection alone, so only this check puts the
     // socket in the sockhash.
     let listener = TcpListener::bind(("127.0.0.1", EXCLUDED_PORT))?;
@@ -299,7 +296,7 @@ fn unpaired_in_sockhash(pin_dir: &Path) -> Result<bool> {
     let (mut s, _) = listener.accept()?;
     // A key no socket cookie takes: cookies count up from 1.
     let key = u64::MAX - 1;
-    socks.insert(key, c.as_raw_fd(), 0)?;
+    socks.set(&key, &(c.as_raw_fd() as u32))?;
     let result = (|| {
         s.write_all(&[9u8; 4096])?;
         let n = peeked(&c, 4096)?;

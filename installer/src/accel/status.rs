@@ -10,45 +10,23 @@ pub struct PodCounters {
     pub stats: fastpath_common::PodStats,
 }
 
-pub(super) fn add(into: &mut PodStats, s: &PodStats) {
-    into.sockets_enrolled += s.sockets_enrolled;
-    into.enroll_failures += s.enroll_failures;
-    into.msgs_redirected += s.msgs_redirected;
-    into.bytes_redirected += s.bytes_redirected;
-    into.peer_misses += s.peer_misses;
-    into.connections_paired += s.connections_paired;
-    into.early_data_fallbacks += s.early_data_fallbacks;
-    into.queue_demotions += s.queue_demotions;
-    into.tcp_segments_held += s.tcp_segments_held;
-}
-
 /// Per-pod counters for /metrics. Empty when the accelerator is not pinned.
 pub fn pod_counters(settings: &AccelSettings) -> Result<Vec<PodCounters>> {
     if !pin(&settings.pin_dir, map_names::STATS).exists() {
         return Ok(Vec::new());
     }
-    let stats: PerCpuHashMap<MapData, u64, PodStats> =
-        pinned_map(&settings.pin_dir, map_names::STATS)?.try_into()?;
+    let counters = Pins::new(&settings.pin_dir).pod_counters()?;
     let records = pods::read_all(&settings.run_dir).unwrap_or_default();
     let mut out = Vec::new();
-    for cookie in stats.keys() {
-        let cookie = cookie?;
-        let Ok(per_cpu) = stats.get(&cookie, 0) else {
-            continue;
-        };
-        let mut sum = PodStats::default();
-        for s in per_cpu.iter() {
-            add(&mut sum, s);
-        }
+    for (cookie, stats) in counters {
         let who = records.iter().find(|r| r.netns_cookie == cookie);
         out.push(PodCounters {
             netns_cookie: cookie,
             namespace: who.map(|r| r.namespace.clone()),
             name: who.map(|r| r.name.clone()),
-            stats: sum,
+            stats,
         });
     }
-    out.sort_by_key(|c| c.netns_cookie);
     Ok(out)
 }
 
@@ -73,7 +51,7 @@ pub fn status_report(settings: &AccelSettings) -> Result<String> {
     let mut s = String::new();
     writeln!(s, "pin directory: {}", dir.display())?;
     writeln!(s, "{others}")?;
-    match read_meta(dir) {
+    match Pins::new(dir).stamp() {
         Some((abi, hash)) => writeln!(s, "ABI stamp: map ABI {abi}, object {hash:016x}")?,
         None => writeln!(s, "ABI stamp: missing")?,
     }
@@ -131,11 +109,13 @@ fn write_pins(s: &mut String, dir: &Path) -> Result<()> {
             Err(e) => writeln!(s, "program {prog}: not pinned ({e})")?,
         }
     }
+    let pins = Pins::new(dir);
     for name in ALL_MAPS {
-        match sys::obj_get(&pin(dir, name)) {
-            Ok(fd) => {
-                let ids = sys::map_ids(fd.as_fd())?;
-                let entries = sys::map_entry_count(fd.as_fd(), ids.key_size)
+        match pins.map(name) {
+            Ok(map) => {
+                let ids = map.info()?;
+                let entries = map
+                    .count()
                     .map(|n| n.to_string())
                     .unwrap_or_else(|e| format!("? ({e})"));
                 writeln!(
@@ -144,7 +124,7 @@ fn write_pins(s: &mut String, dir: &Path) -> Result<()> {
                     ids.id, ids.max_entries
                 )?;
             }
-            Err(e) => writeln!(s, "map {name}: not pinned ({e})")?,
+            Err(e) => writeln!(s, "map {name}: not pinned ({})", e.os_error())?,
         }
     }
     Ok(())
@@ -153,35 +133,31 @@ fn write_pins(s: &mut String, dir: &Path) -> Result<()> {
 /// The runtime switches and the read filter's state.
 fn write_switches(s: &mut String, dir: &Path) -> Result<()> {
     use std::fmt::Write as _;
-    if let Ok(cfg) = pinned_map(dir, map_names::CONFIG)
-        .and_then(|m| Array::<MapData, u32>::try_from(m).map_err(Into::into))
-    {
-        let on = cfg.get(&config_index::ACCEL_ENABLED, 0).unwrap_or(0);
+    let pins = Pins::new(dir);
+    if let Ok(cfg) = pins.config() {
+        let switch = |index| cfg.get(&index).ok().flatten().unwrap_or(0);
+        let on = switch(config_index::ACCEL_ENABLED);
         writeln!(
             s,
             "acceleration switch: {}",
             if on != 0 { "on" } else { "off" }
         )?;
-        let kib = cfg.get(&config_index::QUEUE_LIMIT_KIB, 0).unwrap_or(0);
+        let kib = switch(config_index::QUEUE_LIMIT_KIB);
         let limit = match kib {
             0 => fastpath_common::DEFAULT_QUEUE_LIMIT_BYTES,
             k => u64::from(k) << 10,
         };
         writeln!(s, "redirect queue limit: {limit} bytes per reader")?;
-        if cfg.get(&config_index::DRAIN, 0).unwrap_or(0) != 0 {
+        if switch(config_index::DRAIN) != 0 {
             writeln!(
                 s,
                 "draining: every connection is being sent back to TCP (an uninstall)"
             )?;
         }
     }
-    if let Ok(filter) = pinned_map(dir, map_names::SK_FILTER)
-        .and_then(|m| Array::<MapData, u64>::try_from(m).map_err(Into::into))
-    {
-        let used = filter
-            .iter()
-            .filter(|v| matches!(v, Ok(n) if *n != 0))
-            .count();
+    if let Ok(filter) = pins.sk_filter() {
+        let slots = filter.values().unwrap_or_default();
+        let used = slots.iter().filter(|n| **n != 0).count();
         let state = match read_filter_bypassed(dir) {
             Ok(false) => "in use",
             Ok(true) => "bypassed (every read is looked up)",
@@ -194,7 +170,7 @@ fn write_switches(s: &mut String, dir: &Path) -> Result<()> {
             s,
             "recvmsg read filter: {state}; paired sockets not in it: {missing}; {used} of {} \
              slots hold paired sockets",
-            filter.len()
+            slots.len()
         )?;
     }
     Ok(())
