@@ -29,6 +29,7 @@
 //! Each connection carries one request (`Connection: close`). A few acceptor threads answer
 //! the plain requests; every watch streams from a thread of its own.
 use anyhow::{Context as _, Result, bail};
+use fastpath_installer::repair::selector::{LabelReq, split_terms};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
@@ -849,16 +850,6 @@ fn param<'a>(q: &'a Query, name: &str) -> &'a str {
     q.get(name).map(String::as_str).unwrap_or_default()
 }
 
-/// One requirement of a label selector.
-enum LabelReq {
-    Eq(String, String),
-    Ne(String, String),
-    In(String, Vec<String>),
-    NotIn(String, Vec<String>),
-    Exists(String),
-    NotExists(String),
-}
-
 /// What a list or watch selects: a namespace, field and label requirements (all must hold).
 struct Selector {
     ns: Option<String>,
@@ -894,51 +885,6 @@ fn pod_field(pod: &Value, field: &str) -> Option<String> {
     Some(value.as_str().unwrap_or_default().to_string())
 }
 
-/// Splits `s` at the commas outside parentheses (`a in (x,y),b`).
-fn split_terms(s: &str) -> Vec<&str> {
-    let (mut terms, mut depth, mut start) = (Vec::new(), 0i32, 0);
-    for (i, c) in s.char_indices() {
-        match c {
-            '(' => depth += 1,
-            ')' => depth -= 1,
-            ',' if depth == 0 => {
-                terms.push(&s[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    terms.push(&s[start..]);
-    terms
-        .into_iter()
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .collect()
-}
-
-fn parse_label(term: &str) -> Option<LabelReq> {
-    let set = |s: &str| -> Option<Vec<String>> {
-        let inner = s.trim().strip_prefix('(')?.strip_suffix(')')?;
-        Some(inner.split(',').map(|v| v.trim().to_string()).collect())
-    };
-    let word = |s: &str| s.trim().to_string();
-    Some(if let Some(k) = term.strip_prefix('!') {
-        LabelReq::NotExists(word(k))
-    } else if let Some((k, v)) = term.split_once(" notin ") {
-        LabelReq::NotIn(word(k), set(v)?)
-    } else if let Some((k, v)) = term.split_once(" in ") {
-        LabelReq::In(word(k), set(v)?)
-    } else if let Some((k, v)) = term.split_once("!=") {
-        LabelReq::Ne(word(k), word(v))
-    } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
-        LabelReq::Eq(word(k), word(v))
-    } else if term.contains([' ', '(', ')', '<', '>']) {
-        return None;
-    } else {
-        LabelReq::Exists(word(term))
-    })
-}
-
 impl Selector {
     fn parse(ns: Option<&str>, q: &Query) -> std::result::Result<Self, (u16, Value)> {
         let mut fields = Vec::new();
@@ -966,7 +912,7 @@ impl Selector {
         }
         let mut labels = Vec::new();
         for term in split_terms(param(q, "labelSelector")) {
-            let Some(req) = parse_label(term) else {
+            let Some(req) = LabelReq::parse(term) else {
                 return Err(failure(
                     400,
                     "BadRequest",
@@ -995,15 +941,10 @@ impl Selector {
         let fields_hold = self.fields.iter().all(|(field, eq, value)| {
             (pod_field(pod, field).as_deref() == Some(value.as_str())) == *eq
         });
-        let label = |k: &str| pod["metadata"]["labels"][k].as_str();
-        let labels_hold = self.labels.iter().all(|req| match req {
-            LabelReq::Eq(k, v) => label(k) == Some(v.as_str()),
-            LabelReq::Ne(k, v) => label(k) != Some(v.as_str()),
-            LabelReq::In(k, vs) => label(k).is_some_and(|l| vs.iter().any(|v| v == l)),
-            LabelReq::NotIn(k, vs) => !label(k).is_some_and(|l| vs.iter().any(|v| v == l)),
-            LabelReq::Exists(k) => label(k).is_some(),
-            LabelReq::NotExists(k) => label(k).is_none(),
-        });
+        let labels_hold = self
+            .labels
+            .iter()
+            .all(|req| req.holds(|k| pod["metadata"]["labels"][k].as_str()));
         fields_hold && labels_hold
     }
 

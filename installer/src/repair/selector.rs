@@ -8,9 +8,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 
-/// One requirement of a label selector.
+/// One requirement of a label selector (the test suite's fake API server evaluates its
+/// watches' label selectors with it too).
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum LabelReq {
+pub enum LabelReq {
     Eq(String, String),
     Ne(String, String),
     In(String, Vec<String>),
@@ -74,7 +75,7 @@ fn pod_field(pod: &Pod, field: &str) -> String {
 }
 
 /// Splits `s` at the commas outside parentheses (`a in (x,y),b`).
-fn split_terms(s: &str) -> Vec<&str> {
+pub fn split_terms(s: &str) -> Vec<&str> {
     let (mut terms, mut depth, mut start) = (Vec::new(), 0i32, 0);
     for (i, c) in s.char_indices() {
         match c {
@@ -96,24 +97,44 @@ fn split_terms(s: &str) -> Vec<&str> {
 }
 
 fn parse_label(term: &str) -> Result<LabelReq, String> {
-    let bad = || format!("REPAIR_LABEL_SELECTORS: cannot parse requirement {term:?}");
-    let set = |s: &str| -> Result<Vec<String>, String> {
-        let inner = s
-            .trim()
-            .strip_prefix('(')
-            .and_then(|s| s.strip_suffix(')'))
-            .ok_or_else(bad)?;
-        Ok(inner.split(',').map(|v| v.trim().to_string()).collect())
-    };
-    let key = |s: &str| -> Result<String, String> {
-        let k = s.trim();
-        if k.is_empty() || k.contains([' ', '(', ')', '=', '!', '<', '>']) {
-            return Err(bad());
+    LabelReq::parse(term)
+        .ok_or_else(|| format!("REPAIR_LABEL_SELECTORS: cannot parse requirement {term:?}"))
+}
+
+impl LabelReq {
+    /// One term of a label selector as `labels.Parse` reads it; `None` when it cannot.
+    pub fn parse(term: &str) -> Option<LabelReq> {
+        parse_label_term(term)
+    }
+
+    /// Whether a pod whose labels `label` looks up meets this requirement.
+    pub fn holds<'a>(&self, label: impl Fn(&str) -> Option<&'a str>) -> bool {
+        let int = |k: &str| label(k).and_then(|v| v.parse::<i64>().ok());
+        match self {
+            LabelReq::Eq(k, v) => label(k) == Some(v.as_str()),
+            LabelReq::Ne(k, v) => label(k) != Some(v.as_str()),
+            LabelReq::In(k, vs) => label(k).is_some_and(|l| vs.iter().any(|v| v == l)),
+            LabelReq::NotIn(k, vs) => !label(k).is_some_and(|l| vs.iter().any(|v| v == l)),
+            LabelReq::Exists(k) => label(k).is_some(),
+            LabelReq::NotExists(k) => label(k).is_none(),
+            LabelReq::Gt(k, n) => int(k).is_some_and(|v| v > *n),
+            LabelReq::Lt(k, n) => int(k).is_some_and(|v| v < *n),
         }
-        Ok(k.to_string())
+    }
+}
+
+fn parse_label_term(term: &str) -> Option<LabelReq> {
+    let set = |s: &str| -> Option<Vec<String>> {
+        let inner = s.trim().strip_prefix('(')?.strip_suffix(')')?;
+        Some(inner.split(',').map(|v| v.trim().to_string()).collect())
     };
-    let int = |s: &str| s.trim().parse::<i64>().map_err(|_| bad());
-    Ok(if let Some(k) = term.strip_prefix('!') {
+    let key = |s: &str| -> Option<String> {
+        let k = s.trim();
+        let bad = k.is_empty() || k.contains([' ', '(', ')', '=', '!', '<', '>']);
+        (!bad).then(|| k.to_string())
+    };
+    let int = |s: &str| s.trim().parse::<i64>().ok();
+    Some(if let Some(k) = term.strip_prefix('!') {
         LabelReq::NotExists(key(k)?)
     } else if let Some((k, v)) = term.split_once(" notin ") {
         LabelReq::NotIn(key(k)?, set(v)?)
@@ -175,18 +196,10 @@ impl PodSelector {
     pub fn matches(&self, pod: &Pod) -> bool {
         let empty = BTreeMap::new();
         let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
-        let label = |k: &str| labels.get(k).map(String::as_str);
-        let int = |k: &str| label(k).and_then(|v| v.parse::<i64>().ok());
-        let labels_hold = self.labels.iter().all(|req| match req {
-            LabelReq::Eq(k, v) => label(k) == Some(v.as_str()),
-            LabelReq::Ne(k, v) => label(k) != Some(v.as_str()),
-            LabelReq::In(k, vs) => label(k).is_some_and(|l| vs.iter().any(|v| v == l)),
-            LabelReq::NotIn(k, vs) => !label(k).is_some_and(|l| vs.iter().any(|v| v == l)),
-            LabelReq::Exists(k) => label(k).is_some(),
-            LabelReq::NotExists(k) => label(k).is_none(),
-            LabelReq::Gt(k, n) => int(k).is_some_and(|v| v > *n),
-            LabelReq::Lt(k, n) => int(k).is_some_and(|v| v < *n),
-        });
+        let labels_hold = self
+            .labels
+            .iter()
+            .all(|req| req.holds(|k| labels.get(k).map(String::as_str)));
         labels_hold
             && self
                 .fields
