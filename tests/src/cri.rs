@@ -102,6 +102,27 @@ pub fn build_pause_image(dir: &Path) -> Result<PathBuf> {
     Ok(tar)
 }
 
+/// The PodSandboxConfig a kubelet sends for a plain pod on the pod network.
+pub fn pod_sandbox_config(ns: &str, name: &str, log_dir: &Path) -> Value {
+    serde_json::json!({
+        "metadata": {"name": name, "uid": format!("uid-{name}"), "namespace": ns, "attempt": 0},
+        "hostname": name,
+        "logDirectory": log_dir.join(name),
+        "labels": {"app": name},
+        "linux": {"securityContext": {"namespaceOptions": {}}}
+    })
+}
+
+/// The stdout of `argv` run in the network namespace at `netns` (`iptables-nft-save`...).
+pub fn in_netns_output(netns: &str, argv: &[&str]) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={netns}"))
+        .args(argv)
+        .output()
+        .expect("nsenter");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A containerd the test started; stopped (with its pods and shims) on drop.
 pub struct Containerd {
     pub dir: PathBuf,
@@ -114,6 +135,17 @@ impl Containerd {
     /// Starts containerd in `dir` with CNI from `cni_bin_dir`/`cni_conf_dir`, and imports the
     /// pause image.
     pub fn start(dir: &Path, cni_bin_dir: &Path, cni_conf_dir: &Path) -> Result<Self> {
+        Self::start_with_env(dir, cni_bin_dir, cni_conf_dir, &[])
+    }
+
+    /// [`Containerd::start`] with extra environment for containerd, which the CNI plugins it
+    /// runs inherit (libcni passes its own environment on), e.g. `FASTPATH_BPF_PIN_DIR`.
+    pub fn start_with_env(
+        dir: &Path,
+        cni_bin_dir: &Path,
+        cni_conf_dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let stubs = cri_stubs(dir)?;
         let image = build_pause_image(dir)?;
@@ -148,6 +180,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         std::fs::write(dir.join("config.toml"), config)?;
         let log = std::fs::File::create(dir.join("containerd.log"))?;
         let child = Command::new("containerd")
+            .envs(env.iter().copied())
             .arg("--config")
             .arg(dir.join("config.toml"))
             .stdout(Stdio::null())
@@ -170,12 +203,18 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        me.import_image(&image)?;
+        Ok(me)
+    }
+
+    /// Imports an image archive (docker-archive or OCI) into the CRI's namespace.
+    pub fn import_image(&self, archive: &Path) -> Result<()> {
         run(Command::new("ctr")
             .arg("--address")
-            .arg(&me.sock)
+            .arg(&self.sock)
             .args(["-n", "k8s.io", "images", "import"])
-            .arg(&image))?;
-        Ok(me)
+            .arg(archive))
+        .map(|_| ())
     }
 
     pub fn log(&self) -> String {
@@ -218,6 +257,42 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     pub fn remove_pod(&self, id: &str) -> Result<()> {
         self.crictl(&["rmp", id]).map(|_| ())
+    }
+
+    /// CreateContainer in sandbox `pod` (whose config was `sandbox`); returns its id.
+    pub fn create_container(&self, pod: &str, config: &Value, sandbox: &Value) -> Result<String> {
+        let v = self.crictl(&["create", pod, &config.to_string(), &sandbox.to_string()])?;
+        Ok(v["id"].as_str().context("create gave no id")?.to_string())
+    }
+
+    pub fn start_container(&self, id: &str) -> Result<()> {
+        self.crictl(&["start", id]).map(|_| ())
+    }
+
+    /// StopContainer: the stop signal (SIGTERM), SIGKILL after `grace_s`; SIGKILL at once with 0.
+    pub fn stop_container(&self, id: &str, grace_s: u64) -> Result<()> {
+        self.crictl(&["stop", id, &grace_s.to_string()]).map(|_| ())
+    }
+
+    pub fn remove_container(&self, id: &str) -> Result<()> {
+        self.crictl(&["rm", id]).map(|_| ())
+    }
+
+    /// ContainerStatus: `state` (CONTAINER_RUNNING, CONTAINER_EXITED...), `exitCode`, `pid`,
+    /// `imageRef`, `logPath`...
+    pub fn inspect_container(&self, id: &str) -> Result<Value> {
+        self.crictl(&["inspect", id])
+    }
+
+    /// ExecSync: `(exit code, stdout, stderr)` of `cmd` run in the container.
+    pub fn exec(&self, id: &str, cmd: &[&str], timeout_s: u64) -> Result<(i64, String, String)> {
+        let argv = serde_json::to_string(cmd)?;
+        let v = self.crictl(&["exec", id, &timeout_s.to_string(), &argv])?;
+        Ok((
+            v["exitCode"].as_i64().unwrap_or(-1),
+            v["stdout"].as_str().unwrap_or_default().to_string(),
+            v["stderr"].as_str().unwrap_or_default().to_string(),
+        ))
     }
 
     /// Pids of the containerd shims serving this instance (found by our socket in their cmdline).

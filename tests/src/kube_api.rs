@@ -35,7 +35,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -172,6 +172,11 @@ fn self_signed(dir: &Path, key: &str, out: &str, subject: &str, extra: &[&str]) 
 
 /// Makes `ca.pem` and a `server.pem`/`server.key` for 127.0.0.1 signed by it, in `dir`.
 fn make_certs(dir: &Path, prefix: &str) -> Result<()> {
+    make_certs_for(dir, prefix, &[])
+}
+
+/// [`make_certs`] with a server certificate valid for `ips` too.
+fn make_certs_for(dir: &Path, prefix: &str, ips: &[IpAddr]) -> Result<()> {
     let ca_key = format!("{prefix}ca.key");
     let ca = format!("{prefix}ca.pem");
     self_signed(dir, &ca_key, &ca, "/CN=fastpath-test-ca", &[])?;
@@ -192,9 +197,12 @@ fn make_certs(dir: &Path, prefix: &str) -> Result<()> {
             "/CN=kubernetes",
         ],
     )?;
+    let extra: String = ips.iter().map(|ip| format!(",IP:{ip}")).collect();
     std::fs::write(
         dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1,DNS:kubernetes.default.svc\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        format!(
+            "subjectAltName=IP:127.0.0.1{extra},DNS:kubernetes.default.svc\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+        ),
     )?;
     openssl(
         dir,
@@ -258,9 +266,19 @@ impl FakeKubeApi {
 
     /// [`FakeKubeApi::start`] presenting `cert`.
     pub fn start_with(dir: &Path, token: &str, cert: ServerCert) -> Result<Self> {
+        Self::start_at(dir, token, cert, IpAddr::from([127, 0, 0, 1]))
+    }
+
+    /// The server on `ip` (random port), e.g. a bridge's gateway address that pods reach as
+    /// they reach the cluster's API service; the certificate is valid for `ip` too.
+    pub fn start_on(dir: &Path, token: &str, ip: IpAddr) -> Result<Self> {
+        Self::start_at(dir, token, ServerCert::SignedByCa, ip)
+    }
+
+    fn start_at(dir: &Path, token: &str, cert: ServerCert, ip: IpAddr) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         match cert {
-            ServerCert::SignedByCa => make_certs(dir, "")?,
+            ServerCert::SignedByCa => make_certs_for(dir, "", &[ip])?,
             ServerCert::SelfSignedCa => make_self_signed_ca(dir, "IP:127.0.0.1")?,
             ServerCert::SelfSignedCaOtherName => {
                 make_self_signed_ca(dir, "DNS:not-the-api.example")?
@@ -277,7 +295,7 @@ impl FakeKubeApi {
                 .with_no_client_auth()
                 .with_single_cert(certs, key)?,
         );
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let listener = TcpListener::bind(SocketAddr::new(ip, 0))?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State {
             pods: HashMap::new(),

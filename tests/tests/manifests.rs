@@ -3,33 +3,8 @@
 //! agent's own mounts.
 use fastpath_installer::config::{Config, RawConfig};
 use fastpath_tests::installer::{Agent, Host, PRIMARY};
+use fastpath_tests::manifest::{container, find, manifest_path, objects};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-
-fn manifest_path(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../manifests")
-        .join(name)
-}
-
-fn objects(name: &str) -> Vec<Value> {
-    let text = std::fs::read_to_string(manifest_path(name)).unwrap();
-    serde_saphyr::from_multiple::<Value>(&text)
-        .unwrap_or_else(|e| panic!("{name} is not YAML: {e}"))
-        .into_iter()
-        .filter(|v| !v.is_null())
-        .collect()
-}
-
-fn find<'a>(objs: &'a [Value], kind: &str, name: &str) -> &'a Value {
-    objs.iter()
-        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
-        .unwrap_or_else(|| panic!("no {kind} {name}"))
-}
-
-fn container(ds: &Value) -> &Value {
-    &ds["spec"]["template"]["spec"]["containers"][0]
-}
 
 /// The Kubernetes objects the project ships (the Helm values and IstioOperator files are
 /// inputs to Istio's tools, not objects).

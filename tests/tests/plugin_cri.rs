@@ -13,22 +13,11 @@ use std::time::Duration;
 const TOKEN: &str = "cri-test-token";
 
 fn sandbox_config(ns: &str, name: &str, log_dir: &Path) -> Value {
-    json!({
-        "metadata": {"name": name, "uid": format!("uid-{name}"), "namespace": ns, "attempt": 0},
-        "hostname": name,
-        "logDirectory": log_dir.join(name),
-        "labels": {"app": name},
-        "linux": {"securityContext": {"namespaceOptions": {}}}
-    })
+    fastpath_tests::cri::pod_sandbox_config(ns, name, log_dir)
 }
 
 fn netns_save(netns: &str, bin: &str) -> String {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={netns}"))
-        .arg(bin)
-        .output()
-        .expect("nsenter");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    fastpath_tests::cri::in_netns_output(netns, &[bin])
 }
 
 /// A node as containerd's CRI sees it: the CNI chain loopback, bridge + host-local, istio-cni
