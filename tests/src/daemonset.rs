@@ -208,13 +208,11 @@ const CGROUP_ROOT_MOUNT: &str = "/host/sys/fs/cgroup/unified";
 /// unified hierarchy at /sys/fs/cgroup.
 ///
 /// On a hybrid node containerd runs containers with cgroup v1, in the node's cgroup
-/// namespace, and their /sys/fs/cgroup holds the v1 hierarchies only. The agent then finds
-/// no cgroup v2 mount: it reads the host's mounts (/host/proc/1/mounts, through
-/// /host/proc/1/root) only when its cgroup namespace is not the host's, so acceleration stays
-/// off ("no cgroup v2 mount found"), a product gap on hybrid nodes. On this VM the host's
-/// /proc/1/root cannot be reached at all (its init refuses even root: EACCES), so the test
-/// mounts the host's cgroup v2 root into the container and points FASTPATH_CGROUP_ROOT at it,
-/// the documented knob for such nodes, the only setting it adds to the manifest's.
+/// namespace, and their /sys/fs/cgroup holds the v1 hierarchies only. The agent then takes
+/// the host's cgroup v2 from /host/proc/1/mounts, through /host/proc/1/root. On this VM the
+/// host's /proc/1/root cannot be reached at all (its init refuses even root: EACCES), so the
+/// test mounts the host's cgroup v2 root into the container and points FASTPATH_CGROUP_ROOT at
+/// it, the documented knob for such nodes, the only setting it adds to the manifest's.
 pub fn hybrid_cgroup_root() -> Option<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     let v2 = mounts.lines().find_map(|l| {
@@ -1069,11 +1067,13 @@ fn stream_byte(offset: u64) -> u8 {
 
 /// A one-way transfer on a connection that runs until [`Stream::finish`]: the writer writes
 /// [`stream_byte`]s in chunks, the reader checks every byte as it arrives.
-/// How far a [`Stream`]'s writer may get ahead of its reader: far below the bound of unread
-/// redirected bytes past which a connection leaves the fast path (FASTPATH_MAX_QUEUED_BYTES,
-/// 16 MiB), however slowly the reader gets the CPU. Bytes read after a moment may have been
-/// written (and counted) up to this much before it.
-pub const STREAM_AHEAD: u64 = 4 << 20;
+/// How far a [`Stream`]'s writer may get ahead of its reader before it writes another 64 KiB
+/// chunk: so that the unread bytes (at most this and one chunk, 160 KiB) stay below the
+/// bound past which a connection leaves the fast path, however slowly the reader gets the
+/// CPU. That bound is the reader's backlog room, and the app's sidecar, reached through the
+/// redirect, has the smallest: 168 KiB (docs/accelerator.md, *The backlog room*). Bytes read
+/// after a moment may have been written (and counted) up to this much before it.
+pub const STREAM_AHEAD: u64 = 96 << 10;
 
 /// Dropped unfinished (a test failed), it stops: the writer half-closes, the reader ends.
 pub struct Stream {

@@ -84,7 +84,20 @@ pub fn host_cgroup_root(view: &NodeView<'_>) -> Result<PathBuf, String> {
              Istio's chart does with repair.repairPods=true, or set FASTPATH_CGROUP_ROOT)"
                 .to_string(),
         ),
-        _ => cgroup2_root(view.own_mounts).ok_or_else(|| "no cgroup v2 mount found".to_string()),
+        // In the host's cgroup namespace, either mount table names the same hierarchy: the
+        // pod's own when a cgroup v2 is mounted in it, else the host's through `host_root` (a
+        // hybrid host under a runtime that mounts only the v1 controllers into the pod).
+        _ => cgroup2_root(view.own_mounts)
+            .or_else(|| {
+                let root = cgroup2_root(view.host_mounts?)?;
+                Some(view.host_root.join(root.strip_prefix("/").unwrap_or(&root)))
+            })
+            .ok_or_else(|| {
+                "no cgroup v2 mount in this pod's mounts nor in the host's /host/proc/1/mounts \
+                 (a cgroup v1 host; on a hybrid host, mount the host's cgroup v2 hierarchy or set \
+                 FASTPATH_CGROUP_ROOT)"
+                    .to_string()
+            }),
     }
 }
 
@@ -275,6 +288,31 @@ mod tests {
             ..view
         };
         assert_eq!(host_bpffs(&bare), PathBuf::from("/sys/fs/bpf"));
+    }
+
+    /// A hybrid host whose runtime mounts only the v1 controllers into the pod (containerd in
+    /// cgroup v1 mode, sharing the host's cgroup namespace): the host's cgroup v2 is reached
+    /// through /host/proc. Without /host/proc the error names what to do.
+    #[test]
+    fn in_the_hosts_cgroup_namespace_without_cgroup2_in_the_pod_the_hosts_is_used() {
+        let v1_only = "tmpfs /sys/fs/cgroup tmpfs ro 0 0\n\
+                       cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n";
+        let view = NodeView {
+            own_mounts: v1_only,
+            host_mounts: Some(HOST_MOUNTS),
+            host_cgroup_ns: true,
+            host_root: Path::new("/host/proc/1/root"),
+        };
+        assert_eq!(
+            host_cgroup_root(&view),
+            Ok(PathBuf::from("/host/proc/1/root/sys/fs/cgroup/unified"))
+        );
+        let e = host_cgroup_root(&NodeView {
+            host_mounts: None,
+            ..view
+        })
+        .unwrap_err();
+        assert!(e.contains("FASTPATH_CGROUP_ROOT"), "{e}");
     }
 
     /// Istio's chart with repair.repairPods=false mounts no /host/proc: a pod in a cgroup
