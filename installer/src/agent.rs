@@ -111,9 +111,15 @@ pub fn run(cfg: Config, entry: serde_json::Map<String, serde_json::Value>) -> i3
         let now = Instant::now();
         let pass = installer.reconcile(now);
         let was_ready = readiness.is_ready();
-        readiness.set("binary", pass.binary.clone());
-        readiness.set("kubeconfig", pass.kubeconfig.clone());
-        readiness.set("cni-config", pass.cni_config.clone());
+        readiness.set("binary", pass.binary.as_ref().copied().map_err(|e| e as _));
+        readiness.set(
+            "kubeconfig",
+            pass.kubeconfig.as_ref().copied().map_err(|e| e as _),
+        );
+        readiness.set(
+            "cni-config",
+            pass.cni_config.as_ref().copied().map_err(|e| e as _),
+        );
         let ready = readiness.is_ready();
         if ready != was_ready {
             match ready {
@@ -137,7 +143,7 @@ pub fn run(cfg: Config, entry: serde_json::Map<String, serde_json::Value>) -> i3
         }
     };
 
-    readiness.set("cni-config", Err("shutting down".into()));
+    readiness.set("cni-config", Err(&"shutting down"));
     drop(watches);
     shut_down(&cfg, &installer, signal)
 }
@@ -296,7 +302,10 @@ fn start_pod_watch(cfg: &Config, installer: &Installer, metrics: &Arc<Metrics>) 
         }
     }
     for (node, consumers) in watches {
-        if let Err(e) = api().and_then(|api| crate::pod_watch::start(&api, &node, consumers)) {
+        let started = api().map_err(ComponentStartError::from).and_then(|api| {
+            crate::pod_watch::start(&api, &node, consumers).map_err(ComponentStartError::from)
+        });
+        if let Err(e) = started {
             log::warn!(target: SCOPE, "the watch of node {node}'s pods did not start: {e}");
         }
     }
@@ -306,18 +315,19 @@ fn start_pod_watch(cfg: &Config, installer: &Installer, metrics: &Arc<Metrics>) 
 /// is filled by the node's pod watch.
 fn start_pod_cache(
     cfg: &Config,
-    api: impl Fn() -> Result<crate::pod_watch::ApiSettings, String>,
+    api: impl Fn() -> Result<crate::pod_watch::ApiSettings, crate::install::KubeconfigError>,
 ) -> Option<crate::pod_cache::CacheFeed> {
     if !cfg.pod_cache {
         log::info!(target: SCOPE, "pod cache off (FASTPATH_POD_CACHE=false): every pod ADD asks the API server");
         return None;
     }
-    let prepared = api().and_then(|api| {
+    let prepared = api().map_err(ComponentStartError::from).and_then(|api| {
         crate::pod_cache::prepare(&crate::pod_cache::PodCacheSettings {
             api,
             node_name: cfg.identity.node_name.clone(),
             socket: fastpath_cni_plugin::pod_cache::socket_path(&cfg.cni_agent_run_dir),
         })
+        .map_err(ComponentStartError::from)
     });
     match prepared {
         Ok((feed, _)) => Some(feed),
@@ -332,14 +342,17 @@ fn start_pod_cache(
 /// switched on; it acts on the events of the node's pod watch.
 fn start_repair(
     cfg: &Config,
-    api: impl Fn() -> Result<crate::pod_watch::ApiSettings, String>,
+    api: impl Fn() -> Result<crate::pod_watch::ApiSettings, crate::install::KubeconfigError>,
     metrics: &Arc<Metrics>,
 ) -> Option<crate::repair::RepairFeed> {
     if !cfg.repair.enabled {
         log::info!(target: SCOPE, "repair controller off (REPAIR_ENABLED=false)");
         return None;
     }
-    match api().and_then(|api| crate::repair::start(&api, &cfg.repair, metrics.clone())) {
+    let started = api().map_err(ComponentStartError::from).and_then(|api| {
+        crate::repair::start(&api, &cfg.repair, metrics.clone()).map_err(ComponentStartError::from)
+    });
+    match started {
         Ok(Some((action, feed))) => {
             log::info!(target: SCOPE, "repair controller on: broken pods of node {} are handled by {} (selector {:?}{})", cfg.repair.node_name, match action {
                 crate::repair::Action::Repair => "repairing them in place",
@@ -445,18 +458,45 @@ fn describe(cfg: &Config) -> String {
     )
 }
 
+/// Why a component that runs beside the installer (the pod cache, the repair controller, the
+/// watch of the node's pods) did not start: said after what is off, never fatal.
+#[derive(Debug, thiserror::Error)]
+enum ComponentStartError {
+    /// No service-account credentials for the API.
+    #[error(transparent)]
+    ApiAccess(#[from] crate::install::KubeconfigError),
+    #[error(transparent)]
+    PodCache(#[from] crate::pod_cache::PodCacheError),
+    #[error(transparent)]
+    Repair(#[from] crate::repair::run::RepairStartError),
+    #[error(transparent)]
+    Watch(#[from] crate::pod_watch::WatchStartError),
+}
+
+/// Why the health or metrics server did not start (fatal).
+#[derive(Debug, thiserror::Error)]
+enum ServerStartError {
+    #[error("cannot listen on the health port {port} (FASTPATH_HEALTH_PORT): {source}")]
+    HealthPort { port: u16, source: std::io::Error },
+    #[error("cannot start the health server: {0}")]
+    Health(#[source] std::io::Error),
+    #[error("cannot listen on the monitoring port {port} (MONITORING_PORT): {source}")]
+    MonitoringPort { port: u16, source: std::io::Error },
+    #[error("cannot start the metrics server: {0}")]
+    Metrics(#[source] std::io::Error),
+}
+
 fn start_servers(
     cfg: &Config,
     readiness: &Arc<Readiness>,
     metrics: &Arc<Metrics>,
     accel_state: &Arc<OnceLock<AccelState>>,
-) -> Result<(), String> {
-    let health = http::bind_all(cfg.health_port).map_err(|e| {
-        format!(
-            "cannot listen on the health port {} (FASTPATH_HEALTH_PORT): {e}",
-            cfg.health_port
-        )
-    })?;
+) -> Result<(), ServerStartError> {
+    let health =
+        http::bind_all(cfg.health_port).map_err(|source| ServerStartError::HealthPort {
+            port: cfg.health_port,
+            source,
+        })?;
     let r = readiness.clone();
     http::serve(
         "health",
@@ -468,11 +508,10 @@ fn start_servers(
             _ => Response::text(404, "not found\n"),
         },
     )
-    .map_err(|e| format!("cannot start the health server: {e}"))?;
+    .map_err(ServerStartError::Health)?;
     if let Some(port) = cfg.monitoring_port {
-        let l = http::bind_all(port).map_err(|e| {
-            format!("cannot listen on the monitoring port {port} (MONITORING_PORT): {e}")
-        })?;
+        let l = http::bind_all(port)
+            .map_err(|source| ServerStartError::MonitoringPort { port, source })?;
         let (r, m, a, settings) = (
             readiness.clone(),
             metrics.clone(),
@@ -504,7 +543,7 @@ fn start_servers(
                 _ => Response::text(404, "not found\n"),
             },
         )
-        .map_err(|e| format!("cannot start the metrics server: {e}"))?;
+        .map_err(ServerStartError::Metrics)?;
     }
     Ok(())
 }
@@ -518,7 +557,7 @@ fn start_log_socket(cfg: &Config, metrics: &Arc<Metrics>, readiness: &Readiness)
             true
         }
         Err(e) => {
-            if readiness.set("log-socket", Err(e.clone())) {
+            if readiness.set("log-socket", Err(&e)) {
                 log::error!(target: SCOPE, "{e}");
             }
             false

@@ -142,6 +142,33 @@ pub enum Command {
     Help,
 }
 
+/// Why the configuration was refused: an env var or flag with a bad value (naming the
+/// variable, as given, and the value), or a command line that cannot be read.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SettingError {
+    #[error(
+        "unknown command {command:?} (expected uninstall, uninstall-and-wait, accel-status, version)"
+    )]
+    UnknownCommand { command: String },
+    #[error("more than one command given ({arg:?})")]
+    SecondCommand { arg: String },
+    #[error("unknown flag: --{flag}")]
+    UnknownFlag { flag: String },
+    #[error("flag needs an argument: --{flag}")]
+    MissingArgument { flag: String },
+    /// A value that cannot be used; `given_as` is how it was set (`--flag` or `ENV`).
+    #[error("invalid {given_as}={value:?}: {why}")]
+    Invalid {
+        env: &'static str,
+        given_as: String,
+        value: String,
+        why: String,
+    },
+    /// A variable the running agent needs (set by Kubernetes in a pod) is not set.
+    #[error("{env} is not set: is this not running within a pod?")]
+    NotSet { env: &'static str },
+}
+
 /// Strings as given, before any interpretation.
 #[derive(Clone, Debug)]
 pub struct RawConfig {
@@ -178,7 +205,7 @@ impl RawConfig {
     pub fn read(
         args: impl IntoIterator<Item = String>,
         env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SettingError> {
         let mut values = BTreeMap::new();
         for p in PARAMS {
             match env(p.env).filter(|v| !v.is_empty()) {
@@ -200,13 +227,13 @@ impl RawConfig {
                     "version" => Command::Version,
                     "help" => Command::Help,
                     other => {
-                        return Err(format!(
-                            "unknown command {other:?} (expected uninstall, uninstall-and-wait, accel-status, version)"
-                        ));
+                        return Err(SettingError::UnknownCommand {
+                            command: other.to_string(),
+                        });
                     }
                 };
                 if command.replace(c).is_some() {
-                    return Err(format!("more than one command given ({arg:?})"));
+                    return Err(SettingError::SecondCommand { arg });
                 }
                 continue;
             };
@@ -218,14 +245,16 @@ impl RawConfig {
                 Some((n, v)) => (n, Some(v.to_string())),
                 None => (body, None),
             };
-            let param = param_by_flag(name).ok_or_else(|| format!("unknown flag: --{name}"))?;
+            let param = param_by_flag(name).ok_or_else(|| SettingError::UnknownFlag {
+                flag: name.to_string(),
+            })?;
             let value = match (inline, param.kind) {
                 (Some(v), _) => v,
                 // pflag: a bare boolean flag means true.
                 (None, Kind::Bool) => "true".to_string(),
-                (None, _) => args
-                    .next()
-                    .ok_or_else(|| format!("flag needs an argument: --{name}"))?,
+                (None, _) => args.next().ok_or_else(|| SettingError::MissingArgument {
+                    flag: name.to_string(),
+                })?,
             };
             values.insert(param.env, (value, Source::Flag));
         }
@@ -243,18 +272,18 @@ impl RawConfig {
         self.values.get(env).expect("known parameter").1
     }
 
-    fn bool(&self, env: &'static str) -> Result<bool, String> {
+    fn bool(&self, env: &'static str) -> Result<bool, SettingError> {
         parse_bool(self.get(env)).ok_or_else(|| self.bad(env, "expected true or false"))
     }
 
-    fn int(&self, env: &'static str) -> Result<i64, String> {
+    fn int(&self, env: &'static str) -> Result<i64, SettingError> {
         self.get(env)
             .trim()
             .parse()
             .map_err(|_| self.bad(env, "expected an integer"))
     }
 
-    fn mode(&self, env: &'static str) -> Result<u32, String> {
+    fn mode(&self, env: &'static str) -> Result<u32, SettingError> {
         let v = parse_go_int(self.get(env))
             .ok_or_else(|| self.bad(env, "expected a file mode such as 0600 or 384"))?;
         if !(0..=0o7777).contains(&v) {
@@ -263,7 +292,7 @@ impl RawConfig {
         Ok(v as u32)
     }
 
-    fn path(&self, env: &'static str) -> Result<PathBuf, String> {
+    fn path(&self, env: &'static str) -> Result<PathBuf, SettingError> {
         let v = self.get(env);
         if !v.starts_with('/') {
             return Err(self.bad(env, "expected an absolute path"));
@@ -271,7 +300,7 @@ impl RawConfig {
         Ok(PathBuf::from(v))
     }
 
-    fn port(&self, env: &'static str, allow_off: bool) -> Result<Option<u16>, String> {
+    fn port(&self, env: &'static str, allow_off: bool) -> Result<Option<u16>, SettingError> {
         let v = self.int(env)?;
         if v <= 0 && allow_off {
             return Ok(None);
@@ -284,13 +313,18 @@ impl RawConfig {
     }
 
     /// The one message for a bad value.
-    pub fn bad(&self, env: &'static str, why: &str) -> String {
+    pub fn bad(&self, env: &'static str, why: &str) -> SettingError {
         let p = param_by_env(env);
-        let from = match self.source(env) {
+        let given_as = match self.source(env) {
             Source::Flag => format!("--{}", p.flag),
             _ => env.to_string(),
         };
-        format!("invalid {from}={:?}: {why}", self.get(env))
+        SettingError::Invalid {
+            env,
+            given_as,
+            value: self.get(env).to_string(),
+            why: why.to_string(),
+        }
     }
 }
 
@@ -391,7 +425,7 @@ impl Config {
     pub fn build(
         raw: &RawConfig,
         read_file: impl Fn(&str) -> std::io::Result<String>,
-    ) -> Result<Config, String> {
+    ) -> Result<Config, SettingError> {
         let log = LogSettings::parse(
             raw.get("LOG_OUTPUT_LEVEL"),
             raw.bool("LOG_AS_JSON")?,
@@ -500,12 +534,10 @@ impl Config {
     }
 
     /// Checks what only the running agent needs (the uninstall command does not).
-    pub fn check_for_run(&self, raw: &RawConfig) -> Result<(), String> {
+    pub fn check_for_run(&self, raw: &RawConfig) -> Result<(), SettingError> {
         for env in ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"] {
             if raw.get(env).is_empty() {
-                return Err(format!(
-                    "{env} is not set: is this not running within a pod?"
-                ));
+                return Err(SettingError::NotSet { env });
             }
         }
         Ok(())
@@ -534,7 +566,7 @@ impl Config {
 }
 
 /// The repair controller's settings (Istio's `REPAIR_*`).
-fn repair_settings(raw: &RawConfig) -> Result<crate::repair::RepairSettings, String> {
+fn repair_settings(raw: &RawConfig) -> Result<crate::repair::RepairSettings, SettingError> {
     let s = |env: &str| raw.get(env).to_string();
     Ok(crate::repair::RepairSettings {
         enabled: raw.bool("REPAIR_ENABLED")?,
@@ -574,7 +606,7 @@ pub fn split_exclude_namespaces(s: &str) -> Vec<String> {
 fn template(
     raw: &RawConfig,
     read_file: impl Fn(&str) -> std::io::Result<String>,
-) -> Result<Template, String> {
+) -> Result<Template, SettingError> {
     Ok(
         match (
             raw.get("CNI_NETWORK_CONFIG"),
@@ -603,7 +635,7 @@ fn template(
 
 /// The accelerator's settings: the host paths found from what this process sees of the
 /// node, unless set, and the acceleration knobs.
-fn accel_settings(raw: &RawConfig) -> Result<crate::accel::AccelSettings, String> {
+fn accel_settings(raw: &RawConfig) -> Result<crate::accel::AccelSettings, SettingError> {
     let optional_path = |env: &'static str| match raw.get(env) {
         "" => Ok(None),
         _ => raw.path(env).map(Some),
@@ -658,7 +690,7 @@ pub fn usage() -> String {
 mod tests {
     use super::*;
 
-    fn read(args: &[&str], env: &[(&str, &str)]) -> Result<RawConfig, String> {
+    fn read(args: &[&str], env: &[(&str, &str)]) -> Result<RawConfig, SettingError> {
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -668,7 +700,7 @@ mod tests {
         })
     }
 
-    fn build(args: &[&str], env: &[(&str, &str)]) -> Result<Config, String> {
+    fn build(args: &[&str], env: &[(&str, &str)]) -> Result<Config, SettingError> {
         Config::build(&read(args, env)?, |_| Ok(String::new()))
     }
 
@@ -715,39 +747,108 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_variable_and_value() {
-        let e = build(&[], &[("CHAINED_CNI_PLUGIN", "maybe")]).unwrap_err();
+        let e = build(&[], &[("CHAINED_CNI_PLUGIN", "maybe")])
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "invalid CHAINED_CNI_PLUGIN=\"maybe\": expected true or false"
         );
-        let e = build(&["--monitoring-port=abc"], &[]).unwrap_err();
+        let e = build(&["--monitoring-port=abc"], &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("invalid --monitoring-port=\"abc\""), "{e}");
-        let e = build(&[], &[("KUBECONFIG_MODE", "0999")]).unwrap_err();
+        let e = build(&[], &[("KUBECONFIG_MODE", "0999")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("KUBECONFIG_MODE=\"0999\""), "{e}");
-        let e = build(&[], &[("LOG_OUTPUT_LEVEL", "cni-agent:loud")]).unwrap_err();
+        let e = build(&[], &[("LOG_OUTPUT_LEVEL", "cni-agent:loud")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("LOG_OUTPUT_LEVEL=\"cni-agent:loud\""), "{e}");
-        let e = build(&["--log_output_level=cni-agent:loud"], &[]).unwrap_err();
+        let e = build(&["--log_output_level=cni-agent:loud"], &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--log_output_level=\"cni-agent:loud\""), "{e}");
-        let e = build(&["--no-such-flag"], &[]).unwrap_err();
+        let e = build(&["--no-such-flag"], &[]).unwrap_err().to_string();
         assert!(e.contains("--no-such-flag"), "{e}");
-        let e = build(&[], &[("REPAIR_INIT_CONTAINER_EXIT_CODE", "x")]).unwrap_err();
+        let e = build(&[], &[("REPAIR_INIT_CONTAINER_EXIT_CODE", "x")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("REPAIR_INIT_CONTAINER_EXIT_CODE"), "{e}");
-        let e = build(&[], &[("MOUNTED_CNI_NET_DIR", "relative/dir")]).unwrap_err();
+        let e = build(&[], &[("MOUNTED_CNI_NET_DIR", "relative/dir")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("MOUNTED_CNI_NET_DIR"), "{e}");
-        let e = build(&[], &[("AMBIENT_ENABLED", "true")]).unwrap_err();
+        let e = build(&[], &[("AMBIENT_ENABLED", "true")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("AMBIENT_ENABLED"), "{e}");
-        let e = build(&[], &[("FASTPATH_KEEP_INSTALL_ON_SHUTDOWN", "sometimes")]).unwrap_err();
+        let e = build(&[], &[("FASTPATH_KEEP_INSTALL_ON_SHUTDOWN", "sometimes")])
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "invalid FASTPATH_KEEP_INSTALL_ON_SHUTDOWN=\"sometimes\": expected auto, true or false"
         );
         for bad in ["1000", "2147483648", "-1", "2MiB"] {
-            let e = build(&[], &[("FASTPATH_MAX_QUEUED_BYTES", bad)]).unwrap_err();
+            let e = build(&[], &[("FASTPATH_MAX_QUEUED_BYTES", bad)])
+                .unwrap_err()
+                .to_string();
             assert!(
                 e.contains(&format!("FASTPATH_MAX_QUEUED_BYTES=\"{bad}\"")),
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn setting_errors_carry_the_variable_and_value() {
+        match build(&["--monitoring-port=abc"], &[]).unwrap_err() {
+            SettingError::Invalid {
+                env,
+                given_as,
+                value,
+                why,
+            } => {
+                assert_eq!(env, "MONITORING_PORT");
+                assert_eq!(given_as, "--monitoring-port");
+                assert_eq!(value, "abc");
+                assert_eq!(why, "expected an integer");
+            }
+            e => panic!("{e:?}"),
+        }
+        assert_eq!(
+            read(&["--no-such-flag"], &[]).unwrap_err(),
+            SettingError::UnknownFlag {
+                flag: "no-such-flag".into()
+            }
+        );
+        assert_eq!(
+            read(&["--cni-conf-name"], &[]).unwrap_err().to_string(),
+            "flag needs an argument: --cni-conf-name"
+        );
+        assert_eq!(
+            read(&["bogus"], &[]).unwrap_err().to_string(),
+            "unknown command \"bogus\" (expected uninstall, uninstall-and-wait, accel-status, version)"
+        );
+        assert_eq!(
+            read(&["version", "help"], &[]).unwrap_err().to_string(),
+            "more than one command given (\"help\")"
+        );
+        let raw = read(&[], &[]).unwrap();
+        let c = Config::build(&raw, |_| Ok(String::new())).unwrap();
+        let e = c.check_for_run(&raw).unwrap_err();
+        assert_eq!(
+            e,
+            SettingError::NotSet {
+                env: "KUBERNETES_SERVICE_HOST"
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "KUBERNETES_SERVICE_HOST is not set: is this not running within a pod?"
+        );
     }
 
     #[test]
@@ -807,7 +908,9 @@ mod tests {
         })
         .unwrap();
         assert_eq!(c.template.text, "{}");
-        let e = Config::build(&raw, |_| Err(std::io::Error::other("nope"))).unwrap_err();
+        let e = Config::build(&raw, |_| Err(std::io::Error::other("nope")))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("CNI_NETWORK_CONFIG_FILE=\"/t.json\""), "{e}");
     }
 

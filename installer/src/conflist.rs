@@ -130,12 +130,37 @@ impl TemplateVars {
     }
 }
 
+/// Why the plugin config template (`origin`: where it came from) gave no usable entry.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    /// Tera refused it (`why`: its error and causes).
+    #[error("the plugin config template ({origin}) does not render: {why}")]
+    Render { origin: String, why: String },
+    #[error(
+        "the plugin config template ({origin}) does not render to valid JSON: {source}; rendered: {rendered}"
+    )]
+    NotJson {
+        origin: String,
+        rendered: String,
+        source: serde_json::Error,
+    },
+    #[error(
+        "the plugin config template ({origin}) must render to a JSON object; rendered: {rendered}"
+    )]
+    NotObject { origin: String, rendered: String },
+    #[error(
+        "the plugin config template ({origin}) must render an object with \"type\": \"{}\"; rendered: {rendered}",
+        PLUGIN_TYPE
+    )]
+    NotIstioCni { origin: String, rendered: String },
+}
+
 /// Renders the entry. The result must be a JSON object with `type` `istio-cni`.
 pub fn render_entry(
     template: &str,
     origin: &str,
     vars: &TemplateVars,
-) -> Result<Map<String, Value>, String> {
+) -> Result<Map<String, Value>, TemplateError> {
     let mut tera = tera::Tera::default();
     let json = |v: &tera::Value, _: tera::Kwargs, _: &tera::State| {
         serde_json::to_string(v).unwrap_or_default()
@@ -152,29 +177,38 @@ pub fn render_entry(
             ctx.insert(*legacy, v);
         }
     }
-    let mut text = tera.render_str(template, &ctx, false).map_err(|e| {
-        format!(
-            "the plugin config template ({origin}) does not render: {}",
-            tera_error(&e)
-        )
-    })?;
+    let mut text = tera
+        .render_str(template, &ctx, false)
+        .map_err(|e| TemplateError::Render {
+            origin: origin.to_string(),
+            why: tera_error(&e),
+        })?;
     for (legacy, _, v) in &table {
         if text.contains(legacy) {
             text = text.replace(legacy, &vars.legacy_text(legacy, v));
         }
     }
-    let value: Value = serde_json::from_str(&text).map_err(|e| {
-        format!("the plugin config template ({origin}) does not render to valid JSON: {e}; rendered: {text}")
-    })?;
+    let value: Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(source) => {
+            return Err(TemplateError::NotJson {
+                origin: origin.to_string(),
+                rendered: text,
+                source,
+            });
+        }
+    };
     let Value::Object(map) = value else {
-        return Err(format!(
-            "the plugin config template ({origin}) must render to a JSON object; rendered: {text}"
-        ));
+        return Err(TemplateError::NotObject {
+            origin: origin.to_string(),
+            rendered: text,
+        });
     };
     if map.get("type").and_then(Value::as_str) != Some(PLUGIN_TYPE) {
-        return Err(format!(
-            "the plugin config template ({origin}) must render an object with \"type\": \"{PLUGIN_TYPE}\"; rendered: {text}"
-        ));
+        return Err(TemplateError::NotIstioCni {
+            origin: origin.to_string(),
+            rendered: text,
+        });
     }
     Ok(map)
 }
@@ -338,31 +372,54 @@ fn plugins(m: &Map<String, Value>) -> Vec<&Map<String, Value>> {
         .unwrap_or_default()
 }
 
+/// Why a file in the conf dir is not a valid CNI config (libcni would refuse it too).
+#[derive(Debug, thiserror::Error)]
+pub enum NetConfError {
+    #[error("empty file")]
+    Empty,
+    #[error("invalid JSON: {source}")]
+    InvalidJson { source: serde_json::Error },
+    #[error("not a JSON object")]
+    NotObject,
+    #[error("conflist has no \"name\"")]
+    NoName,
+    #[error("conflist has no \"plugins\" list")]
+    NoPluginList,
+    #[error("conflist has no plugins")]
+    NoPlugins,
+    /// The plugin at `index` in the list has no `type`.
+    #[error("plugin {index} has no \"type\"")]
+    PluginWithoutType { index: usize },
+    #[error("a .conf with no \"type\" (a conflist saved as .conf?)")]
+    ConfWithoutType,
+}
+
 /// Parses a file from the conf dir as libcni's `ConfFromBytes` (`.conf`) or
 /// `ConfListFromBytes` (`.conflist`) would, with the reason when it is not valid.
-pub fn parse_net_conf(file_name: &str, bytes: &[u8]) -> Result<NetConf, String> {
+pub fn parse_net_conf(file_name: &str, bytes: &[u8]) -> Result<NetConf, NetConfError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err("empty file".into());
+        return Err(NetConfError::Empty);
     }
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| format!("invalid JSON: {e}"))?;
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|source| NetConfError::InvalidJson { source })?;
     let Value::Object(value) = value else {
-        return Err("not a JSON object".into());
+        return Err(NetConfError::NotObject);
     };
     if file_name.ends_with(".conflist") {
         match value.get("name") {
             Some(Value::String(n)) if !n.is_empty() => {}
-            _ => return Err("conflist has no \"name\"".into()),
+            _ => return Err(NetConfError::NoName),
         }
         let Some(list) = value.get("plugins").and_then(Value::as_array) else {
-            return Err("conflist has no \"plugins\" list".into());
+            return Err(NetConfError::NoPluginList);
         };
         if list.is_empty() {
-            return Err("conflist has no plugins".into());
+            return Err(NetConfError::NoPlugins);
         }
-        for (i, p) in list.iter().enumerate() {
+        for (index, p) in list.iter().enumerate() {
             match p.as_object().and_then(|p| p.get("type")) {
                 Some(Value::String(t)) if !t.is_empty() => {}
-                _ => return Err(format!("plugin {i} has no \"type\"")),
+                _ => return Err(NetConfError::PluginWithoutType { index }),
             }
         }
         Ok(NetConf {
@@ -375,7 +432,7 @@ pub fn parse_net_conf(file_name: &str, bytes: &[u8]) -> Result<NetConf, String> 
                 value,
                 single: true,
             }),
-            _ => Err("a .conf with no \"type\" (a conflist saved as .conf?)".into()),
+            _ => Err(NetConfError::ConfWithoutType),
         }
     }
 }
@@ -454,9 +511,21 @@ pub fn remove_entry(value: &Map<String, Value>) -> (Map<String, Value>, bool) {
     (out, removed)
 }
 
+/// What a rewrite of a primary config would have lost (the rewrite is refused).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MergeLossError {
+    /// The single-plugin `.conf`'s plugin is not in the list, unchanged.
+    #[error("the rewritten config would not carry the original plugin")]
+    OriginalPlugin,
+    #[error("the rewritten config would lose or change another plugin")]
+    OtherPlugin,
+    #[error("the rewritten config would lose or change the key {key:?}")]
+    Key { key: String },
+}
+
 /// Refuses a rewrite that would lose anything of the original other than our own entries:
 /// every top-level key and every other plugin must still be there, unchanged and in order.
-pub fn check_preserved(old: &NetConf, new: &Map<String, Value>) -> Result<(), String> {
+pub fn check_preserved(old: &NetConf, new: &Map<String, Value>) -> Result<(), MergeLossError> {
     let others = |plugins: Vec<&Map<String, Value>>| -> Vec<Map<String, Value>> {
         plugins
             .into_iter()
@@ -469,18 +538,16 @@ pub fn check_preserved(old: &NetConf, new: &Map<String, Value>) -> Result<(), St
         let mut original = old.value.clone();
         original.remove("cniVersion");
         if new_others != vec![original] {
-            return Err("the rewritten config would not carry the original plugin".into());
+            return Err(MergeLossError::OriginalPlugin);
         }
         return Ok(());
     }
     if new_others != others(plugins(&old.value)) {
-        return Err("the rewritten config would lose or change another plugin".into());
+        return Err(MergeLossError::OtherPlugin);
     }
     for (k, v) in &old.value {
         if k != "plugins" && new.get(k) != Some(v) {
-            return Err(format!(
-                "the rewritten config would lose or change the key {k:?}"
-            ));
+            return Err(MergeLossError::Key { key: k.clone() });
         }
     }
     Ok(())
@@ -665,6 +732,67 @@ mod tests {
     }
 
     #[test]
+    fn errors_say_what_is_wrong_as_before() {
+        let why = |name: &str, b: &str| parse_net_conf(name, b.as_bytes()).unwrap_err();
+        assert!(matches!(why("a.conflist", " \n"), NetConfError::Empty));
+        assert!(matches!(
+            why("a.conflist", "{not json"),
+            NetConfError::InvalidJson { .. }
+        ));
+        assert!(
+            why("a.conflist", "{not json")
+                .to_string()
+                .starts_with("invalid JSON: ")
+        );
+        assert_eq!(why("a.conflist", "[]").to_string(), "not a JSON object");
+        assert_eq!(
+            why("a.conflist", r#"{"plugins":[]}"#).to_string(),
+            "conflist has no \"name\""
+        );
+        assert_eq!(
+            why("a.conflist", r#"{"name":"x"}"#).to_string(),
+            "conflist has no \"plugins\" list"
+        );
+        assert_eq!(
+            why("a.conflist", r#"{"name":"x","plugins":[]}"#).to_string(),
+            "conflist has no plugins"
+        );
+        let e = why("a.conflist", r#"{"name":"x","plugins":[{"type":"a"},{}]}"#);
+        assert!(matches!(e, NetConfError::PluginWithoutType { index: 1 }));
+        assert_eq!(e.to_string(), "plugin 1 has no \"type\"");
+        assert_eq!(
+            why("a.conf", r#"{"name":"x"}"#).to_string(),
+            "a .conf with no \"type\" (a conflist saved as .conf?)"
+        );
+
+        let conf = parse_net_conf(
+            "l.conflist",
+            br#"{"name":"x","k":1,"plugins":[{"type":"a"}]}"#,
+        )
+        .unwrap();
+        let mut lossy = conf.value.clone();
+        lossy.remove("k");
+        let e = check_preserved(&conf, &lossy).unwrap_err();
+        assert_eq!(e, MergeLossError::Key { key: "k".into() });
+        assert_eq!(
+            e.to_string(),
+            "the rewritten config would lose or change the key \"k\""
+        );
+
+        let e = render_entry(r#"{"type": "bridge"}"#, "built-in", &vars()).unwrap_err();
+        assert!(matches!(e, TemplateError::NotIstioCni { .. }));
+        assert_eq!(
+            e.to_string(),
+            "the plugin config template (built-in) must render an object with \"type\": \"istio-cni\"; rendered: {\"type\": \"bridge\"}"
+        );
+        let e = render_entry("[1]", "built-in", &vars()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the plugin config template (built-in) must render to a JSON object; rendered: [1]"
+        );
+    }
+
+    #[test]
     fn remove_leaves_the_rest() {
         let conf = parse_net_conf("list.conflist", LIST_GOLDEN.as_bytes()).unwrap();
         let (out, removed) = remove_entry(&conf.value);
@@ -743,14 +871,20 @@ mod tests {
             e["kubernetes"]["exclude_namespaces"],
             serde_json::json!(["istio-system", "kube-system"])
         );
-        let err = render_entry("{{ nope }}", "CNI_NETWORK_CONFIG", &vars()).unwrap_err();
+        let err = render_entry("{{ nope }}", "CNI_NETWORK_CONFIG", &vars())
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("CNI_NETWORK_CONFIG") && err.contains("nope"),
             "{err}"
         );
-        let err = render_entry(r#"{"type": "bridge"}"#, "CNI_NETWORK_CONFIG", &vars()).unwrap_err();
+        let err = render_entry(r#"{"type": "bridge"}"#, "CNI_NETWORK_CONFIG", &vars())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("istio-cni"), "{err}");
-        let err = render_entry(r#"{"type": "#, "CNI_NETWORK_CONFIG", &vars()).unwrap_err();
+        let err = render_entry(r#"{"type": "#, "CNI_NETWORK_CONFIG", &vars())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("valid JSON"), "{err}");
     }
 }

@@ -20,9 +20,40 @@ pub struct PluginLine {
 
 /// Parses a `POST /log` body. Lines that are not JSON objects, or have a level other than
 /// debug/info/warn/error, are dropped (as Istio does) and counted in the second value.
-pub fn parse_body(body: &[u8]) -> Result<(Vec<PluginLine>, usize), String> {
-    let lines: Vec<String> = serde_json::from_slice(body)
-        .map_err(|e| format!("body is not a JSON array of strings: {e}"))?;
+/// A `POST /log` body that is not Istio's JSON array of strings (answered with a 400).
+#[derive(Debug, thiserror::Error)]
+#[error("body is not a JSON array of strings: {0}")]
+pub struct LogBodyError(#[source] serde_json::Error);
+
+/// Why the plugin log socket is not listening (the `log-socket` readiness reason).
+#[derive(Debug, thiserror::Error)]
+pub enum LogSocketError {
+    #[error("cannot create {} (CNI_AGENT_RUN_DIR): {source}", dir.display())]
+    CreateDir {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot remove the stale socket {}: {source}", path.display())]
+    RemoveStale {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on the plugin log socket {}: {source}", path.display())]
+    Listen {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot chmod {}: {source}", path.display())]
+    Chmod {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the log socket thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+pub fn parse_body(body: &[u8]) -> Result<(Vec<PluginLine>, usize), LogBodyError> {
+    let lines: Vec<String> = serde_json::from_slice(body).map_err(LogBodyError)?;
     let mut out = Vec::new();
     let mut dropped = 0;
     for l in lines {
@@ -91,39 +122,45 @@ pub fn handle(req: &Request, metrics: &Metrics) -> Response {
 
 /// Listens on `path` (stale socket removed, parent created 0750, socket mode 0600: the plugin
 /// runs as root, and nothing else may write the agent's log).
-pub fn start(path: &Path, metrics: Arc<Metrics>) -> Result<(), String> {
+pub fn start(path: &Path, metrics: Arc<Metrics>) -> Result<(), LogSocketError> {
     if let Some(dir) = path.parent() {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o750)
             .create(dir)
-            .map_err(|e| format!("cannot create {} (CNI_AGENT_RUN_DIR): {e}", dir.display()))?;
+            .map_err(|source| LogSocketError::CreateDir {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(format!(
-                "cannot remove the stale socket {}: {e}",
-                path.display()
-            ));
+        Err(source) => {
+            return Err(LogSocketError::RemoveStale {
+                path: path.to_path_buf(),
+                source,
+            });
         }
     }
-    let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
-        format!(
-            "cannot listen on the plugin log socket {}: {e}",
-            path.display()
-        )
+    let listener =
+        std::os::unix::net::UnixListener::bind(path).map_err(|source| LogSocketError::Listen {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        LogSocketError::Chmod {
+            path: path.to_path_buf(),
+            source,
+        }
     })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
     crate::http::serve(
         "log-socket",
         crate::http::Listener::Unix(listener),
         crate::http::Limits::LOG_SOCKET,
         move |req| handle(req, &metrics),
     )
-    .map_err(|e| format!("cannot start the log socket thread: {e}"))
+    .map_err(LogSocketError::Thread)
 }
 
 #[cfg(test)]

@@ -7,16 +7,16 @@ fn main() {
 }
 
 fn run() -> i32 {
-    let built =
-        RawConfig::read(std::env::args().skip(1), |k| std::env::var(k).ok()).and_then(|raw| {
-            let cfg = Config::build(&raw, |p| std::fs::read_to_string(p))?;
-            // Rendered here too, so a bad template stops start-up with one message.
-            let entry = install::plugin_entry(&cfg)?;
-            if raw.command == Command::Run {
-                cfg.check_for_run(&raw)?;
-            }
-            Ok((raw.command, cfg, entry))
-        });
+    let built = (|| -> anyhow::Result<_> {
+        let raw = RawConfig::read(std::env::args().skip(1), |k| std::env::var(k).ok())?;
+        let cfg = Config::build(&raw, |p| std::fs::read_to_string(p))?;
+        // Rendered here too, so a bad template stops start-up with one message.
+        let entry = install::plugin_entry(&cfg)?;
+        if raw.command == Command::Run {
+            cfg.check_for_run(&raw)?;
+        }
+        Ok((raw.command, cfg, entry))
+    })();
     let (command, cfg, entry) = match built {
         Ok(b) => b,
         Err(e) => {

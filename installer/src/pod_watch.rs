@@ -28,7 +28,36 @@ use crate::repair::RepairFeed;
 const SCOPE: &str = crate::logging::SCOPE_AGENT;
 
 /// One event of the watch as its consumers get it (errors as their text).
-pub type PodEvent = Result<watcher::Event<Pod>, String>;
+pub type PodEvent = Result<watcher::Event<Pod>, WatchError>;
+
+/// An error of the watch (kube-rs retries after it), as text: each consumer gets a copy.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct WatchError(pub String);
+
+/// Why the agent has no API client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiClientError {
+    #[error("the API client cannot be configured: {0}")]
+    Configure(#[source] kube::config::KubeconfigError),
+    #[error("the API client cannot be built: {0}")]
+    Build(#[source] kube::Error),
+}
+
+/// Why the watch of a node's pods did not start (`consumers`: who it was for).
+#[derive(Debug, thiserror::Error)]
+pub enum WatchStartError {
+    #[error("{consumers}: cannot start its runtime: {source}")]
+    Runtime {
+        consumers: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{consumers}: cannot start the pod watch's thread: {source}")]
+    Thread {
+        consumers: &'static str,
+        source: std::io::Error,
+    },
+}
 
 /// The API server and the agent's credentials (its service account's).
 #[derive(Clone, Debug)]
@@ -104,28 +133,34 @@ pub(crate) fn kubeconfig(api: &ApiSettings) -> Kubeconfig {
 }
 
 /// An API client with the agent's credentials (call inside a tokio runtime).
-pub(crate) async fn client(api: &ApiSettings) -> Result<kube::Client, String> {
+pub(crate) async fn client(api: &ApiSettings) -> Result<kube::Client, ApiClientError> {
     let config =
         kube::Config::from_custom_kubeconfig(kubeconfig(api), &KubeConfigOptions::default())
             .await
-            .map_err(|e| format!("the API client cannot be configured: {e}"))?;
-    kube::Client::try_from(config).map_err(|e| format!("the API client cannot be built: {e}"))
+            .map_err(ApiClientError::Configure)?;
+    kube::Client::try_from(config).map_err(ApiClientError::Build)
 }
 
 /// Starts the watch of `node`'s pods for `consumers`, on its own thread.
-pub fn start(api: &ApiSettings, node: &str, consumers: Consumers) -> Result<(), String> {
+pub fn start(api: &ApiSettings, node: &str, consumers: Consumers) -> Result<(), WatchStartError> {
     if consumers.is_empty() {
         return Ok(());
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("{}: cannot start its runtime: {e}", consumers.names()))?;
+        .map_err(|source| WatchStartError::Runtime {
+            consumers: consumers.names(),
+            source,
+        })?;
     let (api, node, names) = (api.clone(), node.to_string(), consumers.names());
     std::thread::Builder::new()
         .name("pod-watch".into())
         .spawn(move || runtime.block_on(run(api, node, consumers)))
-        .map_err(|e| format!("{names}: cannot start the pod watch's thread: {e}"))?;
+        .map_err(|source| WatchStartError::Thread {
+            consumers: names,
+            source,
+        })?;
     Ok(())
 }
 
@@ -142,7 +177,7 @@ async fn run(api: ApiSettings, node: String, mut consumers: Consumers) {
     let events = watcher(pods, watcher::Config::default().fields(&selector)).default_backoff();
     futures_util::pin_mut!(events);
     while let Some(event) = events.next().await {
-        let event: PodEvent = event.map_err(|e| e.to_string());
+        let event: PodEvent = event.map_err(|e| WatchError(e.to_string()));
         if let Some(cache) = &mut consumers.cache {
             cache.observe(&node, &event);
         }

@@ -21,8 +21,8 @@ impl Readiness {
     }
 
     /// Marks a condition met (`Ok`) or not (`Err(reason)`). Returns whether it changed.
-    pub fn set(&self, name: &'static str, state: Result<(), String>) -> bool {
-        let new = state.err();
+    pub fn set(&self, name: &'static str, state: Result<(), &dyn std::fmt::Display>) -> bool {
+        let new = state.err().map(ToString::to_string);
         let mut c = self.conditions.lock().unwrap();
         let old = c.insert(name, new.clone());
         old != Some(new)
@@ -83,7 +83,7 @@ mod tests {
         assert!(r.set("binary", Ok(())));
         assert!(!r.set("binary", Ok(())));
         assert!(!r.is_ready());
-        r.set("cni-config", Err("waiting for a primary".into()));
+        r.set("cni-config", Err(&"waiting for a primary"));
         assert!(r.report().contains("cni-config: waiting for a primary"));
         r.detail("acceleration", "unavailable: x".into());
         r.set("cni-config", Ok(()));

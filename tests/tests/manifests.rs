@@ -1,7 +1,7 @@
 //! The shipped manifests as a cluster would take them: strictly valid Kubernetes objects,
 //! settings install-cni accepts, and a cleanup DaemonSet that does what it says with the
 //! agent's own mounts.
-use fastpath_installer::config::{Config, RawConfig};
+use fastpath_installer::config::{Config, RawConfig, SettingError};
 use fastpath_tests::installer::{Agent, Host, PRIMARY};
 use fastpath_tests::manifest::{container, find, manifest_path, objects};
 use serde_json::Value;
@@ -90,7 +90,7 @@ fn resolve(env: &Value) -> String {
     }
 }
 
-fn build(env: &[(String, String)], args: &[String]) -> Result<Config, String> {
+fn build(env: &[(String, String)], args: &[String]) -> Result<Config, SettingError> {
     let raw = RawConfig::read(args.iter().cloned(), |k| {
         env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
     })?;

@@ -1,8 +1,25 @@
 //! The plugin binary: copied from the image into the host's CNI bin dir when it differs.
 use super::*;
 
+/// Why the plugin binary is not in place on the host (the `binary` readiness reason).
+#[derive(Debug, thiserror::Error)]
+pub enum BinaryInstallError {
+    /// The image's binary directory (`FASTPATH_CNI_BIN_SOURCE_DIR`) cannot be listed.
+    #[error("cannot read the plugin binary directory {}: {source}", dir.display())]
+    SourceDirUnreadable {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    /// The image's binary directory holds no file.
+    #[error("no plugin binary in {} (expected {})", dir.display(), PLUGIN_BINARY)]
+    NoBinary { dir: PathBuf },
+    /// The copy into the host's bin dir failed (the target is unchanged).
+    #[error(transparent)]
+    Copy(#[from] fsutil::FileWriteError),
+}
+
 impl Installer {
-    pub(super) fn ensure_binaries(&mut self, wrote: &mut bool) -> Result<(), String> {
+    pub(super) fn ensure_binaries(&mut self, wrote: &mut bool) -> Result<(), BinaryInstallError> {
         let names = match &self.binaries {
             Some(n) => n.clone(),
             None => {
@@ -28,7 +45,7 @@ impl Installer {
                 self.bin_ok.insert(name, stamp);
                 continue;
             }
-            fsutil::atomic_copy(&src, &dst).map_err(|e| e.to_string())?;
+            fsutil::atomic_copy(&src, &dst)?;
             *wrote = true;
             if self.bin_ok.remove(&name).is_some() {
                 self.metrics.repair(Repair::Binary);
@@ -49,14 +66,13 @@ impl Installer {
     }
 }
 
-pub(super) fn list_binaries(dir: &Path) -> Result<Vec<String>, String> {
+pub(super) fn list_binaries(dir: &Path) -> Result<Vec<String>, BinaryInstallError> {
     let mut names = Vec::new();
-    let entries = std::fs::read_dir(dir).map_err(|e| {
-        format!(
-            "cannot read the plugin binary directory {}: {e}",
-            dir.display()
-        )
-    })?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|source| BinaryInstallError::SourceDirUnreadable {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
     for e in entries.flatten() {
         if std::fs::metadata(e.path())
             .map(|m| m.is_file())
@@ -67,10 +83,9 @@ pub(super) fn list_binaries(dir: &Path) -> Result<Vec<String>, String> {
     }
     names.sort();
     if names.is_empty() {
-        return Err(format!(
-            "no plugin binary in {} (expected {PLUGIN_BINARY})",
-            dir.display()
-        ));
+        return Err(BinaryInstallError::NoBinary {
+            dir: dir.to_path_buf(),
+        });
     }
     Ok(names)
 }

@@ -2,9 +2,54 @@
 //! binary, which stays while any config still names it.
 use super::*;
 
+/// Why a file of the plugin's (an entry's config, the standalone config, the kubeconfig or a
+/// binary) was not taken off the node. Said as [`fsutil::describe_write_error`] says it.
+#[derive(Debug, thiserror::Error)]
+pub enum RemovalError {
+    /// The config without the entry could not be written (the file is unchanged).
+    #[error(transparent)]
+    Rewrite(#[from] fsutil::FileWriteError),
+    #[error("{}", fsutil::describe_write_error(path, source))]
+    Remove {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl RemovalError {
+    fn remove(path: &Path, source: std::io::Error) -> Self {
+        RemovalError::Remove {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// What [`cleanup_node`] could not do.
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupFailure {
+    #[error(transparent)]
+    Removal(#[from] RemovalError),
+    /// The binary stays: configs (`files`) still name the plugin.
+    #[error(
+        "kept the plugin binary in {}: {} still name istio-cni (removing the binary would break pod \
+             creation and deletion on this node)",
+        dir.display(),
+        files.join(", ")
+    )]
+    BinaryKept { dir: PathBuf, files: Vec<String> },
+}
+
+/// Everything [`cleanup_node`] could not do, said in one line (`; `-separated).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct CleanupError {
+    pub failures: Vec<CleanupFailure>,
+}
+
 /// Removes every `istio-cni` entry from one config file, keeping its mode. Missing or invalid
 /// files are left alone.
-pub(super) fn remove_entry_from_file(path: &Path) -> Result<bool, String> {
+pub(super) fn remove_entry_from_file(path: &Path) -> Result<bool, RemovalError> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -32,11 +77,10 @@ pub(super) fn remove_entry_from_file(path: &Path) -> Result<bool, String> {
             path,
             conflist::to_go_json(&Value::Object(out), true).as_bytes(),
             mode,
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
     } else {
         // The list held only our entry: an empty list is not a valid config; remove it.
-        std::fs::remove_file(path).map_err(|e| fsutil::describe_write_error(path, &e))?;
+        std::fs::remove_file(path).map_err(|e| RemovalError::remove(path, e))?;
     }
     log::info!(target: SCOPE, "removed the istio-cni entry from {}", path.display());
     Ok(true)
@@ -62,13 +106,13 @@ pub fn files_naming_plugin(dir: &Path) -> Vec<String> {
 /// Removes the plugin from the node: entries (from `pinned` and from every other config in the
 /// dir), the standalone file, then the kubeconfig, then the binary, which stays if any config
 /// still names it.
-pub fn cleanup_node(cfg: &Config, pinned: Option<&Path>) -> Result<(), String> {
+pub fn cleanup_node(cfg: &Config, pinned: Option<&Path>) -> Result<(), CleanupError> {
     let dir = &cfg.mounted_cni_net_dir;
-    let mut errors = Vec::new();
+    let mut errors: Vec<CleanupFailure> = Vec::new();
     if let Some(p) = pinned
         && let Err(e) = remove_entry_from_file(p)
     {
-        errors.push(e);
+        errors.push(e.into());
     }
     if let Ok(scan) = scan_conf_dir(dir) {
         for c in &scan.valid {
@@ -77,10 +121,10 @@ pub fn cleanup_node(cfg: &Config, pinned: Option<&Path>) -> Result<(), String> {
             if ours_only {
                 match std::fs::remove_file(&path) {
                     Ok(()) => log::info!(target: SCOPE, "removed {}", path.display()),
-                    Err(e) => errors.push(fsutil::describe_write_error(&path, &e)),
+                    Err(e) => errors.push(RemovalError::remove(&path, e).into()),
                 }
             } else if let Err(e) = remove_entry_from_file(&path) {
-                errors.push(e);
+                errors.push(e.into());
             }
         }
     }
@@ -89,7 +133,7 @@ pub fn cleanup_node(cfg: &Config, pinned: Option<&Path>) -> Result<(), String> {
     match std::fs::remove_file(&kubeconfig) {
         Ok(()) => log::info!(target: SCOPE, "removed {}", kubeconfig.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => errors.push(fsutil::describe_write_error(&kubeconfig, &e)),
+        Err(e) => errors.push(RemovalError::remove(&kubeconfig, e).into()),
     }
     if remaining.is_empty() {
         let names =
@@ -99,20 +143,18 @@ pub fn cleanup_node(cfg: &Config, pinned: Option<&Path>) -> Result<(), String> {
             match std::fs::remove_file(&p) {
                 Ok(()) => log::info!(target: SCOPE, "removed {}", p.display()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => errors.push(fsutil::describe_write_error(&p, &e)),
+                Err(e) => errors.push(RemovalError::remove(&p, e).into()),
             }
         }
     } else {
-        errors.push(format!(
-            "kept the plugin binary in {}: {} still name istio-cni (removing the binary would break pod \
-             creation and deletion on this node)",
-            cfg.host_bin_dir.display(),
-            remaining.join(", ")
-        ));
+        errors.push(CleanupFailure::BinaryKept {
+            dir: cfg.host_bin_dir.clone(),
+            files: remaining,
+        });
     }
     if errors.is_empty() {
         Ok(())
     } else {
-        Err(errors.join("; "))
+        Err(CleanupError { failures: errors })
     }
 }

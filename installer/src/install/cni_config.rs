@@ -17,7 +17,7 @@ impl Installer {
             && old != path.with_extension("conflist")
         {
             log::info!(target: SCOPE, "primary CNI config changed from {} to {}", old.display(), path.display());
-            remove_entry_from_file(&old).map_err(ConfInstallError::failed)?;
+            remove_entry_from_file(&old).map_err(|e| ConfInstallError::failed(e.to_string()))?;
             self.written = None;
         }
         let conf = &primary.conf;
@@ -54,7 +54,7 @@ impl Installer {
 
     /// The primary config in `dir` (or why there is none yet), after naming the files skipped.
     fn find_primary(&mut self, dir: &Path) -> Result<Candidate, ConfInstallError> {
-        let scan = scan_conf_dir(dir).map_err(ConfInstallError::failed)?;
+        let scan = scan_conf_dir(dir).map_err(|e| ConfInstallError::failed(e.to_string()))?;
         for (name, why) in &scan.invalid {
             self.say_once(
                 &format!("invalid:{name}:{why}"),
@@ -247,12 +247,18 @@ pub struct Candidate {
     pub symlink_to: Option<String>,
 }
 
-pub fn scan_conf_dir(dir: &Path) -> Result<Scan, String> {
-    let entries = std::fs::read_dir(dir).map_err(|e| {
-        format!(
-            "cannot read the CNI config directory {} (MOUNTED_CNI_NET_DIR): {e}",
-            dir.display()
-        )
+/// The CNI config directory (`MOUNTED_CNI_NET_DIR`) cannot be listed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the CNI config directory {} (MOUNTED_CNI_NET_DIR): {source}", dir.display())]
+pub struct ConfDirError {
+    pub dir: PathBuf,
+    pub source: std::io::Error,
+}
+
+pub fn scan_conf_dir(dir: &Path) -> Result<Scan, ConfDirError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| ConfDirError {
+        dir: dir.to_path_buf(),
+        source,
     })?;
     let mut names: Vec<String> = entries
         .flatten()
@@ -274,7 +280,7 @@ pub fn scan_conf_dir(dir: &Path) -> Result<Scan, String> {
                     digest: fsutil::digest(&bytes),
                     symlink_to,
                 }),
-                Err(why) => scan.invalid.push((name, why)),
+                Err(why) => scan.invalid.push((name, why.to_string())),
             },
             ReadOutcome::Missing => {}
             ReadOutcome::NotRegular(why) | ReadOutcome::Unreadable(why) => {
@@ -285,12 +291,26 @@ pub fn scan_conf_dir(dir: &Path) -> Result<Scan, String> {
     Ok(scan)
 }
 
+/// Why there is no primary config to chain the entry into (yet).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PrimaryConfError {
+    /// The file `CNI_CONF_NAME` names (or its sibling, `name`) is not valid (`why`).
+    #[error("{name} (CNI_CONF_NAME) is not a valid CNI config: {why}")]
+    Invalid { name: String, why: String },
+    /// Neither `CNI_CONF_NAME` (`name`) nor its sibling is a valid primary config.
+    #[error("{name} (CNI_CONF_NAME) does not exist")]
+    Missing { name: String },
+    /// No valid config with a plugin other than ours.
+    #[error("no valid networks found")]
+    NoneFound,
+}
+
 /// The primary config: `CNI_CONF_NAME` (or its `.conf`/`.conflist` sibling) when set, else the
 /// first valid file by name that has a plugin other than ours (kubelet's choice).
 pub fn choose_primary<'a>(
     scan: &'a Scan,
     conf_name: Option<&str>,
-) -> Result<&'a Candidate, String> {
+) -> Result<&'a Candidate, PrimaryConfError> {
     if let Some(name) = conf_name {
         let sibling = match name.strip_suffix(".conflist") {
             Some(stem) => format!("{stem}.conf"),
@@ -308,15 +328,18 @@ pub fn choose_primary<'a>(
                     .iter()
                     .find(|(n, _)| *n == name || *n == sibling)
                 {
-                    Some((n, why)) => {
-                        format!("{n} (CNI_CONF_NAME) is not a valid CNI config: {why}")
-                    }
-                    None => format!("{name} (CNI_CONF_NAME) does not exist"),
+                    Some((n, why)) => PrimaryConfError::Invalid {
+                        name: n.clone(),
+                        why: why.clone(),
+                    },
+                    None => PrimaryConfError::Missing {
+                        name: name.to_string(),
+                    },
                 }
             });
     }
     scan.valid
         .iter()
         .find(|c| c.conf.is_primary_candidate())
-        .ok_or_else(|| "no valid networks found".to_string())
+        .ok_or(PrimaryConfError::NoneFound)
 }

@@ -2,32 +2,53 @@
 //! credentials for the agent's own API calls.
 use super::*;
 
+/// Why the plugin's kubeconfig is not in place, or the agent has no API access (the
+/// `kubeconfig` readiness reason): the service account's token or CA, or the write.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeconfigError {
+    #[error("the service-account token {} is not UTF-8", path.display())]
+    TokenNotUtf8 { path: PathBuf },
+    #[error("the service-account token {} does not exist", path.display())]
+    TokenMissing { path: PathBuf },
+    /// Not a regular file, or unreadable (`why`).
+    #[error("cannot read the service-account token {}: {why}", path.display())]
+    TokenUnreadable { path: PathBuf, why: String },
+    #[error("the CA file {} (KUBE_CA_FILE) does not exist", path.display())]
+    CaMissing { path: PathBuf },
+    /// Not a regular file, or unreadable (`why`).
+    #[error("cannot read the CA file {} (KUBE_CA_FILE): {why}", path.display())]
+    CaUnreadable { path: PathBuf, why: String },
+    #[error("cannot create the run directory {} (CNI_AGENT_RUN_DIR): {source}", dir.display())]
+    RunDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Write(#[from] fsutil::FileWriteError),
+}
+
 impl Installer {
     /// The service account's API access (what the plugin's kubeconfig holds).
-    pub fn api_access(&self) -> Result<fastpath_cni_plugin::kube::KubeAccess, String> {
+    pub fn api_access(&self) -> Result<fastpath_cni_plugin::kube::KubeAccess, KubeconfigError> {
         self.kubeconfig_inputs().map(|i| i.access())
     }
 
-    pub(super) fn kubeconfig_inputs(&self) -> Result<KubeconfigInputs, String> {
+    pub(super) fn kubeconfig_inputs(&self) -> Result<KubeconfigInputs, KubeconfigError> {
         let token_path = self.cfg.token_path();
         let token = match fsutil::read_regular(&token_path) {
-            ReadOutcome::Data(d) => String::from_utf8(d).map_err(|_| {
-                format!(
-                    "the service-account token {} is not UTF-8",
-                    token_path.display()
-                )
-            })?,
-            ReadOutcome::Missing => {
-                return Err(format!(
-                    "the service-account token {} does not exist",
-                    token_path.display()
-                ));
+            ReadOutcome::Data(d) => {
+                String::from_utf8(d).map_err(|_| KubeconfigError::TokenNotUtf8 {
+                    path: token_path.clone(),
+                })?
             }
-            ReadOutcome::NotRegular(w) | ReadOutcome::Unreadable(w) => {
-                return Err(format!(
-                    "cannot read the service-account token {}: {w}",
-                    token_path.display()
-                ));
+            ReadOutcome::Missing => {
+                return Err(KubeconfigError::TokenMissing { path: token_path });
+            }
+            ReadOutcome::NotRegular(why) | ReadOutcome::Unreadable(why) => {
+                return Err(KubeconfigError::TokenUnreadable {
+                    path: token_path,
+                    why,
+                });
             }
         };
         let ca_pem = if self.cfg.skip_tls_verify {
@@ -36,16 +57,15 @@ impl Installer {
             match fsutil::read_regular(&self.cfg.kube_ca_file) {
                 ReadOutcome::Data(d) => Some(d),
                 ReadOutcome::Missing => {
-                    return Err(format!(
-                        "the CA file {} (KUBE_CA_FILE) does not exist",
-                        self.cfg.kube_ca_file.display()
-                    ));
+                    return Err(KubeconfigError::CaMissing {
+                        path: self.cfg.kube_ca_file.clone(),
+                    });
                 }
-                ReadOutcome::NotRegular(w) | ReadOutcome::Unreadable(w) => {
-                    return Err(format!(
-                        "cannot read the CA file {} (KUBE_CA_FILE): {w}",
-                        self.cfg.kube_ca_file.display()
-                    ));
+                ReadOutcome::NotRegular(why) | ReadOutcome::Unreadable(why) => {
+                    return Err(KubeconfigError::CaUnreadable {
+                        path: self.cfg.kube_ca_file.clone(),
+                        why,
+                    });
                 }
             }
         };
@@ -58,7 +78,7 @@ impl Installer {
         })
     }
 
-    pub(super) fn ensure_kubeconfig(&mut self, wrote: &mut bool) -> Result<(), String> {
+    pub(super) fn ensure_kubeconfig(&mut self, wrote: &mut bool) -> Result<(), KubeconfigError> {
         let inputs = self.kubeconfig_inputs()?;
         let text = kubeconfig::render(&inputs);
         let path = self.cfg.kubeconfig_path();
@@ -74,13 +94,13 @@ impl Installer {
             self.kubeconfig_written = true;
             return Ok(());
         }
-        std::fs::create_dir_all(&self.cfg.cni_agent_run_dir).map_err(|e| {
-            format!(
-                "cannot create the run directory {} (CNI_AGENT_RUN_DIR): {e}",
-                self.cfg.cni_agent_run_dir.display()
-            )
+        std::fs::create_dir_all(&self.cfg.cni_agent_run_dir).map_err(|source| {
+            KubeconfigError::RunDir {
+                dir: self.cfg.cni_agent_run_dir.clone(),
+                source,
+            }
         })?;
-        fsutil::atomic_write(&path, text.as_bytes(), mode).map_err(|e| e.to_string())?;
+        fsutil::atomic_write(&path, text.as_bytes(), mode)?;
         *wrote = true;
         if self.kubeconfig_written {
             self.metrics.repair(Repair::Kubeconfig);

@@ -21,19 +21,23 @@ mod cleanup;
 mod cni_config;
 mod kubeconfig_file;
 
+pub use binaries::BinaryInstallError;
 use binaries::*;
 use cleanup::*;
-pub use cleanup::{cleanup_node, files_naming_plugin};
-pub use cni_config::{Candidate, Scan, choose_primary, scan_conf_dir};
+pub use cleanup::{CleanupError, CleanupFailure, RemovalError, cleanup_node, files_naming_plugin};
+pub use cni_config::{
+    Candidate, ConfDirError, PrimaryConfError, Scan, choose_primary, scan_conf_dir,
+};
+pub use kubeconfig_file::KubeconfigError;
 
 const SCOPE: &str = crate::logging::SCOPE_AGENT;
 
 /// The outcome of one pass, per part. `Err` holds the reason the part is not in place.
 #[derive(Debug)]
 pub struct Pass {
-    pub binary: Result<(), String>,
-    pub kubeconfig: Result<(), String>,
-    pub cni_config: Result<(), String>,
+    pub binary: Result<(), BinaryInstallError>,
+    pub kubeconfig: Result<(), KubeconfigError>,
+    pub cni_config: Result<(), ConfInstallError>,
     /// Something was written.
     pub wrote: bool,
     /// Look again at this time even without a file event (fight back-off, calm check).
@@ -74,7 +78,7 @@ pub struct Installer {
 }
 
 /// The plugin's entry for this configuration.
-pub fn plugin_entry(cfg: &Config) -> Result<Map<String, Value>, String> {
+pub fn plugin_entry(cfg: &Config) -> Result<Map<String, Value>, conflist::TemplateError> {
     let host_bin_dir = cfg.host_bin_dir.to_string_lossy();
     let vars = conflist::TemplateVars {
         plugin_log_level: cfg.plugin_log_level.as_str().into(),
@@ -137,13 +141,14 @@ impl Installer {
     }
 
     /// Logs a part's error when it first appears or changes; forgets it once the part is fine.
-    fn report(&mut self, part: &'static str, error: Option<&String>) {
+    fn report(&mut self, part: &'static str, error: Option<&dyn std::fmt::Display>) {
         let prefix = format!("error:{part}:");
-        let key = error.map(|e| format!("{prefix}{e}"));
+        let error = error.map(ToString::to_string);
+        let key = error.as_ref().map(|e| format!("{prefix}{e}"));
         self.said
             .retain(|k| !k.starts_with(&prefix) || Some(k) == key.as_ref());
         if let (Some(key), Some(e)) = (key, error) {
-            self.say_once(&key, log::Level::Error, e);
+            self.say_once(&key, log::Level::Error, &e);
         }
     }
 
@@ -156,12 +161,12 @@ impl Installer {
         if binary.is_err() {
             self.metrics.install(InstallResult::CopyBinariesFailure);
         }
-        self.report("binary", binary.as_ref().err());
+        self.report("binary", binary.as_ref().err().map(|e| e as _));
         let kubeconfig = self.ensure_kubeconfig(&mut wrote);
         if kubeconfig.is_err() {
             self.metrics.install(InstallResult::CreateKubeconfigFailure);
         }
-        self.report("kubeconfig", kubeconfig.as_ref().err());
+        self.report("kubeconfig", kubeconfig.as_ref().err().map(|e| e as _));
         let cni_config = if binary.is_ok() && kubeconfig.is_ok() {
             let r = if self.cfg.chained {
                 self.ensure_chained(now, &mut wrote)
@@ -173,11 +178,13 @@ impl Installer {
             {
                 self.metrics.install(InstallResult::CreateCniConfigFailure);
             }
-            let loud = r.as_ref().err().filter(|e| !e.quiet).map(|e| &e.reason);
-            self.report("cni-config", loud);
-            r.map_err(|e| e.reason)
+            let loud = r.as_ref().err().filter(|e| !e.quiet);
+            self.report("cni-config", loud.map(|e| e as _));
+            r
         } else {
-            Err("waiting for the plugin binary and kubeconfig".into())
+            Err(ConfInstallError::waiting(
+                "waiting for the plugin binary and kubeconfig".into(),
+            ))
         };
         let pass = Pass {
             binary,
@@ -203,15 +210,16 @@ impl Installer {
     /// Shutdown cleanup, in the order that never leaves a config naming a missing binary:
     /// the entry, then the kubeconfig, then the binary. The binary stays when an entry could
     /// not be removed.
-    pub fn cleanup(&mut self) -> Result<(), String> {
+    pub fn cleanup(&mut self) -> Result<(), CleanupError> {
         cleanup_node(&self.cfg, self.pinned.as_deref())
     }
 }
 
 /// Why the plugin's entry is not in place (the `cni-config` readiness reason): an install
-/// failure, or waiting for a primary config to appear.
-#[derive(Debug)]
-struct ConfInstallError {
+/// failure, or waiting (for a primary config to appear, or for the binary and kubeconfig).
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}")]
+pub struct ConfInstallError {
     reason: String,
     /// Waiting for a primary: not an install failure.
     waiting: bool,
@@ -220,6 +228,16 @@ struct ConfInstallError {
 }
 
 impl ConfInstallError {
+    /// Waiting for something else, not an install failure.
+    pub fn is_waiting(&self) -> bool {
+        self.waiting
+    }
+
+    /// Backing off in a fight with another agent.
+    pub fn is_backing_off(&self) -> bool {
+        self.quiet && !self.waiting
+    }
+
     fn failed(reason: String) -> Self {
         ConfInstallError {
             reason,
@@ -259,6 +277,73 @@ mod tests {
     }
 
     #[test]
+    fn binary_and_cleanup_errors_keep_their_wording() {
+        let dir = std::env::temp_dir().join(format!("fastpath-binerr-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let e = list_binaries(&dir).unwrap_err();
+        assert!(
+            matches!(&e, BinaryInstallError::SourceDirUnreadable { dir: d, .. } if *d == dir),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().starts_with(&format!(
+                "cannot read the plugin binary directory {}: ",
+                dir.display()
+            )),
+            "{e}"
+        );
+        std::fs::create_dir_all(&dir).unwrap();
+        let e = list_binaries(&dir).unwrap_err();
+        assert!(matches!(e, BinaryInstallError::NoBinary { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            format!("no plugin binary in {} (expected istio-cni)", dir.display())
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let e = CleanupError {
+            failures: vec![
+                RemovalError::Remove {
+                    path: "/x/k".into(),
+                    source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+                }
+                .into(),
+                CleanupFailure::BinaryKept {
+                    dir: "/host/opt/cni/bin".into(),
+                    files: vec!["10-a.conflist".into(), "20-b.conflist".into()],
+                },
+            ],
+        };
+        let text = e.to_string();
+        let (first, kept) = text.split_once("; ").unwrap();
+        assert_eq!(
+            first,
+            crate::fsutil::describe_write_error(
+                Path::new("/x/k"),
+                &std::io::Error::from(std::io::ErrorKind::PermissionDenied)
+            )
+        );
+        assert_eq!(
+            kept,
+            "kept the plugin binary in /host/opt/cni/bin: 10-a.conflist, 20-b.conflist still name \
+             istio-cni (removing the binary would break pod creation and deletion on this node)"
+        );
+    }
+
+    #[test]
+    fn waiting_is_not_a_failure() {
+        let e = ConfInstallError::waiting("waiting for the plugin binary and kubeconfig".into());
+        assert!(e.is_waiting() && !e.is_backing_off());
+        assert_eq!(
+            e.to_string(),
+            "waiting for the plugin binary and kubeconfig"
+        );
+        let e = ConfInstallError::backoff("backing off: another agent keeps rewriting /x".into());
+        assert!(!e.is_waiting() && e.is_backing_off());
+        assert!(!ConfInstallError::failed("x".into()).is_waiting());
+    }
+
+    #[test]
     fn primary_is_first_valid_non_istio_file() {
         let scan = Scan {
             valid: vec![
@@ -285,12 +370,19 @@ mod tests {
             "20-flannel.conf"
         );
         let e = choose_primary(&scan, Some("05-bad.conflist")).unwrap_err();
-        assert!(e.contains("invalid JSON"), "{e}");
-        assert!(
-            choose_primary(&scan, Some("99-none.conf"))
-                .unwrap_err()
-                .contains("does not exist")
+        assert!(e.to_string().contains("invalid JSON"), "{e}");
+        assert_eq!(
+            e,
+            PrimaryConfError::Invalid {
+                name: "05-bad.conflist".into(),
+                why: "invalid JSON".into()
+            }
         );
-        assert!(choose_primary(&Scan::default(), None).is_err());
+        let e = choose_primary(&scan, Some("99-none.conf")).unwrap_err();
+        assert_eq!(e.to_string(), "99-none.conf (CNI_CONF_NAME) does not exist");
+        assert_eq!(
+            choose_primary(&Scan::default(), None).unwrap_err(),
+            PrimaryConfError::NoneFound
+        );
     }
 }

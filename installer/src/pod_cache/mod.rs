@@ -13,7 +13,7 @@
 mod serve;
 mod watch;
 
-pub use serve::{answer, serve};
+pub use serve::{PodCacheError, answer, serve};
 pub use watch::{CacheFeed, WatchState, feed};
 
 use crate::pod_watch::ApiSettings;
@@ -32,9 +32,9 @@ pub struct PodCacheSettings {
 /// The store and its socket, and the feed the node's pod watch fills the store with. Errors
 /// name what is missing; the agent logs them and runs without the cache (the plugin then asks
 /// the API server, as Istio's does).
-pub fn prepare(settings: &PodCacheSettings) -> Result<(CacheFeed, Arc<WatchState>), String> {
+pub fn prepare(settings: &PodCacheSettings) -> Result<(CacheFeed, Arc<WatchState>), PodCacheError> {
     if settings.node_name.is_empty() {
-        return Err("NODE_NAME is not set, so the pods of this node cannot be watched".into());
+        return Err(PodCacheError::NoNodeName);
     }
     let (feed, state) = feed();
     serve(&settings.socket, state.clone())?;
@@ -43,7 +43,7 @@ pub fn prepare(settings: &PodCacheSettings) -> Result<(CacheFeed, Arc<WatchState
 
 /// The cache alone, with a watch of its own (the agent shares its watch with the repair
 /// controller instead, see [`crate::agent`]).
-pub fn start(settings: &PodCacheSettings) -> Result<Arc<WatchState>, String> {
+pub fn start(settings: &PodCacheSettings) -> Result<Arc<WatchState>, PodCacheError> {
     let (feed, state) = prepare(settings)?;
     let consumers = crate::pod_watch::Consumers {
         cache: Some(feed),

@@ -60,17 +60,52 @@ pub fn answer(
     }
 }
 
+/// Why the pod cache is off.
+#[derive(Debug, thiserror::Error)]
+pub enum PodCacheError {
+    #[error("NODE_NAME is not set, so the pods of this node cannot be watched")]
+    NoNodeName,
+    #[error("pod cache: cannot create {}: {source}", dir.display())]
+    CreateDir {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("pod cache: cannot listen on {}: {source}", socket.display())]
+    Listen {
+        socket: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("pod cache: cannot restrict {}: {source}", socket.display())]
+    Restrict {
+        socket: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("pod cache: cannot start its thread: {0}")]
+    Thread(#[source] std::io::Error),
+    /// The cache's own watch ([`super::start`]) did not start.
+    #[error(transparent)]
+    Watch(#[from] crate::pod_watch::WatchStartError),
+}
+
 /// Listens on `socket` (replacing a stale one) and answers from `state`, on a thread.
-pub fn serve(socket: &Path, state: Arc<WatchState>) -> Result<(), String> {
+pub fn serve(socket: &Path, state: Arc<WatchState>) -> Result<(), PodCacheError> {
     if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("pod cache: cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|source| PodCacheError::CreateDir {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
     }
     let _ = std::fs::remove_file(socket);
-    let listener = UnixListener::bind(socket)
-        .map_err(|e| format!("pod cache: cannot listen on {}: {e}", socket.display()))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("pod cache: cannot restrict {}: {e}", socket.display()))?;
+    let listener = UnixListener::bind(socket).map_err(|source| PodCacheError::Listen {
+        socket: socket.to_path_buf(),
+        source,
+    })?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        PodCacheError::Restrict {
+            socket: socket.to_path_buf(),
+            source,
+        }
+    })?;
     let in_flight = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("pod-cache".into())
@@ -95,7 +130,7 @@ pub fn serve(socket: &Path, state: Arc<WatchState>) -> Result<(), String> {
                 }
             }
         })
-        .map_err(|e| format!("pod cache: cannot start its thread: {e}"))?;
+        .map_err(PodCacheError::Thread)?;
     log::info!(target: SCOPE, "pod cache: answering the plugin on {}", socket.display());
     Ok(())
 }

@@ -91,7 +91,7 @@ impl CacheFeed {
                     log::info!(target: SCOPE, "pod cache: the watch of node {node}'s pods recovered (was: {was})");
                 }
             }
-            Err(text) => {
+            Err(crate::pod_watch::WatchError(text)) => {
                 if let Ok(mut last) = state.last_error.lock()
                     && last.as_deref() != Some(text.as_str())
                 {
@@ -130,7 +130,10 @@ mod tests {
         assert!(state.pod("ns", "a").is_none());
         assert_eq!(state.len(), 1);
         // An error is kept until the watch works again.
-        feed.observe("n", &Err("403 forbidden".into()));
+        feed.observe(
+            "n",
+            &Err(crate::pod_watch::WatchError("403 forbidden".into())),
+        );
         assert_eq!(
             state.last_error.lock().unwrap().as_deref(),
             Some("403 forbidden")

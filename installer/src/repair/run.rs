@@ -48,19 +48,31 @@ fn iptables_in_image() -> bool {
 /// Starts the controller on its own thread, waiting for the events of the watch of
 /// `settings.node_name`'s pods on the returned feed. `Ok(None)` when no action is switched on
 /// (nothing to watch for); errors name what is missing or wrong.
+/// Why the repair controller did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RepairStartError {
+    #[error(
+        "neither REPAIR_NODE_NAME nor NODE_NAME is set, so the pods of this node cannot be watched"
+    )]
+    NoNodeName,
+    #[error(transparent)]
+    Selector(#[from] super::selector::SelectorError),
+    #[error("repair controller: cannot start its runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("repair controller: cannot start its thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
 pub fn start(
     api: &ApiSettings,
     settings: &RepairSettings,
     metrics: Arc<Metrics>,
-) -> Result<Option<(Action, RepairFeed)>, String> {
+) -> Result<Option<(Action, RepairFeed)>, RepairStartError> {
     let Some(act) = action(settings) else {
         return Ok(None);
     };
     if settings.node_name.is_empty() {
-        return Err(
-            "neither REPAIR_NODE_NAME nor NODE_NAME is set, so the pods of this node cannot be watched"
-                .into(),
-        );
+        return Err(RepairStartError::NoNodeName);
     }
     let selector = PodSelector::parse(&settings.label_selectors, &settings.field_selectors)?;
     let mut settings = settings.clone();
@@ -73,13 +85,13 @@ pub fn start(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("repair controller: cannot start its runtime: {e}"))?;
+        .map_err(RepairStartError::Runtime)?;
     let api = api.clone();
     let (feed, events) = mpsc::unbounded_channel();
     std::thread::Builder::new()
         .name("repair".into())
         .spawn(move || runtime.block_on(run(api, settings, selector, act, metrics, events)))
-        .map_err(|e| format!("repair controller: cannot start its thread: {e}"))?;
+        .map_err(RepairStartError::Thread)?;
     Ok(Some((act, feed)))
 }
 
@@ -135,7 +147,7 @@ async fn run(
                 continue;
             }
             Ok(watcher::Event::InitApply(pod) | watcher::Event::Apply(pod)) => pod,
-            Err(text) => {
+            Err(crate::pod_watch::WatchError(text)) => {
                 if last_error.as_deref() != Some(text.as_str()) {
                     log::warn!(target: SCOPE, "repair controller: the watch of node {node}'s pods failed, retrying with backoff (broken pods are not handled meanwhile): {text}");
                     last_error = Some(text);

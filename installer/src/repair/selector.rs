@@ -96,9 +96,25 @@ pub fn split_terms(s: &str) -> Vec<&str> {
         .collect()
 }
 
-fn parse_label(term: &str) -> Result<LabelReq, String> {
-    LabelReq::parse(term)
-        .ok_or_else(|| format!("REPAIR_LABEL_SELECTORS: cannot parse requirement {term:?}"))
+/// A term of `REPAIR_LABEL_SELECTORS` or `REPAIR_FIELD_SELECTORS` that cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SelectorError {
+    #[error("REPAIR_LABEL_SELECTORS: cannot parse requirement {term:?}")]
+    Label { term: String },
+    #[error("REPAIR_FIELD_SELECTORS: cannot parse {term:?} (field=value or field!=value)")]
+    FieldSyntax { term: String },
+    /// A field the API server cannot select pods on.
+    #[error(
+        "REPAIR_FIELD_SELECTORS: the API server cannot select pods on field {field:?} (it can on {})",
+        POD_FIELDS.join(", ")
+    )]
+    FieldUnselectable { field: String },
+}
+
+fn parse_label(term: &str) -> Result<LabelReq, SelectorError> {
+    LabelReq::parse(term).ok_or_else(|| SelectorError::Label {
+        term: term.to_string(),
+    })
 }
 
 impl LabelReq {
@@ -153,22 +169,21 @@ fn parse_label_term(term: &str) -> Option<LabelReq> {
     })
 }
 
-fn parse_field(term: &str) -> Result<FieldReq, String> {
+fn parse_field(term: &str) -> Result<FieldReq, SelectorError> {
     let (field, equal, value) = if let Some((f, v)) = term.split_once("!=") {
         (f, false, v)
     } else if let Some((f, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
         (f, true, v)
     } else {
-        return Err(format!(
-            "REPAIR_FIELD_SELECTORS: cannot parse {term:?} (field=value or field!=value)"
-        ));
+        return Err(SelectorError::FieldSyntax {
+            term: term.to_string(),
+        });
     };
     let field = field.trim();
     if !POD_FIELDS.contains(&field) {
-        return Err(format!(
-            "REPAIR_FIELD_SELECTORS: the API server cannot select pods on field {field:?} (it can on {})",
-            POD_FIELDS.join(", ")
-        ));
+        return Err(SelectorError::FieldUnselectable {
+            field: field.to_string(),
+        });
     }
     Ok(FieldReq {
         field: field.to_string(),
@@ -180,7 +195,7 @@ fn parse_field(term: &str) -> Result<FieldReq, String> {
 impl PodSelector {
     /// `labels` (`REPAIR_LABEL_SELECTORS`) and `fields` (`REPAIR_FIELD_SELECTORS`); errors name
     /// the setting and the term.
-    pub fn parse(labels: &str, fields: &str) -> Result<Self, String> {
+    pub fn parse(labels: &str, fields: &str) -> Result<Self, SelectorError> {
         Ok(Self {
             labels: split_terms(labels)
                 .into_iter()
@@ -244,7 +259,7 @@ mod tests {
         assert!(holds("tier>2") && !holds("tier<3"));
         assert!(!holds("env>1"), "absent: never greater");
         for bad in ["app in web", "a b", "x>y", "=web"] {
-            let e = PodSelector::parse(bad, "").unwrap_err();
+            let e = PodSelector::parse(bad, "").unwrap_err().to_string();
             assert!(
                 e.contains("REPAIR_LABEL_SELECTORS") && e.contains(bad),
                 "{e}"
@@ -262,8 +277,19 @@ mod tests {
         assert!(holds("spec.hostNetwork=false"));
         assert!(holds("status.podIP="), "an absent field is empty");
         let e = PodSelector::parse("", "spec.containers=x").unwrap_err();
+        assert_eq!(
+            e,
+            SelectorError::FieldUnselectable {
+                field: "spec.containers".into()
+            }
+        );
+        let e = e.to_string();
         assert!(e.contains("\"spec.containers\""), "{e}");
         let e = PodSelector::parse("", "status.phase").unwrap_err();
-        assert!(e.contains("REPAIR_FIELD_SELECTORS"), "{e}");
+        assert!(matches!(e, SelectorError::FieldSyntax { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "REPAIR_FIELD_SELECTORS: cannot parse \"status.phase\" (field=value or field!=value)"
+        );
     }
 }
