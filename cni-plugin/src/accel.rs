@@ -109,8 +109,18 @@ pub fn enroll(pod: &PodEnrollment<'_>) -> Result<()> {
     enroll_at(pod, &default_pin_dir())
 }
 
+/// [`enroll`] with the pod's netns cookie already read (e.g. while the rules were applied in
+/// the netns); `None` reads it here.
+pub fn enroll_with_cookie(pod: &PodEnrollment<'_>, cookie: Option<u64>) -> Result<()> {
+    enroll_inner(pod, &default_pin_dir(), cookie)
+}
+
 /// Enrolls the pod in the accelerator pinned under `pin_dir`.
 pub fn enroll_at(pod: &PodEnrollment<'_>, pin_dir: &Path) -> Result<()> {
+    enroll_inner(pod, pin_dir, None)
+}
+
+fn enroll_inner(pod: &PodEnrollment<'_>, pin_dir: &Path, cookie: Option<u64>) -> Result<()> {
     let path = record_path(pod.run_dir, pod.container_id)?;
     let opts = opt_outs(pod.annotations).with_context(|| {
         format!(
@@ -118,7 +128,10 @@ pub fn enroll_at(pod: &PodEnrollment<'_>, pin_dir: &Path) -> Result<()> {
             pod.namespace, pod.name
         )
     })?;
-    let cookie = netns_cookie(pod.netns_path)?;
+    let cookie = match cookie {
+        Some(c) => c,
+        None => netns_cookie(pod.netns_path)?,
+    };
     let record = PodRecord {
         container_id: pod.container_id.to_string(),
         namespace: pod.namespace.to_string(),

@@ -3,6 +3,7 @@
 //! Pure parts (protocol, config, decision, redirect parsing, rule text) are separate from the
 //! side effects (API call, netns, iptables), so each is unit-tested on its own.
 pub mod accel;
+pub mod arena;
 pub mod config;
 pub mod iptables;
 pub mod kube;

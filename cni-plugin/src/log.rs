@@ -126,9 +126,13 @@ impl Logger {
                 }
             }
         }
+        // One write for all lines (stderr is unbuffered: a `writeln!` per line costs two).
+        let mut text = String::with_capacity(self.lines.iter().map(|l| l.len() + 1).sum());
         for l in self.lines.drain(..) {
-            let _ = writeln!(stderr, "{l}");
+            text.push_str(&l);
+            text.push('\n');
         }
+        let _ = stderr.write_all(text.as_bytes());
     }
 }
 
@@ -138,12 +142,12 @@ pub fn post_logs(socket: &Path, lines: &[String]) -> std::io::Result<()> {
     let mut s = UnixStream::connect(socket)?;
     s.set_write_timeout(Some(Duration::from_secs(1)))?;
     s.set_read_timeout(Some(Duration::from_secs(1)))?;
-    let head = format!(
+    let mut request = format!(
         "POST /log HTTP/1.1\r\nHost: unix\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    s.write_all(head.as_bytes())?;
-    s.write_all(body.as_bytes())?;
+    request.push_str(&body);
+    s.write_all(request.as_bytes())?;
     let mut status = [0u8; 12];
     s.read_exact(&mut status)?;
     // "HTTP/1.1 200"

@@ -1,5 +1,9 @@
 //! `istio-cni`: wires the process (env, stdin, stdout, stderr, own netns) to the plugin.
-use fastpath_cni_plugin::{ABOUT, plugin::IstioCni, skel};
+use fastpath_cni_plugin::{ABOUT, arena::Arena, plugin::IstioCni, skel};
+
+/// Small blocks from a bump arena (see `arena`): the invocation is short-lived.
+#[global_allocator]
+static ALLOC: Arena = Arena::new();
 
 /// A panic must still leave a CNI error on stdout (the release profile aborts on panic, so this
 /// is the last word; Istio's plugin recovers panics into errors too).

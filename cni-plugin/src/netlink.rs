@@ -22,17 +22,22 @@ pub struct Attrs(Vec<u8>);
 
 impl Attrs {
     pub fn raw(&mut self, kind: u16, data: &[u8]) -> &mut Self {
-        let len = 4 + data.len();
+        self.raw_parts(kind, data, &[])
+    }
+    /// One attribute whose value is `data` then `tail`, reserved in one step.
+    fn raw_parts(&mut self, kind: u16, data: &[u8], tail: &[u8]) -> &mut Self {
+        let len = 4 + data.len() + tail.len();
+        let pad = len.next_multiple_of(4) - len;
+        self.0.reserve(len + pad);
         self.0.extend_from_slice(&(len as u16).to_ne_bytes());
         self.0.extend_from_slice(&kind.to_ne_bytes());
         self.0.extend_from_slice(data);
-        self.0.resize(self.0.len().next_multiple_of(4), 0);
+        self.0.extend_from_slice(tail);
+        self.0.extend_from_slice(&[0; 3][..pad]);
         self
     }
     pub fn str(&mut self, kind: u16, s: &str) -> &mut Self {
-        let mut v = s.as_bytes().to_vec();
-        v.push(0);
-        self.raw(kind, &v)
+        self.raw_parts(kind, s.as_bytes(), &[0])
     }
     /// A u32 in host byte order (rtnetlink's).
     pub fn u32(&mut self, kind: u16, v: u32) -> &mut Self {
@@ -123,6 +128,9 @@ fn error_code(payload: &[u8]) -> i32 {
         .map_or(0, |b| -i32::from_ne_bytes(b.try_into().expect("4 bytes")))
 }
 
+/// The receive buffer: the largest datagram the plugin reads (a dump's batch of answers).
+const RECV_BUF: usize = 1 << 16;
+
 /// A netlink socket of one protocol, in the network namespace of the thread that opened it.
 pub struct Socket(OwnedFd);
 
@@ -183,14 +191,21 @@ impl Socket {
 
     /// The next datagram.
     pub fn recv(&self) -> std::io::Result<Vec<u8>> {
-        let mut buf = vec![0u8; 1 << 16];
+        let mut buf = vec![0u8; RECV_BUF];
+        let n = self.recv_into(&mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// The next datagram, into `buf` (one buffer serves every datagram of an exchange: no
+    /// allocation per ACK); its length.
+    fn recv_into(&self, buf: &mut [u8]) -> std::io::Result<usize> {
         // SAFETY: buf is writable for its length.
         let n = unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        buf.truncate(n as usize);
-        Ok(buf)
+        Ok(n as usize)
     }
 
     /// Sends `buf` (messages of which `acks` ask for an ACK) and waits for those ACKs; the first
@@ -198,9 +213,10 @@ impl Socket {
     pub fn transact(&self, buf: &[u8], acks: usize) -> std::io::Result<()> {
         self.send(buf)?;
         let mut seen = 0;
+        let mut rx = vec![0u8; RECV_BUF];
         while seen < acks {
-            let datagram = self.recv()?;
-            for (kind, payload) in parse_messages(&datagram) {
+            let n = self.recv_into(&mut rx)?;
+            for (kind, payload) in parse_messages(&rx[..n]) {
                 if kind == NLMSG_ERROR {
                     seen += 1;
                     match error_code(payload) {
@@ -218,9 +234,10 @@ impl Socket {
     pub fn dump(&self, request: &[u8], kind: u16) -> std::io::Result<Vec<Vec<u8>>> {
         self.send(request)?;
         let mut out = Vec::new();
+        let mut rx = vec![0u8; RECV_BUF];
         loop {
-            let datagram = self.recv()?;
-            for (k, payload) in parse_messages(&datagram) {
+            let n = self.recv_into(&mut rx)?;
+            for (k, payload) in parse_messages(&rx[..n]) {
                 match k {
                     NLMSG_DONE => return Ok(out),
                     NLMSG_ERROR => {

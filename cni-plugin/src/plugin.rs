@@ -65,6 +65,8 @@ pub struct IstioCni {
     /// Where the logs go at the end (the installer's socket), once the config is known.
     pub log_socket: RefCell<Option<String>>,
     started: Instant,
+    /// The pod netns' cookie, when applying the rules read it on the way (native nftables).
+    netns_cookie: std::cell::Cell<Option<u64>>,
 }
 
 impl Default for IstioCni {
@@ -73,6 +75,7 @@ impl Default for IstioCni {
             log: RefCell::new(Logger::default()),
             log_socket: RefCell::new(None),
             started: Instant::now(),
+            netns_cookie: std::cell::Cell::new(None),
         }
     }
 }
@@ -319,12 +322,17 @@ impl IstioCni {
                 routing::add_inbound_passthrough_v6(&netns).map_err(|e| fail(&e))?;
             }
             let set = nftables::build(r, v6);
-            self.log.borrow_mut().debug(
-                "nftables ruleset",
-                &[("rules", json!(set.transaction_text()))],
-            );
+            // The text is only made for a debug log.
+            if self.log.borrow().enabled(Level::Debug) {
+                self.log.borrow_mut().debug(
+                    "nftables ruleset",
+                    &[("rules", json!(set.transaction_text()))],
+                );
+            }
             let t = Instant::now();
-            nftables::netlink::apply(&netns, &set).map_err(|e| fail(&e))?;
+            let cookie =
+                nftables::netlink::apply_with_cookie(&netns, &set).map_err(|e| fail(&e))?;
+            self.netns_cookie.set(cookie);
             timings.push(("backend", json!("nftables")));
             timings.push(("nftables_ms", ms(t.elapsed())));
             if r.mode == InterceptionMode::Tproxy {
@@ -428,7 +436,7 @@ impl IstioCni {
             annotations: Some(&pod.metadata.annotations),
             run_dir: conf.run_dir(),
         };
-        if let Err(e) = accel::enroll(&enrollment) {
+        if let Err(e) = accel::enroll_with_cookie(&enrollment, self.netns_cookie.get()) {
             self.log.borrow_mut().warn(
                 "pod is redirected but not accelerated",
                 &[("error", json!(format!("{e:#}")))],

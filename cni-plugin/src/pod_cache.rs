@@ -54,6 +54,26 @@ pub enum PodAnswer {
     Miss(String),
 }
 
+/// How much of the answer the first read takes.
+const ANSWER_READ_HINT: usize = 16 << 10;
+
+/// A [`PodAnswer`] whose pod stays JSON text.
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawAnswer<'a> {
+    #[serde(borrow)]
+    Pod(&'a serde_json::value::RawValue),
+    #[allow(dead_code)]
+    Miss(serde::de::IgnoredAny),
+}
+
+/// The part of a pod [`answers`] looks at.
+#[derive(Deserialize)]
+struct RawPodMeta {
+    #[serde(default)]
+    metadata: serde_json::Value,
+}
+
 /// Why the cache gave no pod.
 #[derive(Debug)]
 pub enum CacheMiss {
@@ -86,7 +106,8 @@ pub fn ask(socket: &Path, query: &PodQuery, timeout: Duration) -> Result<Vec<u8>
     line.push(b'\n');
     s.write_all(&line).map_err(unreachable)?;
     let _ = s.shutdown(std::net::Shutdown::Write);
-    let mut answer = Vec::new();
+    // Room for a typical pod in one read.
+    let mut answer = Vec::with_capacity(ANSWER_READ_HINT);
     s.take(MAX_ANSWER_BYTES + 1)
         .read_to_end(&mut answer)
         .map_err(unreachable)?;
@@ -94,6 +115,14 @@ pub fn ask(socket: &Path, query: &PodQuery, timeout: Duration) -> Result<Vec<u8>
         return Err(CacheMiss::BadAnswer(format!(
             "longer than {MAX_ANSWER_BYTES} bytes"
         )));
+    }
+    // A hit is the pod's own JSON text, handed on as it came (no parse into a `Value` and back);
+    // anything else is decoded as before, for the same outcome and messages.
+    if let Ok(RawAnswer::Pod(raw)) = serde_json::from_slice::<RawAnswer<'_>>(&answer)
+        && let Ok(meta) = serde_json::from_str::<RawPodMeta>(raw.get())
+        && answers(query, &serde_json::json!({ "metadata": meta.metadata }))
+    {
+        return Ok(raw.get().as_bytes().to_vec());
     }
     match serde_json::from_slice::<PodAnswer>(&answer) {
         Ok(PodAnswer::Pod(pod)) if answers(query, &pod) => {
@@ -168,6 +197,35 @@ mod tests {
         let err = ask(&socket_path(&dir), &query(""), CLIENT_TIMEOUT).unwrap_err();
         assert!(matches!(err, CacheMiss::Unreachable(_)), "{err}");
         assert!(err.to_string().contains("pod-cache.sock"), "{err}");
+    }
+
+    #[test]
+    fn a_hit_hands_on_the_pod_and_a_wrong_pod_is_named() {
+        let dir = std::env::temp_dir().join(format!("fp-podcache-h-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("fastpath")).unwrap();
+        let path = socket_path(&dir);
+        let _ = std::fs::remove_file(&path);
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let pod = json!({"kind": "Pod", "metadata": {"namespace": "ns1", "name": "web-0", "uid": "u-2"},
+                         "spec": {"containers": [{"name": "app", "env": [{"name": "A", "value": "é\"x"}]}]}});
+        let body = serde_json::to_vec(&PodAnswer::Pod(pod.clone())).unwrap();
+        let server = std::thread::spawn(move || {
+            for _ in 0..2 {
+                let (mut c, _) = l.accept().unwrap();
+                let mut q = Vec::new();
+                let _ = (&mut c).take(MAX_QUERY_BYTES).read_to_end(&mut q);
+                let _ = c.write_all(&body);
+            }
+        });
+        let got = ask(&path, &query("u-2"), CLIENT_TIMEOUT).unwrap();
+        assert_eq!(got, serde_json::to_vec(&pod).unwrap());
+        let wrong = ask(&path, &query("u-1"), CLIENT_TIMEOUT).unwrap_err();
+        assert_eq!(
+            wrong.to_string(),
+            r#"the agent's pod cache answered badly: asked for ns1/web-0 (uid "u-1"), answered with "ns1"/"web-0" (uid "u-2")"#
+        );
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -626,16 +626,29 @@ fn etc_group_id(name: &str) -> Option<u32> {
 
 /// Programs the ruleset in the netns, as one transaction.
 pub fn apply(netns: &Netns, set: &Ruleset) -> Result<(), NftablesError> {
+    apply_with_cookie(netns, set).map(|_| ())
+}
+
+/// [`apply`], and the netns cookie read on the same trip into the netns (`None` when it could
+/// not be read: the caller reads it its own way), so enrolling the pod needs no second thread.
+pub fn apply_with_cookie(netns: &Netns, set: &Ruleset) -> Result<Option<u64>, NftablesError> {
     let batch = ruleset_batch(set, &etc_group_id)?;
-    netns
+    let (applied, cookie) = netns
         .run(|| {
-            Socket::open(libc::NETLINK_NETFILTER).and_then(|s| s.transact(&batch.buf, batch.acked))
+            let applied = Socket::open(libc::NETLINK_NETFILTER)
+                .and_then(|s| s.transact(&batch.buf, batch.acked));
+            let cookie = applied
+                .is_ok()
+                .then(|| fastpath_pins::current_netns_cookie().ok())
+                .flatten();
+            (applied, cookie)
         })
-        .map_err(NftablesError::enter(netns))?
-        .map_err(|source| NftablesError::Transaction {
-            tables: set.tables.len(),
-            source,
-        })
+        .map_err(NftablesError::enter(netns))?;
+    applied.map_err(|source| NftablesError::Transaction {
+        tables: set.tables.len(),
+        source,
+    })?;
+    Ok(cookie)
 }
 
 /// Removes Istio's sidecar tables from the netns; a table that is not there is no error.
