@@ -31,6 +31,8 @@ from mesh import log  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OTHER_BENCHES = ("bench_plugin_add", "bench_installer", "bench_onehop")
+# The image's static plugin for this machine's architecture (scripts/build-static.sh).
+STATIC_PLUGIN = ROOT / "target" / "image" / "linux" / {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine) / "istio-cni"
 
 
 def parse_json_summary(stdout):
@@ -378,8 +380,13 @@ class Bench:
                 continue
             log(f"running {name}")
             t0 = time.monotonic()
+            env = dict(os.environ)
+            if name == "bench_plugin_add" and STATIC_PLUGIN.is_file():
+                # The plugin the image ships (static musl, scripts/build-static.sh): the runtime
+                # on a node runs that one, not the glibc build next to the bench.
+                env["ISTIO_CNI_BIN"] = str(STATIC_PLUGIN)
             try:
-                p = subprocess.run([str(exe)], capture_output=True, text=True, timeout=self.args.other_timeout, cwd=ROOT)
+                p = subprocess.run([str(exe)], capture_output=True, text=True, timeout=self.args.other_timeout, cwd=ROOT, env=env)
                 if p.returncode != 0:
                     results[name] = {"error": f"exit {p.returncode}: {p.stderr.strip()[-800:]}"}
                 else:

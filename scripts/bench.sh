@@ -20,6 +20,8 @@ STATE=${FASTPATH_BENCH_STATE:-/tmp/fastpath-bench}
 bash scripts/setup.sh
 echo "bench: building release binaries"
 cargo build --release --bins -q
+# The plugin ADD bench runs the image's static plugin (target/image/linux/<arch>/istio-cni).
+bash scripts/build-static.sh "$(case $(uname -m) in aarch64) echo arm64 ;; *) echo amd64 ;; esac)"
 
 child=
 cleanup() {

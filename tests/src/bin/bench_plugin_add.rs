@@ -8,6 +8,10 @@
 //! the invocation minus the `iptables-restore` child and the API call (both reported by the
 //! plugin in its log line).
 //!
+//! `--only CASE` (repeatable) runs just the named cases (the keys of the summary, e.g.
+//! `non_mesh_cached`, `mesh_native_nftables_cached`), e.g. to profile one case through an
+//! `$ISTIO_CNI_BIN` wrapper.
+//!
 //! Prints a JSON summary on stdout and a table on stderr. The binary used is
 //! `target/<profile>/istio-cni` (build it first: `cargo build --release -p fastpath-cni-plugin`),
 //! or `$ISTIO_CNI_BIN`.
@@ -131,13 +135,18 @@ fn invoke(bin: &Path, conf: &Value, netns: &str, args: &str) -> Result<Invocatio
 
 fn main() -> Result<()> {
     let mut runs = 200usize;
+    let mut only: Vec<String> = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--runs" => runs = args.next().context("--runs N")?.parse()?,
-            other => bail!("unknown argument {other:?} (usage: bench_plugin_add [--runs N])"),
+            "--only" => only.push(args.next().context("--only CASE")?),
+            other => bail!(
+                "unknown argument {other:?} (usage: bench_plugin_add [--runs N] [--only CASE]...)"
+            ),
         }
     }
+    let want = |case: &str| only.is_empty() || only.iter().any(|o| o == case);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("bench_plugin_add needs root (netns, iptables)");
@@ -198,6 +207,9 @@ fn main() -> Result<()> {
         ("non_mesh", "bench", "plain-0"),
         ("excluded_namespace", "kube-system", "dns-0"),
     ] {
+        if !want(case) {
+            continue;
+        }
         let mut wall = Vec::new();
         let mut api_ms = Vec::new();
         let mut own = Vec::new();
@@ -223,6 +235,9 @@ fn main() -> Result<()> {
     drop(ns);
 
     for backend in ["nft", "legacy"] {
+        if !want(&format!("mesh_{backend}")) {
+            continue;
+        }
         let mut wall = Vec::new();
         let mut restore = Vec::new();
         let mut api_ms = Vec::new();
@@ -257,6 +272,9 @@ fn main() -> Result<()> {
     // The restore alone, without the plugin: `iptables-<v>-restore --noflush` of Istio's default
     // rules, forked straight into a fresh netns (no sandbox), per backend.
     for backend in ["nft", "legacy"] {
+        if !want(&format!("restore_direct_{backend}")) {
+            continue;
+        }
         let mut wall = Vec::new();
         for i in 0..runs {
             let ns = Netns::new(&format!("{tag}r{i}"))?;
@@ -305,6 +323,9 @@ fn main() -> Result<()> {
                      conf: &Value,
                      tag_suffix: &str|
      -> Result<()> {
+        if !want(case) {
+            return Ok(());
+        }
         let (mut wall, mut lookup, mut own) = (Vec::new(), Vec::new(), Vec::new());
         let gets_before = api.pod_gets("bench", "mesh-0");
         for i in 0..runs {
@@ -359,7 +380,7 @@ fn main() -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    {
+    if want("non_mesh_cached") {
         let ns = Netns::new(&format!("{tag}c"))?;
         let (mut wall, mut lookup, mut own) = (Vec::new(), Vec::new(), Vec::new());
         let gets_before = api.pod_gets("bench", "plain-0");
@@ -392,21 +413,23 @@ fn main() -> Result<()> {
     // Yardstick: the reference tuning plugin's ADD (one per-netns sysctl) in a fresh netns.
     let tuning = PathBuf::from("/usr/lib/cni/tuning");
     let mut wall = Vec::new();
-    for i in 0..runs {
+    for i in (0..runs).filter(|_| want("tuning_reference")) {
         let ns = Netns::new(&format!("{tag}t{i}"))?;
         let c = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "tuning",
                        "sysctl": {"net.core.somaxconn": "1024"}, "prevResult": prev});
         let inv = invoke(&tuning, &c, &ns.path(), "IgnoreUnknown=1")?;
         wall.push(inv.wall_ms);
     }
-    summary.insert(
-        "tuning_reference".into(),
-        json!({"total": stats_json(&wall)}),
-    );
+    if !wall.is_empty() {
+        summary.insert(
+            "tuning_reference".into(),
+            json!({"total": stats_json(&wall)}),
+        );
+    }
 
     // Floor: spawning a process that does nothing (`/bin/true`), with the same stdin/pipes.
     let mut wall = Vec::new();
-    for _ in 0..runs {
+    for _ in (0..runs).filter(|_| want("spawn_floor_bin_true")) {
         let start = Instant::now();
         let mut child = Command::new("/bin/true")
             .stdin(Stdio::piped())
@@ -417,10 +440,12 @@ fn main() -> Result<()> {
         child.wait_with_output()?;
         wall.push(start.elapsed().as_secs_f64() * 1000.0);
     }
-    summary.insert(
-        "spawn_floor_bin_true".into(),
-        json!({"total": stats_json(&wall)}),
-    );
+    if !wall.is_empty() {
+        summary.insert(
+            "spawn_floor_bin_true".into(),
+            json!({"total": stats_json(&wall)}),
+        );
+    }
 
     let out = json!({
         "bench": "plugin_add",
