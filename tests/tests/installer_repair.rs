@@ -287,6 +287,24 @@ fn a_forbidden_pod_list_is_logged_once_and_the_agent_stays_ready() {
     assert!(agent.is_ready());
 }
 
+/// An agent repairing pods in place with nothing on its PATH, as in the `FROM scratch` image
+/// (no iptables-restore, no ip), its watch established.
+fn agent_as_in_the_scratch_image(tag: &str) -> (Host, FakeKubeApi, Agent) {
+    let (host, api) = host_with_api(tag);
+    let empty_path = host.root.join("empty-path");
+    std::fs::create_dir_all(&empty_path).unwrap();
+    let agent = start_agent(
+        &host,
+        &api,
+        &[
+            ("REPAIR_REPAIR_PODS", "true"),
+            ("PATH", empty_path.to_str().unwrap()),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    (host, api, agent)
+}
+
 /// The image is `FROM scratch`: no iptables-restore on the agent's PATH. Repair in place then
 /// programs Istio's nftables ruleset over netlink, and says so once.
 #[test]
@@ -296,18 +314,7 @@ fn without_iptables_in_the_image_a_pod_is_repaired_with_nftables() {
     }
     let ip = test_ip(9);
     let sandbox = Sandbox::new(&ip);
-    let (host, api) = host_with_api("repair-scratch");
-    let empty_path = host.root.join("empty-path");
-    std::fs::create_dir_all(&empty_path).unwrap();
-    let mut agent = start_agent(
-        &host,
-        &api,
-        &[
-            ("REPAIR_REPAIR_PODS", "true"),
-            ("PATH", empty_path.to_str().unwrap()),
-        ],
-    );
-    std::thread::sleep(Duration::from_millis(200));
+    let (_host, api, mut agent) = agent_as_in_the_scratch_image("repair-scratch");
     api.set_pod(broken_pod("shop", "web-n", &ip));
     agent.wait_until("the pod repaired", |a| {
         metric(a, "repair", "success") == 1.0
@@ -338,18 +345,7 @@ fn without_ip_or_iptables_in_the_image_a_tproxy_ipv6_pod_is_repaired() {
     }
     let ip = format!("fd00:{:x}::7", std::process::id() % 0xffff);
     let sandbox = Sandbox::new(&ip);
-    let (host, api) = host_with_api("repair-tproxy6");
-    let empty_path = host.root.join("empty-path");
-    std::fs::create_dir_all(&empty_path).unwrap();
-    let mut agent = start_agent(
-        &host,
-        &api,
-        &[
-            ("REPAIR_REPAIR_PODS", "true"),
-            ("PATH", empty_path.to_str().unwrap()),
-        ],
-    );
-    std::thread::sleep(Duration::from_millis(200));
+    let (_host, api, mut agent) = agent_as_in_the_scratch_image("repair-tproxy6");
     let mut pod = broken_pod("shop", "web-t6", &ip);
     pod["metadata"]["annotations"]["sidecar.istio.io/interceptionMode"] = json!("TPROXY");
     api.set_pod(pod);
