@@ -302,8 +302,8 @@ fn agent(access: &KubeAccess) -> Result<ureq::Agent, FetchError> {
                 "kubeconfig certificate-authority-data holds no certificate".into(),
             ));
         }
-        let verifier =
-            crate::tls::GoTrust::new(roots, provider.clone()).map_err(FetchError::Config)?;
+        let verifier = crate::tls::GoTrust::new(roots, provider.clone())
+            .map_err(|e| FetchError::Config(e.to_string()))?;
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| FetchError::Config(format!("TLS: {e}")))?

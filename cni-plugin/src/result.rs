@@ -29,7 +29,7 @@ pub fn convert(prev: &Value, to: SpecVersion) -> Result<Value, CniError> {
             CniError::new(
                 code::DECODING_FAILURE,
                 "prevResult has an invalid cniVersion",
-                e,
+                e.to_string(),
             )
         })?,
         // A prevResult without a version is read in the config's version (as libcni does).

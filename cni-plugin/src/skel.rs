@@ -240,13 +240,27 @@ fn require_at_least(v: SpecVersion, floor: SpecVersion, cmd: &str) -> Result<(),
 /// Identity of a network namespace file (device, inode).
 pub type NetnsIdentity = (u64, u64);
 
-/// Looks up a netns file's identity; `None` when it cannot be opened (e.g. gone).
-pub type NetnsProbe<'a> = &'a dyn Fn(&str) -> Result<NetnsIdentity, String>;
+/// Looks up a netns file's identity, or why it is not a network namespace one can open.
+pub type NetnsProbe<'a> = &'a dyn Fn(&str) -> Result<NetnsIdentity, NetnsProbeError>;
+
+/// Why `CNI_NETNS` cannot be used as a network namespace.
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsProbeError {
+    /// It cannot be opened (gone, or no permission).
+    #[error("{0}")]
+    Open(std::io::Error),
+    #[error("not a network namespace: {path} is {kind}")]
+    NotANamespace { path: String, kind: &'static str },
+    #[error("not a network namespace: {path} is a file, not a namespace ({error})")]
+    PlainFile { path: String, error: std::io::Error },
+    #[error("not a network namespace: {path} is another kind of namespace (type {kind:#x})")]
+    OtherNamespace { path: String, kind: i32 },
+}
 
 /// Opens `path` as a network namespace and returns its identity. Refuses, with what it is,
 /// anything else: a regular file, a directory, a FIFO (opened without blocking), another kind
 /// of namespace. The kernel says what a namespace file is (`NS_GET_NSTYPE`).
-pub fn probe_netns(path: &str) -> Result<NetnsIdentity, String> {
+pub fn probe_netns(path: &str) -> Result<NetnsIdentity, NetnsProbeError> {
     use std::os::fd::AsRawFd as _;
     use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _};
     const NS_GET_NSTYPE: libc::c_ulong = 0xb7 << 8 | 0x3;
@@ -254,8 +268,8 @@ pub fn probe_netns(path: &str) -> Result<NetnsIdentity, String> {
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
-        .map_err(|e| e.to_string())?;
-    let m = f.metadata().map_err(|e| e.to_string())?;
+        .map_err(NetnsProbeError::Open)?;
+    let m = f.metadata().map_err(NetnsProbeError::Open)?;
     let t = m.file_type();
     let kind = if t.is_dir() {
         Some("a directory")
@@ -269,20 +283,24 @@ pub fn probe_netns(path: &str) -> Result<NetnsIdentity, String> {
         None
     };
     if let Some(kind) = kind {
-        return Err(format!("not a network namespace: {path} is {kind}"));
+        return Err(NetnsProbeError::NotANamespace {
+            path: path.to_string(),
+            kind,
+        });
     }
     // SAFETY: an ioctl without argument on an fd we own.
     let ns = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_NSTYPE as _) };
     if ns < 0 {
-        return Err(format!(
-            "not a network namespace: {path} is a file, not a namespace ({})",
-            std::io::Error::last_os_error()
-        ));
+        return Err(NetnsProbeError::PlainFile {
+            path: path.to_string(),
+            error: std::io::Error::last_os_error(),
+        });
     }
     if ns != libc::CLONE_NEWNET {
-        return Err(format!(
-            "not a network namespace: {path} is another kind of namespace (type {ns:#x})"
-        ));
+        return Err(NetnsProbeError::OtherNamespace {
+            path: path.to_string(),
+            kind: ns,
+        });
     }
     Ok((m.dev(), m.ino()))
 }
@@ -309,7 +327,7 @@ fn check_netns(
         Err(e) => Err(CniError::new(
             code::INVALID_NETNS,
             format!("failed to open netns {netns:?}"),
-            e,
+            e.to_string(),
         )),
     }
 }
@@ -496,7 +514,9 @@ mod tests {
         let probe = |p: &str| match p {
             "/own" => Ok((1, 1)),
             "/pod" => Ok((1, 2)),
-            _ => Err("no such file".to_string()),
+            _ => Err(NetnsProbeError::Open(std::io::Error::from(
+                std::io::ErrorKind::NotFound,
+            ))),
         };
         let mut input = stdin.as_bytes();
         let mut out = Vec::new();
@@ -705,7 +725,8 @@ mod tests {
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         // SAFETY: mkfifo with a valid C string.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        let probe = |p: &std::path::Path| probe_netns(p.to_str().unwrap());
+        let probe =
+            |p: &std::path::Path| probe_netns(p.to_str().unwrap()).map_err(|e| e.to_string());
         assert!(
             probe(&file)
                 .unwrap_err()
@@ -717,9 +738,13 @@ mod tests {
         assert!(
             probe_netns("/proc/self/ns/uts")
                 .unwrap_err()
+                .to_string()
                 .contains("another kind of namespace")
         );
-        assert!(probe_netns("/nonexistent/netns").is_err());
+        assert!(matches!(
+            probe_netns("/nonexistent/netns"),
+            Err(NetnsProbeError::Open(_))
+        ));
         let own = probe_netns("/proc/self/ns/net").unwrap();
         let m = std::fs::metadata("/proc/self/ns/net").unwrap();
         use std::os::unix::fs::MetadataExt as _;

@@ -22,6 +22,15 @@ use ureq::unversioned::transport::{
     TransportAdapter,
 };
 
+/// Why the kubeconfig's CA cannot verify the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustStoreError {
+    #[error("kubeconfig CA certificate cannot be used: {0}")]
+    Certificate(rustls::Error),
+    #[error("kubeconfig CA certificates cannot be used: {0}")]
+    Verifier(rustls::client::VerifierBuilderError),
+}
+
 /// webpki's verification, plus Go's "the server certificate is one of the roots".
 #[derive(Debug)]
 pub struct GoTrust {
@@ -33,17 +42,15 @@ impl GoTrust {
     pub fn new(
         roots: Vec<CertificateDer<'static>>,
         provider: Arc<rustls::crypto::CryptoProvider>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, TrustStoreError> {
         let mut store = rustls::RootCertStore::empty();
         for r in &roots {
-            store
-                .add(r.clone())
-                .map_err(|e| format!("kubeconfig CA certificate cannot be used: {e}"))?;
+            store.add(r.clone()).map_err(TrustStoreError::Certificate)?;
         }
         let webpki =
             rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider)
                 .build()
-                .map_err(|e| format!("kubeconfig CA certificates cannot be used: {e}"))?;
+                .map_err(TrustStoreError::Verifier)?;
         Ok(Self { webpki, roots })
     }
 }

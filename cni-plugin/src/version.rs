@@ -38,6 +38,15 @@ pub enum ResultFormat {
     V1,
 }
 
+/// A `cniVersion` that is not `X.Y.Z`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum VersionParseError {
+    #[error("{0:?} is not a version of the form X.Y.Z")]
+    NotXyz(String),
+    #[error("{0:?}: number too large")]
+    TooLarge(String),
+}
+
 impl SpecVersion {
     pub const fn new(major: u32, minor: u32, patch: u32) -> Self {
         Self {
@@ -48,17 +57,18 @@ impl SpecVersion {
     }
 
     /// Parses `X.Y.Z` (each a decimal number).
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, VersionParseError> {
         let parts: Vec<&str> = s.split('.').collect();
-        let num = |p: &str| -> Result<u32, String> {
+        let num = |p: &str| -> Result<u32, VersionParseError> {
             if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(format!("{s:?} is not a version of the form X.Y.Z"));
+                return Err(VersionParseError::NotXyz(s.to_string()));
             }
-            p.parse().map_err(|_| format!("{s:?}: number too large"))
+            p.parse()
+                .map_err(|_| VersionParseError::TooLarge(s.to_string()))
         };
         match parts.as_slice() {
             [a, b, c] => Ok(Self::new(num(a)?, num(b)?, num(c)?)),
-            _ => Err(format!("{s:?} is not a version of the form X.Y.Z")),
+            _ => Err(VersionParseError::NotXyz(s.to_string())),
         }
     }
 
