@@ -664,7 +664,7 @@ fn accel_settings(raw: &RawConfig) -> Result<crate::accel::AccelSettings, Settin
         features_off: crate::accel::features::FeaturesOff::parse(
             raw.get("FASTPATH_KERNEL_FEATURES_OFF"),
         )
-        .map_err(|why| raw.bad("FASTPATH_KERNEL_FEATURES_OFF", &why))?,
+        .map_err(|why| raw.bad("FASTPATH_KERNEL_FEATURES_OFF", &why.to_string()))?,
     })
 }
 

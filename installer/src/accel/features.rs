@@ -23,9 +23,16 @@ pub struct FeaturesOff {
 /// The names `FASTPATH_KERNEL_FEATURES_OFF` takes.
 pub const NAMES: [&str; 3] = ["sockmap-link", "recvmsg-tracepoint", "btf"];
 
+/// A name `FASTPATH_KERNEL_FEATURES_OFF` does not know.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown kernel feature {name:?} (known: {})", NAMES.join(", "))]
+pub struct UnknownFeature {
+    pub name: String,
+}
+
 impl FeaturesOff {
     /// Parses the list; an unknown name is an error that names it and the known ones.
-    pub fn parse(list: &str) -> Result<Self, String> {
+    pub fn parse(list: &str) -> Result<Self, UnknownFeature> {
         let mut off = FeaturesOff::default();
         for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             match name {
@@ -33,10 +40,9 @@ impl FeaturesOff {
                 "recvmsg-tracepoint" => off.recvmsg_tracepoint = true,
                 "btf" => off.btf = true,
                 other => {
-                    return Err(format!(
-                        "unknown kernel feature {other:?} (known: {})",
-                        NAMES.join(", ")
-                    ));
+                    return Err(UnknownFeature {
+                        name: other.to_string(),
+                    });
                 }
             }
         }
@@ -75,6 +81,8 @@ mod tests {
             })
         );
         let e = FeaturesOff::parse("sockmap-link,kprobes").unwrap_err();
+        assert_eq!(e.name, "kprobes");
+        let e = e.to_string();
         assert!(
             e.contains("\"kprobes\"") && e.contains("recvmsg-tracepoint"),
             "{e}"

@@ -143,7 +143,7 @@ pub enum CgroupRoot {
     /// that shares the host's cgroup namespace.
     FromOwnMounts,
     /// The host's root cannot be reached; acceleration is unavailable for this reason.
-    Unreachable(String),
+    Unreachable(plan::CgroupRootError),
 }
 
 /// Where Istio's chart mounts the host's procfs in the DaemonSet pod.

@@ -70,20 +70,13 @@ pub fn host_bpffs(view: &NodeView<'_>) -> PathBuf {
 /// A pod in a cgroup namespace of its own sees only its own subtree at its cgroup mount:
 /// attached there, sock_ops would accelerate nothing but this pod, so without the host's
 /// procfs to reach the host's root through there is no root to use.
-pub fn host_cgroup_root(view: &NodeView<'_>) -> Result<PathBuf, String> {
+pub fn host_cgroup_root(view: &NodeView<'_>) -> Result<PathBuf, CgroupRootError> {
     match view.host_mounts {
         Some(host) if !view.host_cgroup_ns => {
-            let root = cgroup2_root(host).ok_or_else(|| {
-                "no cgroup v2 mount in the host's /host/proc/1/mounts".to_string()
-            })?;
+            let root = cgroup2_root(host).ok_or(CgroupRootError::NoneOnTheHost)?;
             Ok(view.host_root.join(root.strip_prefix("/").unwrap_or(&root)))
         }
-        None if !view.host_cgroup_ns => Err(
-            "this pod has a cgroup namespace of its own and /host/proc is not mounted, so the \
-             host's cgroup v2 root cannot be reached (mount the host's /proc at /host/proc, as \
-             Istio's chart does with repair.repairPods=true, or set FASTPATH_CGROUP_ROOT)"
-                .to_string(),
-        ),
+        None if !view.host_cgroup_ns => Err(CgroupRootError::OwnNamespaceWithoutHostProc),
         // In the host's cgroup namespace, either mount table names the same hierarchy: the
         // pod's own when a cgroup v2 is mounted in it, else the host's through `host_root` (a
         // hybrid host under a runtime that mounts only the v1 controllers into the pod).
@@ -92,13 +85,27 @@ pub fn host_cgroup_root(view: &NodeView<'_>) -> Result<PathBuf, String> {
                 let root = cgroup2_root(view.host_mounts?)?;
                 Some(view.host_root.join(root.strip_prefix("/").unwrap_or(&root)))
             })
-            .ok_or_else(|| {
-                "no cgroup v2 mount in this pod's mounts nor in the host's /host/proc/1/mounts \
-                 (a cgroup v1 host; on a hybrid host, mount the host's cgroup v2 hierarchy or set \
-                 FASTPATH_CGROUP_ROOT)"
-                    .to_string()
-            }),
+            .ok_or(CgroupRootError::NoneFound),
     }
+}
+
+/// Why the host's cgroup v2 root cannot be reached ([`host_cgroup_root`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CgroupRootError {
+    #[error("no cgroup v2 mount in the host's /host/proc/1/mounts")]
+    NoneOnTheHost,
+    #[error(
+        "this pod has a cgroup namespace of its own and /host/proc is not mounted, so the \
+         host's cgroup v2 root cannot be reached (mount the host's /proc at /host/proc, as \
+         Istio's chart does with repair.repairPods=true, or set FASTPATH_CGROUP_ROOT)"
+    )]
+    OwnNamespaceWithoutHostProc,
+    #[error(
+        "no cgroup v2 mount in this pod's mounts nor in the host's /host/proc/1/mounts (a \
+         cgroup v1 host; on a hybrid host, mount the host's cgroup v2 hierarchy or set \
+         FASTPATH_CGROUP_ROOT)"
+    )]
+    NoneFound,
 }
 
 /// The inode of the initial cgroup namespace (`PROC_CGROUP_INIT_INO`, fixed by the kernel):
@@ -312,7 +319,8 @@ mod tests {
             ..view
         })
         .unwrap_err();
-        assert!(e.contains("FASTPATH_CGROUP_ROOT"), "{e}");
+        assert_eq!(e, CgroupRootError::NoneFound);
+        assert!(e.to_string().contains("FASTPATH_CGROUP_ROOT"), "{e}");
     }
 
     /// Istio's chart with repair.repairPods=false mounts no /host/proc: a pod in a cgroup
@@ -326,7 +334,8 @@ mod tests {
             host_root: Path::new("/host/proc/1/root"),
         };
         let e = host_cgroup_root(&view).unwrap_err();
-        assert!(e.contains("/host/proc is not mounted"), "{e}");
+        assert_eq!(e, CgroupRootError::OwnNamespaceWithoutHostProc);
+        assert!(e.to_string().contains("/host/proc is not mounted"), "{e}");
     }
 
     #[test]
