@@ -242,3 +242,75 @@ fn plugin_cri_containerd_programs_an_nftables_pod() {
     node.ctrd.stop_pod(&id).unwrap();
     node.ctrd.remove_pod(&id).unwrap();
 }
+
+/// A pod whose redirection is missing (its `istio-validation` init container failed, as when
+/// the CNI plugin was not yet on the node at its ADD) is repaired in place by the agent's
+/// repair controller: it finds the containerd sandbox's netns through the host's procfs by
+/// the pod's IP and programs Istio's rules there.
+#[test]
+fn plugin_cri_containerd_pod_without_redirection_is_repaired_in_place() {
+    use fastpath_tests::installer::{Agent, Host};
+    if !fastpath_tests::require_privileges!() {
+        return;
+    }
+    const NODE: &str = "cri-node";
+    let node = CriNode::start("10.248.203.0/24", false);
+    // At ADD the API holds a pod without sidecar: the plugin leaves its netns alone.
+    node.api.set_pod(plain_pod("shop-rep", "web-0"));
+    let id = node
+        .ctrd
+        .run_pod(&sandbox_config("shop-rep", "web-0", &node.dir.join("logs")))
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e:#}\n{}", node.ctrd.log()));
+    let status = node.ctrd.inspect_pod(&id).unwrap();
+    let netns = status["netnsPath"].as_str().unwrap().to_string();
+    let ip = status["network"]["ip"].as_str().unwrap().to_string();
+    assert!(!netns_save(&netns, "iptables-nft-save").contains("ISTIO"));
+    // Then the pod as the kubelet reports it: a sidecar pod on this node whose validation
+    // init container keeps failing.
+    let mut pod = sidecar_pod("shop-rep", "web-0", &[], &[]);
+    pod["spec"]["nodeName"] = json!(NODE);
+    pod["status"] = json!({
+        "phase": "Pending", "podIP": ip, "podIPs": [{"ip": ip}],
+        "initContainerStatuses": [{
+            "name": "istio-validation", "image": "proxyv2", "imageID": "", "ready": false,
+            "restartCount": 1, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": 126, "reason": "Error"}}
+        }]
+    });
+    node.api.set_pod(pod);
+    let host = Host::new("cri-repair");
+    host.set_service_account(TOKEN, &node.api.ca_pem);
+    host.write(
+        "10-lo.conflist",
+        r#"{"cniVersion": "1.0.0", "name": "fp-cri-repair", "plugins": [{"type": "loopback"}]}"#,
+    );
+    let port = node.api.addr.port().to_string();
+    let mut agent = Agent::start(
+        &host,
+        &[
+            ("KUBERNETES_SERVICE_HOST", "127.0.0.1"),
+            ("KUBERNETES_SERVICE_PORT", &port),
+            ("NODE_NAME", NODE),
+            ("REPAIR_NODE_NAME", NODE),
+            ("FASTPATH_ACCELERATION", "false"),
+            ("FASTPATH_HOST_PROC", "/proc"),
+            ("REPAIR_REPAIR_PODS", "true"),
+        ],
+    );
+    agent.wait_ready();
+    let repaired = "istio_cni_repair_pods_repaired_total{type=\"repair\",result=\"success\"}";
+    agent.wait_until("the containerd pod repaired in place", |a| {
+        a.metric(repaired) == Some(1.0)
+    });
+    // Either backend (the agent picks the node's, as the plugin does).
+    let saved =
+        netns_save(&netns, "iptables-nft-save") + &netns_save(&netns, "iptables-legacy-save");
+    assert!(
+        saved.contains("-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001"),
+        "no redirection in the sandbox's netns after the repair:\n{saved}\nagent log:\n{}",
+        agent.log()
+    );
+    drop(agent);
+    node.ctrd.stop_pod(&id).unwrap();
+    node.ctrd.remove_pod(&id).unwrap();
+}
