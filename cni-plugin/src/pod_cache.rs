@@ -199,13 +199,26 @@ mod tests {
         assert!(err.to_string().contains("pod-cache.sock"), "{err}");
     }
 
-    #[test]
-    fn a_hit_hands_on_the_pod_and_a_wrong_pod_is_named() {
-        let dir = std::env::temp_dir().join(format!("fp-podcache-h-{}", std::process::id()));
+    /// A listener where the agent's socket would be, in a run dir of its own (`tag`): the run
+    /// dir, the socket's path and the listener.
+    fn agent_socket(
+        tag: &str,
+    ) -> (
+        std::path::PathBuf,
+        std::path::PathBuf,
+        std::os::unix::net::UnixListener,
+    ) {
+        let dir = std::env::temp_dir().join(format!("fp-podcache-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("fastpath")).unwrap();
         let path = socket_path(&dir);
         let _ = std::fs::remove_file(&path);
         let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        (dir, path, l)
+    }
+
+    #[test]
+    fn a_hit_hands_on_the_pod_and_a_wrong_pod_is_named() {
+        let (dir, path, l) = agent_socket("h");
         let pod = json!({"kind": "Pod", "metadata": {"namespace": "ns1", "name": "web-0", "uid": "u-2"},
                          "spec": {"containers": [{"name": "app", "env": [{"name": "A", "value": "é\"x"}]}]}});
         let body = serde_json::to_vec(&PodAnswer::Pod(pod.clone())).unwrap();
@@ -230,11 +243,7 @@ mod tests {
 
     #[test]
     fn an_answer_over_the_bound_or_garbled_is_refused() {
-        let dir = std::env::temp_dir().join(format!("fp-podcache-b-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("fastpath")).unwrap();
-        let path = socket_path(&dir);
-        let _ = std::fs::remove_file(&path);
-        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (dir, path, l) = agent_socket("b");
         let server = std::thread::spawn(move || {
             for body in [
                 b"not json".to_vec(),
