@@ -13,10 +13,25 @@ pub(super) fn detach_if_idle(settings: &AccelSettings) {
     let live = accelerated_sockets(&settings.pin_dir)
         .and_then(|n| Ok(n + retire::accelerated_sockets_in_sets(&settings.pin_dir)?));
     match live {
-        Ok(0) => match uninstall(settings) {
-            Ok(()) => log::info!("acceleration off: programs detached, nothing left attached"),
-            Err(e) => log::warn!("acceleration off: detaching the programs failed: {e:#}"),
-        },
+        Ok(0) => {
+            let ids = pinned_program_ids(&settings.pin_dir);
+            match uninstall(settings) {
+                // The kernel frees a detached program and its sockhash later (after an RCU
+                // grace period, on a workqueue). Until then a start would find our own
+                // sk_msg on a sockhash outside our pins and take it for another
+                // accelerator's, so this returns once they are gone.
+                Ok(()) => match still_loaded_after(&ids, std::time::Duration::from_secs(2)) {
+                    gone if gone.is_empty() => {
+                        log::info!("acceleration off: programs detached, nothing left attached")
+                    }
+                    left => log::warn!(
+                        "acceleration off: programs detached, but still loaded after 2 s: {}",
+                        left.join(", ")
+                    ),
+                },
+                Err(e) => log::warn!("acceleration off: detaching the programs failed: {e:#}"),
+            }
+        }
         Ok(n) => log::info!(
             "acceleration off: {n} sockets are still accelerated, so the programs stay attached \
              (with no new connection accelerated) until a start finds none"
