@@ -8,6 +8,9 @@
 //! the invocation minus the `iptables-restore` child and the API call (both reported by the
 //! plugin in its log line).
 //!
+//! As on a node, each ADD has a container id of its own and the run dir, where the plugin writes
+//! its pod records, is on tmpfs.
+//!
 //! `--only CASE` (repeatable) runs just the named cases (the keys of the summary, e.g.
 //! `non_mesh_cached`, `mesh_native_nftables_cached`), e.g. to profile one case through an
 //! `$ISTIO_CNI_BIN` wrapper.
@@ -89,8 +92,18 @@ struct Invocation {
     log: Option<Value>,
 }
 
+/// Each ADD gets a container id of its own, as each sandbox does: reusing one would make every
+/// ADD after the first replace the previous pod record, which a node never does.
+fn next_container_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("benchcid{n}")
+}
+
 fn invoke(bin: &Path, conf: &Value, netns: &str, args: &str) -> Result<Invocation> {
     let stdin = serde_json::to_vec(conf)?;
+    let cid = next_container_id();
+    let args = format!("{args};K8S_POD_INFRA_CONTAINER_ID={cid}");
     let start = Instant::now();
     let mut child = Command::new(bin)
         .env_clear()
@@ -99,11 +112,11 @@ fn invoke(bin: &Path, conf: &Value, netns: &str, args: &str) -> Result<Invocatio
             std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
         )
         .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", "benchcid")
+        .env("CNI_CONTAINERID", &cid)
         .env("CNI_NETNS", netns)
         .env("CNI_IFNAME", "eth0")
         .env("CNI_PATH", "/usr/lib/cni")
-        .env("CNI_ARGS", args)
+        .env("CNI_ARGS", &args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -166,10 +179,23 @@ fn main() -> Result<()> {
     struct DirGuard(PathBuf);
     impl Drop for DirGuard {
         fn drop(&mut self) {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.0.join("run"))
+                .status();
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
     let _guard = DirGuard(dir.clone());
+    // The run dir (`/var/run/istio-cni` on a node) is on tmpfs there, as `/run` is on systemd
+    // hosts; the pod records the plugin writes into it must not be timed on this VM's disk.
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m,mode=0755", "fastpath-bench"])
+        .arg(dir.join("run"))
+        .status()?;
+    if !mounted.success() {
+        bail!("mount tmpfs on {}: {mounted}", dir.join("run").display());
+    }
     let api = FakeKubeApi::start(&dir.join("api"), TOKEN)?;
     api.write_kubeconfig(&dir.join("run/istio-cni-kubeconfig"), Trust::Ca, TOKEN)?;
     api.set_pod(plain_pod("bench", "plain-0"));
@@ -195,9 +221,7 @@ fn main() -> Result<()> {
         })
     };
     let args = |ns: &str, name: &str| {
-        format!(
-            "IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID=benchcid;K8S_POD_UID=uid-{name}"
-        )
+        format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};K8S_POD_UID=uid-{name}")
     };
 
     let mut summary = serde_json::Map::new();
