@@ -1,5 +1,5 @@
 //! `istio-cni`: wires the process (env, stdin, stdout, stderr, own netns) to the plugin.
-use fastpath_cni_plugin::{ABOUT, arena::Arena, plugin::IstioCni, skel};
+use fastpath_cni_plugin::{ABOUT, arena::Arena, iptables::NetnsEntry, plugin::IstioCni, skel};
 
 /// Small blocks from a bump arena (see `arena`): the invocation is short-lived.
 #[global_allocator]
@@ -22,7 +22,9 @@ fn report_panics() {
 
 fn main() {
     report_panics();
-    let plugin = IstioCni::default();
+    // One invocation, one thread: it may step into the pod's netns itself.
+    let mut plugin = IstioCni::default();
+    plugin.netns_entry = NetnsEntry::CallingThread;
     let getenv = |k: &str| std::env::var(k).ok();
     let own_netns = skel::probe_netns("/proc/self/ns/net").ok();
     let mut stdin = std::io::stdin().lock();

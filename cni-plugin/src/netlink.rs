@@ -121,6 +121,29 @@ pub fn attr_u32(value: &[u8]) -> Option<u32> {
     Some(u32::from_ne_bytes(value.get(..4)?.try_into().ok()?))
 }
 
+/// The sequence number of the last message in `buf` that asks for an ACK.
+fn last_acked_seq(mut rest: &[u8]) -> Option<u32> {
+    let mut last = None;
+    while rest.len() >= NLMSG_HDRLEN {
+        let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+        let flags = u16::from_ne_bytes(rest[6..8].try_into().expect("2 bytes"));
+        if flags & NLM_F_ACK != 0 {
+            last = Some(u32::from_ne_bytes(rest[8..12].try_into().expect("4 bytes")));
+        }
+        if len < NLMSG_HDRLEN || len > rest.len() {
+            break;
+        }
+        rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+    }
+    last
+}
+
+/// The sequence number of the message an `NLMSG_ERROR` payload answers (its errno is followed
+/// by that message's header).
+fn answered_seq(payload: &[u8]) -> Option<u32> {
+    Some(u32::from_ne_bytes(payload.get(12..16)?.try_into().ok()?))
+}
+
 /// The errno an `NLMSG_ERROR` payload carries (0: an ACK).
 fn error_code(payload: &[u8]) -> i32 {
     payload
@@ -208,25 +231,29 @@ impl Socket {
         Ok(n as usize)
     }
 
-    /// Sends `buf` (messages of which `acks` ask for an ACK) and waits for those ACKs; the first
-    /// error the kernel names wins.
-    pub fn transact(&self, buf: &[u8], acks: usize) -> std::io::Result<()> {
+    /// Sends the messages in `buf` and waits for the ACK of the last one that asks for one; the
+    /// first error the kernel names wins. The kernel answers every message that fails, whether
+    /// it asked for an ACK or not, and answers in order: so a batch needs one ACK, not one per
+    /// message (each is a datagram the kernel builds and we read).
+    pub fn transact(&self, buf: &[u8]) -> std::io::Result<()> {
         self.send(buf)?;
-        let mut seen = 0;
+        let Some(last) = last_acked_seq(buf) else {
+            return Ok(());
+        };
         let mut rx = vec![0u8; RECV_BUF];
-        while seen < acks {
+        loop {
             let n = self.recv_into(&mut rx)?;
             for (kind, payload) in parse_messages(&rx[..n]) {
-                if kind == NLMSG_ERROR {
-                    seen += 1;
-                    match error_code(payload) {
-                        0 => {}
-                        errno => return Err(std::io::Error::from_raw_os_error(errno)),
-                    }
+                if kind != NLMSG_ERROR {
+                    continue;
+                }
+                match error_code(payload) {
+                    0 if answered_seq(payload) == Some(last) => return Ok(()),
+                    0 => {}
+                    errno => return Err(std::io::Error::from_raw_os_error(errno)),
                 }
             }
         }
-        Ok(())
     }
 
     /// Sends one dump request and returns each answer's payload (after the `nlmsghdr`) of type

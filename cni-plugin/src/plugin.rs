@@ -3,7 +3,7 @@
 //! redirection, then (for mesh pods) the accelerator's enrollment.
 use crate::accel;
 use crate::config::{K8sArgs, PluginConfig};
-use crate::iptables::{self, Backend, Netns};
+use crate::iptables::{self, Backend, Netns, NetnsEntry};
 use crate::kube::{self, FetchError};
 use crate::log::{Level, Logger};
 use crate::nftables;
@@ -65,8 +65,11 @@ pub struct IstioCni {
     /// Where the logs go at the end (the installer's socket), once the config is known.
     pub log_socket: RefCell<Option<String>>,
     started: Instant,
-    /// The pod netns' cookie, when applying the rules read it on the way (native nftables).
+    /// The pod netns' cookie, when applying the rules read it on the way.
     netns_cookie: std::cell::Cell<Option<u64>>,
+    /// How work inside the pod's netns gets there: the plugin's own process moves its thread;
+    /// a caller in a long-lived process (the installer's repair) keeps the default.
+    pub netns_entry: NetnsEntry,
 }
 
 impl Default for IstioCni {
@@ -76,6 +79,7 @@ impl Default for IstioCni {
             log_socket: RefCell::new(None),
             started: Instant::now(),
             netns_cookie: std::cell::Cell::new(None),
+            netns_entry: NetnsEntry::default(),
         }
     }
 }
@@ -314,7 +318,8 @@ impl IstioCni {
                 "",
             )
         };
-        let netns = Netns::open(netns_path).map_err(|e| fail(&format_args!("open netns: {e}")))?;
+        let netns = Netns::open_with(netns_path, self.netns_entry)
+            .map_err(|e| fail(&format_args!("open netns: {e}")))?;
         let v6 = Self::ipv6_enabled(ips, r);
         let mut timings = Vec::new();
         if conf.native_nftables {
@@ -372,6 +377,9 @@ impl IstioCni {
         if r.mode == InterceptionMode::Tproxy {
             routing::add_tproxy_routing(&netns, v6).map_err(|e| fail(&e))?;
         }
+        // For enrolling the pod, read while the netns is at hand (`None`: enrolling reads it).
+        let cookie = netns.run(fastpath_pins::current_netns_cookie);
+        self.netns_cookie.set(cookie.ok().and_then(Result::ok));
         Ok(timings)
     }
 
@@ -490,7 +498,7 @@ impl Commands for IstioCni {
         if conf.native_nftables {
             // The tables go with the netns; removed here too so a netns that outlives the pod
             // (or a runtime that reuses it) keeps no redirection. A netns already gone is fine.
-            match Netns::open(&args.netns) {
+            match Netns::open_with(&args.netns, self.netns_entry) {
                 Ok(netns) => {
                     if let Err(e) = nftables::netlink::delete_tables(&netns) {
                         self.log.borrow_mut().warn(
@@ -535,7 +543,7 @@ impl Commands for IstioCni {
         };
         let r = Self::redirect_for(&pod)?;
         let ips = self.pod_ips(&conf);
-        let netns = Netns::open(&args.netns).map_err(|e| {
+        let netns = Netns::open_with(&args.netns, self.netns_entry).map_err(|e| {
             CniError::new(
                 code::INVALID_NETNS,
                 format!("failed to open netns {:?}", args.netns),

@@ -300,7 +300,7 @@ fn in_netns<T: Send>(
 
 /// Sends one creating request; "File exists" is success, as `ip` is used by Istio.
 fn create(s: &Socket, message: &[u8], what: &str) -> Result<(), RoutingStepError> {
-    match s.transact(message, 1) {
+    match s.transact(message) {
         Err(e) if e.raw_os_error() != Some(libc::EEXIST) => Err(RoutingStepError::netlink(what)(e)),
         _ => Ok(()),
     }

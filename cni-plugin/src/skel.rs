@@ -404,7 +404,9 @@ fn dispatch_inner(
             .map_err(|e| CniError::new(code::IO_FAILURE, e.to_string(), ""))?;
         return Ok(());
     }
-    let mut data = Vec::new();
+    // Room for a chained config with its prevResult in one read (read_to_end would start at 32
+    // bytes and double: seven reads for a 1 KiB config).
+    let mut data = Vec::with_capacity(8 << 10);
     io.stdin.read_to_end(&mut data).map_err(|e| {
         CniError::new(
             code::IO_FAILURE,

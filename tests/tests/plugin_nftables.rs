@@ -378,3 +378,76 @@ fn iptables_and_nftables_pods_coexist_on_a_node() -> Result<()> {
     node.run("CHECK", &node.conf(true, "10.248.40.2"), &nft, "nft")?;
     Ok(())
 }
+
+/// A batch asks the kernel for one ACK, after its last message. A message that fails earlier
+/// must still fail the ADD with the kernel's error, and the kernel must have applied nothing of
+/// the batch: here a rule in the middle jumps to a chain the batch never makes.
+#[test]
+fn a_batch_with_one_failing_rule_applies_nothing_and_names_the_error() -> Result<()> {
+    use fastpath_cni_plugin::iptables::Netns;
+    use fastpath_cni_plugin::nftables::{RuleOp, Stmt, Verdict, netlink};
+    if !fastpath_tests::require_privileges!() {
+        return Ok(());
+    }
+    let ns = NetNs::new(&format!("fpn-{}-failing", std::process::id()))?;
+    let podv = sidecar_pod("default", "failing", &[], &[]);
+    let p = fastpath_cni_plugin::pod::Pod::from_json(podv.to_string().as_bytes())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let r = fastpath_cni_plugin::redirect::from_pod(&p).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut set = fastpath_cni_plugin::nftables::build(&r, false);
+    let table = &mut set.tables[0];
+    let chain = table.chains[0].name;
+    let middle = table.ops.len() / 2;
+    table.ops.insert(
+        middle,
+        RuleOp {
+            chain,
+            index: None,
+            stmts: vec![Stmt::Verdict(Verdict::Jump("no-such-chain"))],
+        },
+    );
+    let netns = Netns::open(&ns.path())?;
+    let err = netlink::apply(&netns, &set).unwrap_err().to_string();
+    assert!(
+        err.contains("nf_tables transaction") && err.contains("No such file or directory"),
+        "{err}"
+    );
+    let tables = ns.exec_ok(&["nft", "list", "tables"])?;
+    assert_eq!(tables.trim(), "", "a refused batch left tables behind");
+    // The same set without the bad rule goes through on the same netns.
+    set.tables[0].ops.remove(middle);
+    netlink::apply(&netns, &set)?;
+    let counts = netlink::rule_counts(&netns)?;
+    assert!(!counts.is_empty(), "{counts:?}");
+    Ok(())
+}
+
+/// The plugin steps into the pod netns on its own thread (`NetnsEntry::CallingThread`), the
+/// installer on a thread of its own: either way the work runs in the pod's netns and the caller
+/// is back in its own netns afterwards, also after work that failed.
+#[test]
+fn work_in_the_pod_netns_runs_there_and_the_caller_comes_back() -> Result<()> {
+    use fastpath_cni_plugin::iptables::{Netns, NetnsEntry};
+    use std::os::unix::fs::MetadataExt as _;
+    if !fastpath_tests::require_privileges!() {
+        return Ok(());
+    }
+    let ns = NetNs::new(&format!("fpn-{}-entry", std::process::id()))?;
+    let pod_ino = std::fs::metadata(ns.path())?.ino();
+    let own_ino = || std::fs::metadata("/proc/thread-self/ns/net").map(|m| m.ino());
+    let home = own_ino()?;
+    assert_ne!(home, pod_ino);
+    for entry in [NetnsEntry::CallingThread, NetnsEntry::OwnThread] {
+        let netns = Netns::open_with(&ns.path(), entry)?;
+        let inside = netns.run(own_ino)??;
+        assert_eq!(
+            inside, pod_ino,
+            "{entry:?}: the work ran outside the pod netns"
+        );
+        assert_eq!(own_ino()?, home, "{entry:?}: the caller did not come back");
+        let failed: std::io::Result<()> = netns.run(|| Err(std::io::Error::other("boom")))?;
+        assert!(failed.is_err());
+        assert_eq!(own_ino()?, home, "{entry:?}: no way back after a failure");
+    }
+    Ok(())
+}

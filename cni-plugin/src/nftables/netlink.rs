@@ -442,17 +442,21 @@ fn encode_stmts(
 struct Batch {
     buf: Vec<u8>,
     seq: u32,
-    /// Messages that ask for an ACK (all but the batch markers).
-    acked: usize,
+    /// Where the last nf_tables message starts: the one that asks for the batch's ACK.
+    last_nft: Option<usize>,
 }
 
 impl Batch {
-    fn new() -> Self {
-        let mut b = Self {
+    fn empty() -> Self {
+        Self {
             buf: Vec::new(),
             seq: 0,
-            acked: 0,
-        };
+            last_nft: None,
+        }
+    }
+
+    fn new() -> Self {
+        let mut b = Self::empty();
         b.msg(
             NFNL_MSG_BATCH_BEGIN,
             NLM_F_REQUEST,
@@ -478,17 +482,25 @@ impl Batch {
     }
 
     fn nft(&mut self, msg: u16, flags: u16, attrs: &Attrs) {
+        self.last_nft = Some(self.buf.len());
         self.msg(
             (NFNL_SUBSYS_NFTABLES << 8) | msg,
-            NLM_F_REQUEST | NLM_F_ACK | flags,
+            NLM_F_REQUEST | flags,
             NFPROTO_INET,
             0,
             attrs,
         );
-        self.acked += 1;
     }
 
+    /// Ends the batch. Only its last nf_tables message asks for an ACK: a failing message is
+    /// answered anyway, so that one ACK says the whole transaction went through.
     fn finish(mut self) -> Self {
+        if let Some(at) = self.last_nft {
+            // nlmsghdr: len (4 bytes), type (2), flags (2).
+            let flags = &mut self.buf[at + 6..at + 8];
+            let acked = u16::from_ne_bytes([flags[0], flags[1]]) | NLM_F_ACK;
+            flags.copy_from_slice(&acked.to_ne_bytes());
+        }
         self.msg(
             NFNL_MSG_BATCH_END,
             NLM_F_REQUEST,
@@ -635,8 +647,8 @@ pub fn apply_with_cookie(netns: &Netns, set: &Ruleset) -> Result<Option<u64>, Nf
     let batch = ruleset_batch(set, &etc_group_id)?;
     let (applied, cookie) = netns
         .run(|| {
-            let applied = Socket::open(libc::NETLINK_NETFILTER)
-                .and_then(|s| s.transact(&batch.buf, batch.acked));
+            let applied =
+                Socket::open(libc::NETLINK_NETFILTER).and_then(|s| s.transact(&batch.buf));
             let cookie = applied
                 .is_ok()
                 .then(|| fastpath_pins::current_netns_cookie().ok())
@@ -666,7 +678,7 @@ pub fn delete_tables(netns: &Netns) -> Result<(), NftablesError> {
                     }),
                 );
                 let b = b.finish();
-                match s.transact(&b.buf, b.acked) {
+                match s.transact(&b.buf) {
                     Ok(()) => {}
                     Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                     Err(source) => {
@@ -687,11 +699,7 @@ pub fn rule_counts(netns: &Netns) -> Result<Vec<(String, String, usize)>, Nftabl
     netns
         .run(|| -> Result<Vec<(String, String, usize)>, NftablesError> {
             let s = Socket::open(libc::NETLINK_NETFILTER).map_err(NftablesError::Socket)?;
-            let mut req = Batch {
-                buf: Vec::new(),
-                seq: 0,
-                acked: 0,
-            };
+            let mut req = Batch::empty();
             req.msg(
                 (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE,
                 NLM_F_REQUEST | NLM_F_DUMP,
