@@ -265,177 +265,196 @@ fn encode_stmts(
     next_set_id: &mut u32,
     resolve_group: &dyn Fn(&str) -> Option<u32>,
 ) -> Result<Vec<Expr>, UnknownGroup> {
-    let mut out = Vec::new();
-    // nft writes a protocol's dependency once per rule (`meta l4proto`, `meta nfproto`).
-    let mut l4_known: Option<L4> = None;
-    let mut nfproto_known: Option<u8> = None;
+    let mut rule = RuleEncoder {
+        out: Vec::new(),
+        l4_known: None,
+        nfproto_known: None,
+        sets,
+        next_set_id,
+    };
     for s in stmts {
+        rule.stmt(s, resolve_group)?;
+    }
+    Ok(rule.out)
+}
+
+/// The expressions of one rule as they are encoded.
+struct RuleEncoder<'a> {
+    out: Vec<Expr>,
+    // nft writes a protocol's dependency once per rule (`meta l4proto`, `meta nfproto`).
+    l4_known: Option<L4>,
+    nfproto_known: Option<u8>,
+    sets: &'a mut Vec<AnonSet>,
+    next_set_id: &'a mut u32,
+}
+
+impl RuleEncoder<'_> {
+    fn push(&mut self, e: Expr) {
+        self.out.push(e);
+    }
+
+    /// A `load` of a key followed by a comparison with `bytes`.
+    fn meta_match(&mut self, key: u32, op: Op, bytes: &[u8]) {
+        self.push(meta_load(key));
+        self.push(cmp(op, bytes));
+    }
+
+    #[rustfmt::skip]
+    fn stmt(&mut self, s: &Stmt, resolve_group: &dyn Fn(&str) -> Option<u32>) -> Result<(), UnknownGroup> {
         match s {
-            Stmt::L4Proto(p) => {
-                out.push(meta_load(NFT_META_L4PROTO));
-                out.push(cmp(Op::Eq, &[p.number()]));
-                l4_known = Some(*p);
-            }
-            Stmt::Port {
-                proto,
-                dir,
-                op,
-                ports,
-            } => {
-                if l4_known != Some(*proto) {
-                    out.push(meta_load(NFT_META_L4PROTO));
-                    out.push(cmp(Op::Eq, &[proto.number()]));
-                    l4_known = Some(*proto);
-                }
-                let offset = if *dir == Dir::Src { 0 } else { 2 };
-                out.push(payload(NFT_PAYLOAD_TRANSPORT_HEADER, offset, 2));
-                if let [one] = ports.as_slice() {
-                    out.push(cmp(*op, &one.to_be_bytes()));
-                } else {
-                    *next_set_id += 1;
-                    let id = *next_set_id;
-                    sets.push(AnonSet {
-                        id,
-                        ports: ports.clone(),
-                    });
-                    let flags = if *op == Op::Neq { NFT_LOOKUP_F_INV } else { 0 };
-                    out.push(Expr(
-                        "lookup",
-                        Attrs::with(|a| {
-                            a.str(1, "__set%d")
-                                .be32(2, NFT_REG_1)
-                                .be32(4, id)
-                                .be32(5, flags);
-                        }),
-                    ));
-                }
-            }
-            Stmt::Addr { dir, op, cidr } => {
-                let (proto, bytes, src_off, dst_off) = match cidr.addr {
-                    IpAddr::V4(a) => (NFPROTO_IPV4, a.octets().to_vec(), 12, 16),
-                    IpAddr::V6(a) => (NFPROTO_IPV6, a.octets().to_vec(), 8, 24),
-                };
-                if nfproto_known != Some(proto) {
-                    out.push(meta_load(NFT_META_NFPROTO));
-                    out.push(cmp(Op::Eq, &[proto]));
-                    nfproto_known = Some(proto);
-                }
-                // As nft: a byte-aligned prefix loads only its bytes; any other loads the
-                // whole address and masks it.
-                let len = usize::from(cidr.len);
-                if len == 0 {
-                    continue;
-                }
-                let aligned = len % 8 == 0;
-                let n = if aligned { len / 8 } else { bytes.len() };
-                let offset = if *dir == Dir::Src { src_off } else { dst_off };
-                out.push(payload(NFT_PAYLOAD_NETWORK_HEADER, offset, n as u32));
-                let mask: Vec<u8> = (0..n)
-                    .map(|i| match len.saturating_sub(i * 8) {
-                        0 => 0,
-                        l if l >= 8 => 0xff,
-                        l => 0xff << (8 - l),
-                    })
-                    .collect();
-                if !aligned {
-                    out.push(bitwise(&mask));
-                }
-                let value: Vec<u8> = bytes[..n].iter().zip(&mask).map(|(b, m)| b & m).collect();
-                out.push(cmp(*op, &value));
-            }
-            Stmt::IfName { dir, name } => {
-                let key = if *dir == Dir::Src {
-                    NFT_META_IIFNAME
-                } else {
-                    NFT_META_OIFNAME
-                };
-                let mut v = name.as_bytes().to_vec();
-                v.resize(IFNAMSIZ, 0);
-                out.push(meta_load(key));
-                out.push(cmp(Op::Eq, &v));
-            }
-            Stmt::SkUid { op, uid, .. } => {
-                out.push(meta_load(NFT_META_SKUID));
-                out.push(cmp(*op, &uid.to_ne_bytes()));
-            }
+            Stmt::L4Proto(p) => self.l4_dependency(*p, true),
+            Stmt::Port { proto, dir, op, ports } => self.port(*proto, *dir, *op, ports),
+            Stmt::Addr { dir, op, cidr } => self.addr(*dir, *op, cidr),
+            Stmt::IfName { dir, name } => self.if_name(*dir, name),
+            Stmt::SkUid { op, uid, .. } => self.meta_match(NFT_META_SKUID, *op, &uid.to_ne_bytes()),
             Stmt::SkGid { op, gid, .. } => {
-                let id = match gid {
-                    Group::Id(id) => *id,
-                    Group::Named(name) => {
-                        let name = name.to_string();
-                        match name.parse::<u32>() {
-                            Ok(id) => id,
-                            Err(_) => resolve_group(&name)
-                                .ok_or_else(|| UnknownGroup { name: name.clone() })?,
-                        }
-                    }
-                };
-                out.push(meta_load(NFT_META_SKGID));
-                out.push(cmp(*op, &id.to_ne_bytes()));
+                let gid = group_id(gid, resolve_group)?;
+                self.meta_match(NFT_META_SKGID, *op, &gid.to_ne_bytes());
             }
-            Stmt::CtStateRelatedEstablished | Stmt::CtStateInvalid => {
-                let bits = if *s == Stmt::CtStateInvalid {
-                    CT_STATE_INVALID
-                } else {
-                    CT_STATE_RELATED | CT_STATE_ESTABLISHED
-                };
-                out.push(ct_load(NFT_CT_STATE));
-                out.push(bitwise(&bits.to_ne_bytes()));
-                out.push(cmp(Op::Neq, &0u32.to_ne_bytes()));
-            }
-            Stmt::Mark { op, value } => {
-                out.push(meta_load(NFT_META_MARK));
-                out.push(cmp(*op, &value.to_ne_bytes()));
-            }
+            Stmt::CtStateRelatedEstablished => self.ct_state_any(CT_STATE_RELATED | CT_STATE_ESTABLISHED),
+            Stmt::CtStateInvalid => self.ct_state_any(CT_STATE_INVALID),
+            Stmt::Mark { op, value } => self.meta_match(NFT_META_MARK, *op, &value.to_ne_bytes()),
             Stmt::CtMark(v) => {
-                out.push(ct_load(NFT_CT_MARK));
-                out.push(cmp(Op::Eq, &v.to_ne_bytes()));
+                self.push(ct_load(NFT_CT_MARK));
+                self.push(cmp(Op::Eq, &v.to_ne_bytes()));
             }
-            Stmt::Counter => out.push(Expr(
-                "counter",
-                Attrs::with(|a| {
-                    a.raw(1, &0u64.to_be_bytes()).raw(2, &0u64.to_be_bytes());
-                }),
-            )),
+            Stmt::Counter => self.push(Expr("counter", Attrs::with(|a| {
+                a.raw(1, &0u64.to_be_bytes()).raw(2, &0u64.to_be_bytes());
+            }))),
             Stmt::MetaMarkSet(v) => {
-                out.push(immediate(&v.to_ne_bytes()));
-                out.push(meta_set(NFT_META_MARK));
+                self.push(immediate(&v.to_ne_bytes()));
+                self.push(meta_set(NFT_META_MARK));
             }
             Stmt::CtMarkSetMark => {
-                out.push(meta_load(NFT_META_MARK));
-                out.push(ct_set(NFT_CT_MARK));
+                self.push(meta_load(NFT_META_MARK));
+                self.push(ct_set(NFT_CT_MARK));
             }
             Stmt::MetaMarkSetCtMark => {
-                out.push(ct_load(NFT_CT_MARK));
-                out.push(meta_set(NFT_META_MARK));
+                self.push(ct_load(NFT_CT_MARK));
+                self.push(meta_set(NFT_META_MARK));
             }
             Stmt::CtZoneSet(z) => {
-                out.push(immediate(&z.to_ne_bytes()));
-                out.push(ct_set(NFT_CT_ZONE));
+                self.push(immediate(&z.to_ne_bytes()));
+                self.push(ct_set(NFT_CT_ZONE));
             }
             Stmt::Redirect(port) => {
-                out.push(immediate(&port.to_be_bytes()));
-                out.push(Expr(
-                    "redir",
-                    Attrs::with(|a| {
-                        a.be32(1, NFT_REG_1).be32(3, NF_NAT_RANGE_PROTO_SPECIFIED);
-                    }),
-                ));
+                self.push(immediate(&port.to_be_bytes()));
+                self.push(Expr("redir", Attrs::with(|a| {
+                    a.be32(1, NFT_REG_1).be32(3, NF_NAT_RANGE_PROTO_SPECIFIED);
+                })));
             }
             Stmt::Tproxy { v6, port } => {
-                let fam = if *v6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 };
-                out.push(immediate(&port.to_be_bytes()));
-                out.push(Expr(
-                    "tproxy",
-                    Attrs::with(|a| {
-                        a.be32(1, u32::from(fam)).be32(3, NFT_REG_1);
-                    }),
-                ));
+                let family = if *v6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 };
+                self.push(immediate(&port.to_be_bytes()));
+                self.push(Expr("tproxy", Attrs::with(|a| {
+                    a.be32(1, u32::from(family)).be32(3, NFT_REG_1);
+                })));
             }
-            Stmt::Verdict(v) => out.push(verdict(v)),
+            Stmt::Verdict(v) => self.push(verdict(v)),
+        }
+        Ok(())
+    }
+
+    /// `meta l4proto`: written for an explicit match, or once as a port match's dependency.
+    fn l4_dependency(&mut self, proto: L4, explicit: bool) {
+        if explicit || self.l4_known != Some(proto) {
+            self.meta_match(NFT_META_L4PROTO, Op::Eq, &[proto.number()]);
+            self.l4_known = Some(proto);
         }
     }
-    Ok(out)
+
+    /// A port or a set of ports: one comparison, or a lookup in an anonymous set.
+    fn port(&mut self, proto: L4, dir: Dir, op: Op, ports: &[u16]) {
+        self.l4_dependency(proto, false);
+        let offset = if dir == Dir::Src { 0 } else { 2 };
+        self.push(payload(NFT_PAYLOAD_TRANSPORT_HEADER, offset, 2));
+        if let [one] = ports {
+            self.push(cmp(op, &one.to_be_bytes()));
+            return;
+        }
+        *self.next_set_id += 1;
+        let id = *self.next_set_id;
+        self.sets.push(AnonSet {
+            id,
+            ports: ports.to_vec(),
+        });
+        let flags = if op == Op::Neq { NFT_LOOKUP_F_INV } else { 0 };
+        self.push(Expr(
+            "lookup",
+            Attrs::with(|a| {
+                a.str(1, "__set%d")
+                    .be32(2, NFT_REG_1)
+                    .be32(4, id)
+                    .be32(5, flags);
+            }),
+        ));
+    }
+
+    /// An address prefix. As nft: a byte-aligned prefix loads only its bytes; any other loads
+    /// the whole address and masks it. A zero-length prefix keeps only the family dependency.
+    fn addr(&mut self, dir: Dir, op: Op, cidr: &super::Cidr) {
+        let (family, bytes, src_off, dst_off) = match cidr.addr {
+            IpAddr::V4(a) => (NFPROTO_IPV4, a.octets().to_vec(), 12, 16),
+            IpAddr::V6(a) => (NFPROTO_IPV6, a.octets().to_vec(), 8, 24),
+        };
+        if self.nfproto_known != Some(family) {
+            self.meta_match(NFT_META_NFPROTO, Op::Eq, &[family]);
+            self.nfproto_known = Some(family);
+        }
+        let len = usize::from(cidr.len);
+        if len == 0 {
+            return;
+        }
+        let aligned = len % 8 == 0;
+        let n = if aligned { len / 8 } else { bytes.len() };
+        let offset = if dir == Dir::Src { src_off } else { dst_off };
+        self.push(payload(NFT_PAYLOAD_NETWORK_HEADER, offset, n as u32));
+        let mask: Vec<u8> = (0..n)
+            .map(|i| match len.saturating_sub(i * 8) {
+                0 => 0,
+                l if l >= 8 => 0xff,
+                l => 0xff << (8 - l),
+            })
+            .collect();
+        if !aligned {
+            self.push(bitwise(&mask));
+        }
+        let value: Vec<u8> = bytes[..n].iter().zip(&mask).map(|(b, m)| b & m).collect();
+        self.push(cmp(op, &value));
+    }
+
+    /// `iifname`/`oifname`: the name padded to `IFNAMSIZ`.
+    fn if_name(&mut self, dir: Dir, name: &str) {
+        let key = if dir == Dir::Src {
+            NFT_META_IIFNAME
+        } else {
+            NFT_META_OIFNAME
+        };
+        let mut padded = name.as_bytes().to_vec();
+        padded.resize(IFNAMSIZ, 0);
+        self.meta_match(key, Op::Eq, &padded);
+    }
+
+    /// `ct state` holding any of `bits`.
+    fn ct_state_any(&mut self, bits: u32) {
+        self.push(ct_load(NFT_CT_STATE));
+        self.push(bitwise(&bits.to_ne_bytes()));
+        self.push(cmp(Op::Neq, &0u32.to_ne_bytes()));
+    }
+}
+
+/// A group's id: given, numeric, or looked up by name.
+fn group_id(gid: &Group, resolve_group: &dyn Fn(&str) -> Option<u32>) -> Result<u32, UnknownGroup> {
+    match gid {
+        Group::Id(id) => Ok(*id),
+        Group::Named(name) => {
+            let name = name.to_string();
+            match name.parse::<u32>() {
+                Ok(id) => Ok(id),
+                Err(_) => resolve_group(&name).ok_or(UnknownGroup { name }),
+            }
+        }
+    }
 }
 
 /// A batch of nf_tables messages.
@@ -489,6 +508,48 @@ impl Batch {
             NFPROTO_INET,
             0,
             attrs,
+        );
+    }
+
+    /// An anonymous constant set of ports and its elements, for a rule that follows.
+    fn anon_set(&mut self, table: &str, s: &AnonSet) {
+        self.nft(
+            NFT_MSG_NEWSET,
+            NLM_F_CREATE,
+            &Attrs::with(|a| {
+                a.str(NFTA_SET_TABLE, table)
+                    .str(NFTA_SET_NAME, "__set%d")
+                    .be32(NFTA_SET_FLAGS, NFT_SET_ANONYMOUS | NFT_SET_CONSTANT)
+                    .be32(NFTA_SET_KEY_TYPE, TYPE_INET_SERVICE)
+                    .be32(NFTA_SET_KEY_LEN, 2)
+                    .be32(NFTA_SET_ID, s.id)
+                    .nest(
+                        NFTA_SET_DESC,
+                        Attrs::with(|d| {
+                            d.be32(NFTA_SET_DESC_SIZE, s.ports.len() as u32);
+                        }),
+                    );
+            }),
+        );
+        let elems = Attrs::with(|l| {
+            for p in &s.ports {
+                l.nest(
+                    NFTA_LIST_ELEM,
+                    Attrs::with(|e| {
+                        e.nest(NFTA_SET_ELEM_KEY, data_value(&p.to_be_bytes()));
+                    }),
+                );
+            }
+        });
+        self.nft(
+            NFT_MSG_NEWSETELEM,
+            NLM_F_CREATE,
+            &Attrs::with(|a| {
+                a.str(NFTA_SET_ELEM_LIST_TABLE, table)
+                    .str(NFTA_SET_ELEM_LIST_SET, "__set%d")
+                    .be32(NFTA_SET_ELEM_LIST_SET_ID, s.id)
+                    .nest(NFTA_SET_ELEM_LIST_ELEMENTS, elems);
+            }),
         );
     }
 
@@ -561,45 +622,8 @@ fn ruleset_batch(
                         chain: c.name,
                         source,
                     })?;
-                for s in sets {
-                    b.nft(
-                        NFT_MSG_NEWSET,
-                        NLM_F_CREATE,
-                        &Attrs::with(|a| {
-                            a.str(NFTA_SET_TABLE, t.name)
-                                .str(NFTA_SET_NAME, "__set%d")
-                                .be32(NFTA_SET_FLAGS, NFT_SET_ANONYMOUS | NFT_SET_CONSTANT)
-                                .be32(NFTA_SET_KEY_TYPE, TYPE_INET_SERVICE)
-                                .be32(NFTA_SET_KEY_LEN, 2)
-                                .be32(NFTA_SET_ID, s.id)
-                                .nest(
-                                    NFTA_SET_DESC,
-                                    Attrs::with(|d| {
-                                        d.be32(NFTA_SET_DESC_SIZE, s.ports.len() as u32);
-                                    }),
-                                );
-                        }),
-                    );
-                    let elems = Attrs::with(|l| {
-                        for p in &s.ports {
-                            l.nest(
-                                NFTA_LIST_ELEM,
-                                Attrs::with(|e| {
-                                    e.nest(NFTA_SET_ELEM_KEY, data_value(&p.to_be_bytes()));
-                                }),
-                            );
-                        }
-                    });
-                    b.nft(
-                        NFT_MSG_NEWSETELEM,
-                        NLM_F_CREATE,
-                        &Attrs::with(|a| {
-                            a.str(NFTA_SET_ELEM_LIST_TABLE, t.name)
-                                .str(NFTA_SET_ELEM_LIST_SET, "__set%d")
-                                .be32(NFTA_SET_ELEM_LIST_SET_ID, s.id)
-                                .nest(NFTA_SET_ELEM_LIST_ELEMENTS, elems);
-                        }),
-                    );
+                for s in &sets {
+                    b.anon_set(t.name, s);
                 }
                 let list = Attrs::with(|l| {
                     for Expr(name, data) in exprs {
