@@ -260,6 +260,18 @@ fn nftables_add_matches_istio_goldens() -> Result<()> {
 /// Variants no stored golden covers: the ruleset the plugin programs equals its own
 /// transaction text loaded by `nft` (so the netlink encoding is nft's), and holds what the
 /// annotations ask for.
+/// The IPv4 ruleset the plugin builds for a sidecar pod with these annotations.
+fn pod_ruleset(
+    name: &str,
+    annotations: &[(&str, &str)],
+) -> Result<fastpath_cni_plugin::nftables::Ruleset> {
+    let podv = sidecar_pod("default", name, annotations, &[]);
+    let p = fastpath_cni_plugin::pod::Pod::from_json(podv.to_string().as_bytes())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let r = fastpath_cni_plugin::redirect::from_pod(&p).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(fastpath_cni_plugin::nftables::build(&r, false))
+}
+
 #[test]
 fn annotation_variants_are_encoded_as_nft_would() -> Result<()> {
     if !fastpath_tests::require_privileges!() {
@@ -288,11 +300,7 @@ fn annotation_variants_are_encoded_as_nft_would() -> Result<()> {
         let pod = format!("variant-{i}");
         let ns = node.add_pod(&pod, annotations)?;
         let got = ruleset(&ns)?;
-        let podv = sidecar_pod("default", &pod, annotations, &[]);
-        let p = fastpath_cni_plugin::pod::Pod::from_json(podv.to_string().as_bytes())
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let r = fastpath_cni_plugin::redirect::from_pod(&p).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let text = fastpath_cni_plugin::nftables::build(&r, false).transaction_text();
+        let text = pod_ruleset(&pod, annotations)?.transaction_text();
         assert_eq!(got, loaded(&text, &format!("v{i}"))?, "{annotations:?}");
         let listing = ns.exec_ok(&["nft", "list", "ruleset"])?;
         match i {
@@ -390,11 +398,7 @@ fn a_batch_with_one_failing_rule_applies_nothing_and_names_the_error() -> Result
         return Ok(());
     }
     let ns = NetNs::new(&format!("fpn-{}-failing", std::process::id()))?;
-    let podv = sidecar_pod("default", "failing", &[], &[]);
-    let p = fastpath_cni_plugin::pod::Pod::from_json(podv.to_string().as_bytes())
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let r = fastpath_cni_plugin::redirect::from_pod(&p).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut set = fastpath_cni_plugin::nftables::build(&r, false);
+    let mut set = pod_ruleset("failing", &[])?;
     let table = &mut set.tables[0];
     let chain = table.chains[0].name;
     let middle = table.ops.len() / 2;
