@@ -18,6 +18,7 @@ pub mod result;
 pub mod routing;
 pub mod rules;
 pub mod skel;
+pub mod timestamp;
 pub mod tls;
 pub mod version;
 

@@ -162,7 +162,7 @@ pub fn post_logs(socket: &Path, lines: &[String]) -> std::io::Result<()> {
 
 /// Current UTC time as RFC 3339 with microseconds (`2026-11-26T07:40:00.123456Z`).
 pub fn rfc3339_now() -> String {
-    fastpath_common::time::Rfc3339::now().to_string()
+    crate::timestamp::Rfc3339::now().to_string()
 }
 
 #[cfg(test)]

@@ -6,8 +6,6 @@
 //! or recreates the maps instead of reusing them with the wrong layout.
 #![no_std]
 
-pub mod time;
-
 /// Bumped when the meaning of a map's entries changes while its key and value sizes stay the
 /// same. (A size change is caught by the loader's layout check on its own, and only that map
 /// is recreated.)

@@ -305,7 +305,7 @@ fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
 
 /// Now as RFC 3339 UTC with microseconds, as Istio's logs print it.
 pub fn now_rfc3339() -> String {
-    fastpath_common::time::Rfc3339::now().to_string()
+    fastpath_cni_plugin::timestamp::Rfc3339::now().to_string()
 }
 
 #[cfg(test)]

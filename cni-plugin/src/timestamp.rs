@@ -1,4 +1,5 @@
-//! Timestamps of the plugin's log lines (sent over `log.sock`) and of the agent's own lines:
+//! Timestamps of the plugin's log lines (sent over `log.sock`) and of the agent's own lines (the
+//! installer uses this module, so both sides print one format):
 //! RFC 3339 UTC with microseconds, as Istio's logs print them (`2026-11-26T07:40:00.123456Z`).
 
 /// A UTC instant, formatted by `Display` as RFC 3339 with microseconds.
@@ -9,11 +10,9 @@ pub struct Rfc3339 {
     pub micros: u32,
 }
 
-#[cfg(feature = "std")]
 impl Rfc3339 {
     /// The current time.
     pub fn now() -> Self {
-        extern crate std;
         let d = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -51,11 +50,9 @@ impl core::fmt::Display for Rfc3339 {
 
 #[cfg(test)]
 mod tests {
-    extern crate std;
     use super::Rfc3339;
-    use std::string::ToString as _;
 
-    fn fmt(secs: i64, micros: u32) -> std::string::String {
+    fn fmt(secs: i64, micros: u32) -> String {
         Rfc3339 { secs, micros }.to_string()
     }
 
