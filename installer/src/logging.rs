@@ -14,48 +14,15 @@ pub const SCOPE_PLUGIN: &str = "cni-plugin";
 pub const SCOPE_DEFAULT: &str = "default";
 const SCOPES: &[&str] = &[SCOPE_AGENT, SCOPE_PLUGIN, SCOPE_DEFAULT];
 
-/// Istio's levels, least to most severe.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Level {
-    Debug,
-    Info,
-    Warn,
-    Error,
-    Fatal,
-    None,
-}
+/// Istio's levels (the plugin's type: the plugin's lines and the agent's are filtered alike).
+pub use fastpath_cni_plugin::log::Level;
 
-impl Level {
-    pub fn parse(s: &str) -> Option<Level> {
-        Some(match s.trim().to_ascii_lowercase().as_str() {
-            "debug" => Level::Debug,
-            "info" => Level::Info,
-            "warn" | "warning" => Level::Warn,
-            "error" => Level::Error,
-            "fatal" => Level::Fatal,
-            "none" => Level::None,
-            _ => return None,
-        })
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Level::Debug => "debug",
-            Level::Info => "info",
-            Level::Warn => "warn",
-            Level::Error => "error",
-            Level::Fatal => "fatal",
-            Level::None => "none",
-        }
-    }
-
-    fn from_log(l: log::Level) -> Level {
-        match l {
-            log::Level::Trace | log::Level::Debug => Level::Debug,
-            log::Level::Info => Level::Info,
-            log::Level::Warn => Level::Warn,
-            log::Level::Error => Level::Error,
-        }
+fn level_of(l: log::Level) -> Level {
+    match l {
+        log::Level::Trace | log::Level::Debug => Level::Debug,
+        log::Level::Info => Level::Info,
+        log::Level::Warn => Level::Warn,
+        log::Level::Error => Level::Error,
     }
 }
 
@@ -186,7 +153,7 @@ pub fn init(settings: LogSettings) {
     builder.format(move |buf, record| {
         let line = format_line(
             json,
-            Level::from_log(record.level()),
+            level_of(record.level()),
             &buf.timestamp_micros().to_string(),
             scope_of(record.target()),
             &record.args().to_string(),
