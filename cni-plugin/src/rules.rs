@@ -408,24 +408,31 @@ mod tests {
     enum Era {
         /// As `basic.txt.golden`.
         Current,
-        /// Before istio/istio#53998: the `OUTPUT` jump matched `-p tcp` only, and the health
-        /// port 15020 had no UDP exception.
+        /// Before istio/istio#53998: the `OUTPUT` jump matched `-p tcp` only, and no outbound
+        /// port (the health port 15020, excluded ports) had a UDP exception.
         BeforeUdpOutput,
+        /// Older still: also before the owner rules that send the proxy's loopback traffic to
+        /// inbound skipped HBONE's port (`-p tcp ! --dport 15008`).
+        BeforeOwnerHboneSkip,
     }
 
     fn in_era(text: &str, era: Era) -> String {
-        match era {
-            Era::Current => text.to_string(),
-            Era::BeforeUdpOutput => text
-                .lines()
-                .filter(|l| *l != "-A ISTIO_OUTPUT -p udp --dport 15020 -j RETURN")
-                .map(|l| match l {
-                    "-A OUTPUT -j ISTIO_OUTPUT" => "-A OUTPUT -p tcp -j ISTIO_OUTPUT",
-                    l => l,
-                })
-                .map(|l| format!("{l}\n"))
-                .collect(),
+        if era == Era::Current {
+            return text.to_string();
         }
+        let udp_exception =
+            |l: &str| l.starts_with("-A ISTIO_OUTPUT -p udp --dport ") && l.ends_with(" -j RETURN");
+        text.lines()
+            .filter(|l| !udp_exception(l))
+            .map(|l| match l {
+                "-A OUTPUT -j ISTIO_OUTPUT" => "-A OUTPUT -p tcp -j ISTIO_OUTPUT".to_string(),
+                l if era == Era::BeforeOwnerHboneSkip && l.contains(" -m owner ") => {
+                    l.replace(" -p tcp ! --dport 15008", "")
+                }
+                l => l.to_string(),
+            })
+            .map(|l| l + "\n")
+            .collect()
     }
 
     /// Only cases whose golden is in `testdata/istio/` (see its README for the others).
@@ -457,6 +464,28 @@ mod tests {
             run_as_user: Some(1000670000),
             run_as_group: Some(1000670001),
             era: Era::BeforeUdpOutput,
+        },
+        IstioCase {
+            name: "custom-uid-tproxy",
+            golden: "custom-uid-tproxy.txt.golden",
+            annotations: &[("sidecar.istio.io/interceptionMode", "TPROXY")],
+            proxy_env: &[],
+            run_as_user: Some(1000670000),
+            run_as_group: Some(1000670001),
+            era: Era::BeforeUdpOutput,
+        },
+        IstioCase {
+            name: "include-exclude-ports",
+            golden: "include-exclude-ports.txt.golden",
+            annotations: &[
+                ("traffic.sidecar.istio.io/includeInboundPorts", "1111,2222"),
+                ("traffic.sidecar.istio.io/excludeInboundPorts", "3333,4444"),
+                ("traffic.sidecar.istio.io/excludeOutboundPorts", "5555,6666"),
+            ],
+            proxy_env: &[],
+            run_as_user: None,
+            run_as_group: None,
+            era: Era::BeforeOwnerHboneSkip,
         },
         IstioCase {
             name: "tproxy",
