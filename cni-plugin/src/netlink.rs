@@ -84,20 +84,48 @@ pub fn push_message(
     debug_assert_eq!(buf.len() - start, len);
 }
 
-/// The messages of one datagram as (type, payload after the `nlmsghdr`); a truncated tail is
-/// dropped.
-pub fn parse_messages(mut rest: &[u8]) -> Vec<(u16, &[u8])> {
+/// What the plugin reads of a message's `nlmsghdr`.
+struct Header {
+    kind: u16,
+    flags: u16,
+    seq: u32,
+}
+
+/// The messages in `buf` with their payloads (after the `nlmsghdr`); a truncated tail is dropped.
+fn messages(mut rest: &[u8]) -> Vec<(Header, &[u8])> {
+    let field = |b: &[u8], at: usize| -> [u8; 4] { b[at..at + 4].try_into().expect("4 bytes") };
     let mut out = Vec::new();
     while rest.len() >= NLMSG_HDRLEN {
-        let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
-        let kind = u16::from_ne_bytes(rest[4..6].try_into().expect("2 bytes"));
+        let len = u32::from_ne_bytes(field(rest, 0)) as usize;
         if len < NLMSG_HDRLEN || len > rest.len() {
             break;
         }
-        out.push((kind, &rest[NLMSG_HDRLEN..len]));
+        let [k0, k1, f0, f1] = field(rest, 4);
+        let header = Header {
+            kind: u16::from_ne_bytes([k0, k1]),
+            flags: u16::from_ne_bytes([f0, f1]),
+            seq: u32::from_ne_bytes(field(rest, 8)),
+        };
+        out.push((header, &rest[NLMSG_HDRLEN..len]));
         rest = &rest[len.next_multiple_of(4).min(rest.len())..];
     }
     out
+}
+
+/// The messages of one datagram as (type, payload after the `nlmsghdr`); a truncated tail is
+/// dropped.
+pub fn parse_messages(buf: &[u8]) -> Vec<(u16, &[u8])> {
+    messages(buf)
+        .into_iter()
+        .map(|(h, p)| (h.kind, p))
+        .collect()
+}
+
+/// Makes the message that starts at `at` in `buf` (a [`push_message`] offset) ask for an ACK.
+pub fn request_ack(buf: &mut [u8], at: usize) {
+    let flags = &mut buf[at + 6..at + 8];
+    let acked = u16::from_ne_bytes([flags[0], flags[1]]) | NLM_F_ACK;
+    flags.copy_from_slice(&acked.to_ne_bytes());
 }
 
 /// The attributes of a message body as (type without `NLA_F_NESTED`, value); a malformed tail
@@ -122,20 +150,12 @@ pub fn attr_u32(value: &[u8]) -> Option<u32> {
 }
 
 /// The sequence number of the last message in `buf` that asks for an ACK.
-fn last_acked_seq(mut rest: &[u8]) -> Option<u32> {
-    let mut last = None;
-    while rest.len() >= NLMSG_HDRLEN {
-        let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
-        let flags = u16::from_ne_bytes(rest[6..8].try_into().expect("2 bytes"));
-        if flags & NLM_F_ACK != 0 {
-            last = Some(u32::from_ne_bytes(rest[8..12].try_into().expect("4 bytes")));
-        }
-        if len < NLMSG_HDRLEN || len > rest.len() {
-            break;
-        }
-        rest = &rest[len.next_multiple_of(4).min(rest.len())..];
-    }
-    last
+fn last_acked_seq(buf: &[u8]) -> Option<u32> {
+    messages(buf)
+        .iter()
+        .rev()
+        .find(|(h, _)| h.flags & NLM_F_ACK != 0)
+        .map(|(h, _)| h.seq)
 }
 
 /// The sequence number of the message an `NLMSG_ERROR` payload answers (its errno is followed
@@ -281,6 +301,25 @@ impl Socket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_message_asked_to_is_awaited_for_an_ack() {
+        let mut buf = Vec::new();
+        let attrs = Attrs::with(|a| {
+            a.str(1, "lo");
+        });
+        push_message(&mut buf, 16, NLM_F_REQUEST, 1, &[0; 4], &attrs);
+        let second = buf.len();
+        push_message(&mut buf, 17, NLM_F_REQUEST, 2, &[0; 4], &attrs);
+        push_message(&mut buf, 18, NLM_F_REQUEST, 3, &[0; 4], &attrs);
+        assert_eq!(last_acked_seq(&buf), None);
+        request_ack(&mut buf, second);
+        assert_eq!(last_acked_seq(&buf), Some(2));
+        let kinds: Vec<u16> = parse_messages(&buf).iter().map(|(k, _)| *k).collect();
+        assert_eq!(kinds, [16, 17, 18]);
+        // A truncated tail is not a message.
+        assert_eq!(parse_messages(&buf[..buf.len() - 1]).len(), 2);
+    }
 
     #[test]
     fn attributes_are_padded_to_four_bytes_and_nest() {

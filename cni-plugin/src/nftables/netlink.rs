@@ -8,8 +8,8 @@
 use super::{Dir, Group, L4, Op, Ruleset, Stmt, TABLES, Verdict};
 use crate::iptables::Netns;
 use crate::netlink::{
-    Attrs, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, Socket, parse_attrs,
-    push_message,
+    Attrs, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, Socket, parse_attrs,
+    push_message, request_ack,
 };
 use std::net::IpAddr;
 
@@ -557,10 +557,7 @@ impl Batch {
     /// answered anyway, so that one ACK says the whole transaction went through.
     fn finish(mut self) -> Self {
         if let Some(at) = self.last_nft {
-            // nlmsghdr: len (4 bytes), type (2), flags (2).
-            let flags = &mut self.buf[at + 6..at + 8];
-            let acked = u16::from_ne_bytes([flags[0], flags[1]]) | NLM_F_ACK;
-            flags.copy_from_slice(&acked.to_ne_bytes());
+            request_ack(&mut self.buf, at);
         }
         self.msg(
             NFNL_MSG_BATCH_END,
