@@ -257,9 +257,6 @@ fn nftables_add_matches_istio_goldens() -> Result<()> {
     Ok(())
 }
 
-/// Variants no stored golden covers: the ruleset the plugin programs equals its own
-/// transaction text loaded by `nft` (so the netlink encoding is nft's), and holds what the
-/// annotations ask for.
 /// The IPv4 ruleset the plugin builds for a sidecar pod with these annotations.
 fn pod_ruleset(
     name: &str,
@@ -272,6 +269,9 @@ fn pod_ruleset(
     Ok(fastpath_cni_plugin::nftables::build(&r, false))
 }
 
+/// Variants no stored golden covers: the ruleset the plugin programs equals its own
+/// transaction text loaded by `nft` (so the netlink encoding is nft's), and holds what the
+/// annotations ask for.
 #[test]
 fn annotation_variants_are_encoded_as_nft_would() -> Result<()> {
     if !fastpath_tests::require_privileges!() {
